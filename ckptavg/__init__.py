@@ -1,0 +1,24 @@
+"""ckptavg: the annealed model's quality from a rolling window of constant-LR checkpoints.
+
+Every merge is a vector of coefficients over the stored snapshots, applied by one streaming
+weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coefficients.
+"""
+
+from .files import CorruptSnapshotError
+from .layout import Layout
+from .merges import coefficients, ema, sma, wma
+from .offline import load_state_file, merge_state_dicts
+from .window import CheckpointWindow
+
+__all__ = [
+    "CheckpointWindow",
+    "CorruptSnapshotError",
+    "Layout",
+    "coefficients",
+    "ema",
+    "load_state_file",
+    "merge_state_dicts",
+    "sma",
+    "wma",
+]
+__version__ = "0.1.0"

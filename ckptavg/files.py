@@ -1,0 +1,183 @@
+"""Crash-safe files: atomic writes and safetensors snapshots written and read in blocks.
+
+A snapshot file is a standard safetensors file (any safetensors reader opens it) whose data section
+is the layout's dtype groups back to back, so a block of a group is one contiguous read. Every
+write goes to a temporary name, is flushed to disk and renamed over the final name: a crash at any
+instant leaves either the old file or the new one, never a torn one. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .layout import Layout, dtype_code
+
+TMP_SUFFIX = ".tmp"
+_WRITE_CHUNK = 64 << 20  # bytes per write() call; bounds the time the GIL-free crc/write hold a view
+
+
+class CorruptSnapshotError(OSError, ValueError):
+    """A stored snapshot file is missing, truncated or fails its checksum. The message names it."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"snapshot file {self.path} is unusable: {reason}")
+
+    def __str__(self) -> str:
+        return f"snapshot file {self.path} is unusable: {self.reason}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, chunks: list[memoryview | bytes]) -> int:
+    """Write ``chunks`` to ``path`` atomically; return the crc32 of everything written."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    crc = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return crc
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, [json.dumps(obj, indent=1, sort_keys=True).encode()])
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B") if tensor.numel() else memoryview(b"")
+
+
+def snapshot_header(layout: Layout, metadata: dict[str, str]) -> bytes:
+    """The safetensors header (length prefix included) for a snapshot stored in ``layout`` order."""
+    bases = layout.group_byte_offsets()
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for entry in layout:
+        start = bases[entry.dtype] + entry.offset * entry.dtype.itemsize
+        header[entry.name] = {
+            "dtype": dtype_code(entry.dtype),
+            "shape": list(entry.shape),
+            "data_offsets": [start, start + entry.numel * entry.dtype.itemsize],
+        }
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(body)) + body
+
+
+def write_snapshot(path: Path, layout: Layout, buffers: dict[torch.dtype, Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    """Atomically write one snapshot; return its manifest record (sizes and checksums)."""
+    header = snapshot_header(layout, metadata)
+    chunks: list[memoryview | bytes] = [header]
+    group_crcs = {}
+    for dtype in layout.group_numel:
+        data = tensor_bytes(buffers[dtype])
+        group_crcs[dtype_code(dtype)] = zlib.crc32(data)
+        chunks.extend(data[i : i + _WRITE_CHUNK] for i in range(0, len(data), _WRITE_CHUNK))
+    atomic_write_bytes(path, chunks)
+    return {
+        "header_bytes": len(header),
+        "header_crc32": zlib.crc32(header),
+        "group_crc32": group_crcs,
+        "nbytes": len(header) + layout.nbytes,
+    }
+
+
+class SnapshotReader:
+    """Reads blocks of one snapshot file, verifying its header and, per group, its checksum.
+
+    The file's size and header are checked when it is opened; a group's crc is checked once the
+    whole group has been read in order (the merge reads groups front to back).
+    """
+
+    def __init__(self, path: Path, layout: Layout, record: dict[str, Any], verify: bool = True):
+        self.path = path
+        self.record = record
+        self.verify = verify
+        try:
+            self._file = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise CorruptSnapshotError(path, "the file is missing") from None
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size != record["nbytes"]:
+                raise CorruptSnapshotError(path, f"expected {record['nbytes']} bytes, found {size} (truncated?)")
+            header = self._read_exact(0, record["header_bytes"])
+            if zlib.crc32(header) != record["header_crc32"]:
+                raise CorruptSnapshotError(path, "its header does not match the manifest checksum")
+        except BaseException:
+            self._file.close()
+            raise
+        self._bases = {d: record["header_bytes"] + b for d, b in layout.group_byte_offsets().items()}
+        self._crc: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> (bytes verified so far, running crc)
+        self._group_bytes = {d: n * d.itemsize for d, n in layout.group_numel.items()}
+
+    def _read_exact(self, offset: int, length: int, into: memoryview | None = None) -> memoryview:
+        view = into if into is not None else memoryview(bytearray(length))
+        got = 0
+        while got < length:
+            n = os.preadv(self._file.fileno(), [view[got:length]], offset + got)
+            if n == 0:
+                raise CorruptSnapshotError(self.path, f"unexpected end of file at byte {offset + got}")
+            got += n
+        return view[:length]
+
+    def read(self, dtype: torch.dtype, lo: int, hi: int, out: Tensor) -> Tensor:
+        """Elements ``[lo, hi)`` of group ``dtype`` into ``out`` (a flat buffer of that dtype)."""
+        size = dtype.itemsize
+        dst = out[: hi - lo]
+        data = self._read_exact(self._bases[dtype] + lo * size, (hi - lo) * size, tensor_bytes(dst))
+        if self.verify:
+            self._track_crc(dtype, lo * size, data)
+        return dst
+
+    def _track_crc(self, dtype: torch.dtype, start: int, data: memoryview) -> None:
+        done, crc = self._crc.get(dtype, (0, 0))
+        if start != done:  # not a sequential pass over the group: cannot verify it this time
+            self._crc[dtype] = (-1, 0)
+            return
+        done, crc = done + len(data), zlib.crc32(data, crc)
+        self._crc[dtype] = (done, crc)
+        if done == self._group_bytes[dtype] and crc != self.record["group_crc32"][dtype_code(dtype)]:
+            raise CorruptSnapshotError(self.path, f"checksum mismatch in its {dtype_code(dtype)} data")
+
+    def verified_groups(self) -> list[torch.dtype]:
+        """Groups read in full, in order, with a matching checksum."""
+        return [d for d, (done, _) in self._crc.items() if done == self._group_bytes[d]]
+
+    def close(self) -> None:
+        self._file.close()

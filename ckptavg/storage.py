@@ -1,0 +1,352 @@
+"""Where snapshots live: a CPU ring buffer, or safetensors files on disk.
+
+Both stores copy an incoming snapshot into a host buffer first (checking it for NaN/Inf on the
+way) and only then commit it, so a rejected or failed snapshot never disturbs stored ones. Both
+answer a merge the same way: they feed rows of blocks, with their coefficients, to the one kernel
+in :mod:`ckptavg.kernels`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .files import CorruptSnapshotError, SnapshotReader, atomic_write_json, read_json, write_snapshot, TMP_SUFFIX
+from .kernels import copy_checked, merge_blocks
+from .layout import Layout, dtype_code, dtype_from_code
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ckptavg.window"
+MANIFEST_VERSION = 1
+_SNAPSHOT_FILE = re.compile(r"^snapshot-(\d+)\.safetensors$")
+
+
+def snapshot_filename(step: int) -> str:
+    return f"snapshot-{step:012d}.safetensors"
+
+
+class CpuRing:
+    """``capacity`` snapshots in host memory, allocated once.
+
+    Each dtype group is one ``[capacity + 1, numel]`` tensor. The spare row receives the incoming
+    snapshot; only when it proved finite does it join the window (evicting the oldest row, which
+    becomes the next spare). After the first ``capacity + 1`` snapshots nothing is allocated.
+    """
+
+    def __init__(self, layout: Layout, capacity: int, pin_memory: bool = False):
+        self.layout = layout
+        self.capacity = capacity
+        self._ring = {
+            d: torch.empty(capacity + 1, n, dtype=d, pin_memory=pin_memory) for d, n in layout.group_numel.items()
+        }
+        self._slots: list[int] = []  # live rows, oldest -> newest
+        self._steps: list[int] = []
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def put(self, tensors: Mapping[str, Tensor], step: int) -> str | None:
+        """Store a snapshot; return the name of a non-finite tensor (and store nothing) instead."""
+        slot = next(s for s in range(self.capacity + 1) if s not in self._slots)
+        bad = copy_checked(self.layout, tensors, {d: ring[slot] for d, ring in self._ring.items()})
+        if bad is None:
+            self._commit(slot, step)
+        return bad
+
+    def _commit(self, slot: int, step: int) -> None:
+        self._slots.append(slot)
+        self._steps.append(step)
+        if len(self._slots) > self.capacity:
+            del self._slots[0], self._steps[0]
+
+    def merge(self, coefficients: list[float]) -> dict[str, Tensor]:
+        live = [(slot, c) for slot, c in zip(self._slots, coefficients) if c != 0.0]
+
+        def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
+            ring = self._ring[dtype]
+            return ((ring[slot, lo:hi], c) for slot, c in live)
+
+        def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
+            return self._ring[dtype][self._slots[-1], lo:hi]
+
+        return merge_blocks(self.layout, rows, newest)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        index = torch.tensor(self._slots, dtype=torch.long)
+        return {
+            "steps": list(self._steps),
+            "snapshots": {dtype_code(d): ring.index_select(0, index) for d, ring in self._ring.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        steps = [int(s) for s in state["steps"]]
+        snapshots = {dtype_from_code(code): t for code, t in state["snapshots"].items()}
+        if set(snapshots) != set(self._ring):
+            raise ValueError(f"snapshot groups {sorted(map(str, snapshots))} do not match the layout's")
+        for dtype, rows in snapshots.items():
+            if tuple(rows.shape) != (len(steps), self.layout.group_numel[dtype]) or rows.dtype != dtype:
+                raise ValueError(
+                    f"{dtype_code(dtype)} snapshots have shape {tuple(rows.shape)} and dtype {rows.dtype}; "
+                    f"expected ({len(steps)}, {self.layout.group_numel[dtype]}) and {dtype}"
+                )
+        keep = range(max(0, len(steps) - self.capacity), len(steps))
+        self._slots, self._steps = [], []
+        for slot, row in enumerate(keep):
+            for dtype, rows in snapshots.items():
+                self._ring[dtype][slot].copy_(rows[row])
+            self._commit(slot, steps[row])
+
+
+class DiskStore:
+    """``capacity`` snapshots as safetensors files in ``dirpath``, indexed by ``manifest.json``.
+
+    ``put`` copies the snapshot into a host staging buffer and returns; a background thread writes
+    the file (temporary name, fsync, rename), then the manifest the same way, then deletes the
+    evicted file. A crash at any instant leaves a manifest that lists only complete files. The
+    staging buffer is reused, so a ``put`` waits only if the previous write is still running.
+
+    A merge streams every file block by block through a reused buffer (peak extra memory: the
+    merged result plus a few blocks), verifying each file's size, header and checksums on the way.
+    A file that fails is moved aside as ``*.corrupt`` and dropped from the window, and the error
+    names it; the remaining snapshots stay usable.
+    """
+
+    def __init__(self, dirpath: str | Path, layout: Layout, capacity: int, pin_memory: bool = False):
+        self.dirpath = Path(dirpath)
+        self.layout = layout
+        self.capacity = capacity
+        self._pin_memory = pin_memory
+        self._records: list[dict[str, Any]] = []  # committed snapshots, oldest -> newest
+        self._verified: set[tuple[str, torch.dtype]] = set()  # (file, group) whose checksum held
+        self._staging: dict[torch.dtype, Tensor] | None = None
+        self._pending: tuple[Future[dict[str, Any]], int] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def read_manifest(dirpath: str | Path) -> dict[str, Any]:
+        path = Path(dirpath) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no ckptavg window in {dirpath}: {path} does not exist")
+        try:
+            manifest = read_json(path)
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            if manifest.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
+            for record in manifest["snapshots"]:
+                for key in ("file", "step", "nbytes", "header_bytes", "header_crc32", "group_crc32"):
+                    record[key]  # noqa: B018 - presence check
+            int(manifest["window"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"manifest {path} is malformed: {err}") from err
+        return manifest
+
+    @classmethod
+    def open(cls, dirpath: str | Path, capacity: int | None = None, pin_memory: bool = False) -> DiskStore:
+        """Reopen a window written earlier (by this process or one that crashed)."""
+        manifest = cls.read_manifest(dirpath)
+        store = cls(dirpath, Layout.from_json(manifest["layout"]), capacity or int(manifest["window"]), pin_memory)
+        store._records = list(manifest["snapshots"])
+        store._remove_orphans()
+        if len(store._records) > store.capacity:
+            store._replace_records(store._records[-store.capacity :])
+        return store
+
+    def _remove_orphans(self) -> None:
+        """Delete what a crash or an interrupted eviction left behind: temporary files, and
+        snapshot files the manifest does not list."""
+        listed = {r["file"] for r in self._records}
+        for path in self.dirpath.iterdir():
+            if path.name.endswith(TMP_SUFFIX) or (_SNAPSHOT_FILE.match(path.name) and path.name not in listed):
+                path.unlink(missing_ok=True)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> list[int]:
+        steps = [int(r["step"]) for r in self._records]
+        if self._pending is not None:
+            steps.append(self._pending[1])
+        return steps[-self.capacity :]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def put(self, tensors: Mapping[str, Tensor], step: int) -> str | None:
+        self.flush()  # the staging buffer is free once the previous write is done
+        if self._staging is None:
+            self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
+        bad = copy_checked(self.layout, tensors, self._staging)
+        if bad is not None:
+            return bad
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptavg-writer")
+        future = self._executor.submit(self._write, step, list(self._records), self._staging)
+        self._pending = (future, step)
+        return None
+
+    def _write(self, step: int, records: list[dict[str, Any]], staging: dict[torch.dtype, Tensor]) -> dict[str, Any]:
+        """Writer thread: snapshot file, then manifest, then evictions."""
+        name = snapshot_filename(step)
+        record = write_snapshot(
+            self.dirpath / name, self.layout, staging, {"format": "ckptavg.snapshot", "step": str(step)}
+        )
+        record.update(file=name, step=step)
+        window = (records + [record])[-self.capacity :]
+        self._write_manifest(window)
+        for old in records[: len(records) + 1 - len(window)]:
+            (self.dirpath / old["file"]).unlink(missing_ok=True)
+        return record
+
+    def flush(self) -> None:
+        """Wait for the background write; raise if it failed (the window keeps what it had)."""
+        if self._pending is None:
+            return
+        future, step = self._pending
+        self._pending = None
+        try:
+            record = future.result()
+        except Exception as err:
+            raise OSError(
+                f"writing the snapshot of step {step} to {self.dirpath / snapshot_filename(step)} failed: {err}; "
+                f"the window keeps its previous {len(self._records)} snapshots"
+            ) from err
+        self._records = (self._records + [record])[-self.capacity :]
+        self._verified.update((record["file"], d) for d in self.layout.group_numel)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _write_manifest(self, records: list[dict[str, Any]]) -> None:
+        atomic_write_json(
+            self.dirpath / MANIFEST,
+            {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "window": self.capacity,
+                "layout": self.layout.to_json(),
+                "snapshots": records,
+            },
+        )
+
+    def _replace_records(self, records: list[dict[str, Any]]) -> None:
+        """Commit a new list of records (a subset of the current ones) and delete the rest."""
+        dropped = [r for r in self._records if r not in records]
+        self._write_manifest(records)
+        self._records = list(records)
+        for record in dropped:
+            (self.dirpath / record["file"]).unlink(missing_ok=True)
+
+    # -- merging ----------------------------------------------------------------------------------
+
+    def merge(self, coefficients: list[float]) -> dict[str, Tensor]:
+        self.flush()
+        records = list(self._records)
+        buffers = {d: torch.empty(min(self.layout.block_numel, n), dtype=d) for d, n in self.layout.group_numel.items()}
+        readers: dict[int, SnapshotReader] = {}
+
+        def reader(i: int) -> SnapshotReader:
+            if i not in readers:
+                readers[i] = SnapshotReader(self.dirpath / records[i]["file"], self.layout, records[i])
+            return readers[i]
+
+        def read(i: int, dtype: torch.dtype, lo: int, hi: int) -> Tensor:
+            r = reader(i)
+            r.verify = (records[i]["file"], dtype) not in self._verified
+            return r.read(dtype, lo, hi, buffers[dtype])
+
+        live = [(i, c) for i, c in enumerate(coefficients) if c != 0.0]
+
+        def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
+            return ((read(i, dtype, lo, hi), c) for i, c in live)
+
+        def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
+            return read(len(records) - 1, dtype, lo, hi)
+
+        try:
+            merged = merge_blocks(self.layout, rows, newest)
+        except CorruptSnapshotError as err:
+            self._quarantine(Path(err.path).name)
+            raise
+        finally:
+            for r in readers.values():
+                r.close()
+        for i, r in readers.items():
+            self._verified.update((records[i]["file"], d) for d in r.verified_groups())
+        return merged
+
+    def _quarantine(self, name: str) -> None:
+        """Drop a bad file from the window, keeping it as ``*.corrupt`` for inspection."""
+        path = self.dirpath / name
+        if path.exists():
+            path.replace(path.with_name(name + ".corrupt"))
+        self._replace_records([r for r in self._records if r["file"] != name])
+
+    def verify(self) -> list[str]:
+        """Read every file in full; drop the unusable ones. Return the names of those dropped."""
+        self.flush()
+        bad = []
+        for record in list(self._records):
+            try:
+                r = SnapshotReader(self.dirpath / record["file"], self.layout, record)
+                try:
+                    for dtype, numel in self.layout.group_numel.items():
+                        buffer = torch.empty(min(self.layout.block_numel, numel), dtype=dtype)
+                        for lo in range(0, numel, self.layout.block_numel):
+                            r.read(dtype, lo, min(lo + self.layout.block_numel, numel), buffer)
+                finally:
+                    r.close()
+            except CorruptSnapshotError as err:
+                warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+                self._quarantine(record["file"])
+                bad.append(record["file"])
+            else:
+                self._verified.update((record["file"], d) for d in self.layout.group_numel)
+        return bad
+
+    # -- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()
+        return {"steps": [int(r["step"]) for r in self._records], "dirpath": str(self.dirpath)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Return the files to the window a checkpoint recorded: snapshots taken after it (by a run
+        that went on and crashed) are dropped; snapshots it lists that are gone are reported."""
+        self.flush()
+        wanted = [int(s) for s in state["steps"]]
+        on_disk = {int(r["step"]): r for r in self._records}
+        missing = [s for s in wanted if s not in on_disk]
+        if missing:
+            warnings.warn(
+                f"the checkpoint's window lists steps {missing}, whose files are no longer in {self.dirpath}; "
+                f"continuing with the {len(wanted) - len(missing)} that are",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._replace_records([on_disk[s] for s in wanted if s in on_disk][-self.capacity :])

@@ -1,0 +1,301 @@
+"""``CheckpointWindow``: a rolling window of snapshots, merged on demand. No framework needed."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layout import Layout, local_tensor, state_tensors
+from .merges import DEFAULT_ALPHA, Method, coefficients
+from .storage import MANIFEST, CpuRing, DiskStore
+
+StateSource = Union[nn.Module, Mapping[str, Tensor]]
+Storage = Literal["cpu", "disk"]
+
+STATE_FORMAT = "ckptavg.CheckpointWindow"
+STATE_VERSION = 1
+
+
+class CheckpointWindow:
+    """The last ``window`` snapshots of a model, merged on demand with any coefficient vector.
+
+    Args:
+        window: how many snapshots to keep; the oldest is evicted when a new one arrives.
+        storage: ``"cpu"`` keeps them in a host-memory ring buffer (pinned when the model is on a
+            GPU); ``"disk"`` writes each as a safetensors file in ``dirpath`` from a background
+            thread, crash-safe and reopenable with :meth:`open`.
+        dirpath: the folder of a disk window (required with ``storage="disk"``).
+        pin_memory: pin the host buffers; by default, pinned when the first snapshot's tensors are
+            on a CUDA device.
+
+    Floating tensors are averaged in fp32 (fp64 stays fp64) and cast back once; integer and bool
+    tensors (for example BatchNorm's ``num_batches_tracked``) come from the newest snapshot.
+    Tensors are paired by name. A DTensor contributes its local shard.
+
+    Example:
+        >>> import torch
+        >>> from ckptavg import CheckpointWindow
+        >>> model = torch.nn.Linear(4, 2)
+        >>> win = CheckpointWindow(window=3)
+        >>> for step in range(5):
+        ...     with torch.no_grad():
+        ...         _ = model.weight.add_(1.0)
+        ...     win.snapshot(model, step=step)
+        True
+        True
+        True
+        True
+        True
+        >>> win.steps
+        [2, 3, 4]
+        >>> win.weights("wma")
+        [0.16666666666666666, 0.3333333333333333, 0.5]
+        >>> with win.swapped(model, "sma"):
+        ...     pass  # evaluate the merged model here; the raw weights come back afterwards
+    """
+
+    def __init__(
+        self,
+        window: int = 8,
+        storage: Storage = "cpu",
+        dirpath: str | os.PathLike[str] | None = None,
+        *,
+        pin_memory: bool | None = None,
+    ):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if storage not in ("cpu", "disk"):
+            raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
+        if storage == "disk":
+            if dirpath is None:
+                raise ValueError("storage='disk' needs a dirpath for the snapshot files")
+            if (Path(dirpath) / MANIFEST).exists():
+                raise FileExistsError(
+                    f"{dirpath} already holds a checkpoint window; reopen it with CheckpointWindow.open({str(dirpath)!r}) "
+                    "or choose another dirpath"
+                )
+        self.window = window
+        self.storage: Storage = storage
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.pin_memory = pin_memory
+        self._store: CpuRing | DiskStore | None = None
+
+    @classmethod
+    def open(cls, dirpath: str | os.PathLike[str], *, window: int | None = None) -> CheckpointWindow:
+        """Reopen a disk window, for example after a crash: it holds every snapshot whose write
+        completed. ``window`` overrides the stored size (keeping the newest snapshots)."""
+        store = DiskStore.open(dirpath, capacity=window)
+        win = cls.__new__(cls)
+        win.window, win.storage, win.dirpath, win.pin_memory = store.capacity, "disk", Path(dirpath), None
+        win._store = store
+        return win
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return 0 if self._store is None else len(self._store)
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps of the held snapshots, oldest to newest."""
+        return [] if self._store is None else self._store.steps
+
+    @property
+    def layout(self) -> Layout | None:
+        """Names, dtypes and shapes the window holds (``None`` before the first snapshot)."""
+        return None if self._store is None else self._store.layout
+
+    def __repr__(self) -> str:
+        where = f", dirpath={str(self.dirpath)!r}" if self.dirpath is not None else ""
+        return f"CheckpointWindow(window={self.window}, storage={self.storage!r}{where}, steps={self.steps})"
+
+    # -- snapshots --------------------------------------------------------------------------------
+
+    def snapshot(self, source: StateSource, step: int | None = None) -> bool:
+        """Copy the current weights of a model (or a state dict) into the window.
+
+        ``step`` defaults to one past the newest stored step and must increase. Returns ``False``
+        and warns, leaving the window unchanged, when a tensor holds NaN or Inf. Raises
+        ``ValueError`` naming the key when names, shapes or dtypes differ from the window's.
+        """
+        tensors = state_tensors(source)
+        if not tensors:
+            raise ValueError("the snapshot holds no tensors")
+        step = self._next_step(step)
+        created = self._store is None
+        if created:
+            self._store = self._new_store(Layout.from_tensors(tensors), tensors)
+        else:
+            self._store.layout.check(tensors, what=f"snapshot at step {step}")
+        bad = self._store.put(tensors, step)
+        if bad is None:
+            return True
+        if created:
+            self._store.close()
+            self._store = None  # a rejected first snapshot must not fix the layout
+        warnings.warn(
+            f"snapshot at step {step} rejected: tensor {bad!r} holds NaN or Inf; the window is unchanged",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+
+    def _next_step(self, step: int | None) -> int:
+        steps = self.steps
+        if step is None:
+            return steps[-1] + 1 if steps else 0
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        if steps and step <= steps[-1]:
+            raise ValueError(f"step {step} is not after the newest stored step {steps[-1]}; steps must increase")
+        return step
+
+    def _new_store(self, layout: Layout, tensors: Mapping[str, Tensor]) -> CpuRing | DiskStore:
+        pin = self.pin_memory
+        if pin is None:
+            pin = torch.cuda.is_available() and any(local_tensor(t).is_cuda for t in tensors.values())
+        if self.storage == "cpu":
+            return CpuRing(layout, self.window, pin_memory=pin)
+        assert self.dirpath is not None
+        return DiskStore(self.dirpath, layout, self.window, pin_memory=pin)
+
+    # -- merging ----------------------------------------------------------------------------------
+
+    def weights(self, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> list[float]:
+        """The coefficient vector of ``method`` over the held snapshots, oldest first; sums to 1."""
+        return coefficients(method, len(self), alpha)
+
+    def merge(self, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> dict[str, Tensor]:
+        """The merged state dict: fresh CPU tensors in the stored dtypes.
+
+        ``method`` is ``"sma"``, ``"wma"``, ``"ema"`` (with ``alpha``) or a list of weights, one per
+        snapshot, oldest first (scaled to sum to 1).
+        """
+        weights = self.weights(method, alpha)
+        assert self._store is not None
+        return self._store.merge(weights)
+
+    def load_into(self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> None:
+        """Write the merged weights into ``model`` in place (on its devices, in its dtypes)."""
+        merged = self.merge(method, alpha)  # before touching the model: a failed merge changes nothing
+        write_state(model, merged)
+
+    @contextmanager
+    def swapped(
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA
+    ) -> Iterator[nn.Module]:
+        """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
+        also when the block raises."""
+        merged = self.merge(method, alpha)
+        targets = model_targets(model, merged)
+        backup = {
+            name: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()).copy_(t)
+            for name, t in targets.items()
+        }
+        try:
+            copy_into(targets, merged)
+            yield model
+        finally:
+            copy_into(targets, backup)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait until every snapshot is stored (disk: written and renamed into place)."""
+        if self._store is not None:
+            self._store.flush()
+
+    def close(self) -> None:
+        """Finish pending writes and stop the writer thread."""
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> CheckpointWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def verify(self) -> list[str]:
+        """Disk windows: read every file, drop (and name, in a warning) those that are unusable."""
+        return self._store.verify() if isinstance(self._store, DiskStore) else []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the window: the snapshots themselves for ``storage="cpu"``,
+        the folder and the steps for ``storage="disk"``. Loadable with ``torch.load(weights_only=True)``."""
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "window": self.window,
+            "storage": self.storage,
+            "layout": None if self._store is None else self._store.layout.to_json(),
+            "steps": [],
+        }
+        if self.dirpath is not None:
+            state["dirpath"] = str(self.dirpath)
+        if self._store is not None:
+            state.update(self._store.state_dict())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the window from :meth:`state_dict` (for example when a run resumes)."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a CheckpointWindow state dict (its 'format' entry is missing or different)")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"CheckpointWindow state version {state.get('version')!r} is not supported")
+        if state.get("storage") != self.storage:
+            raise ValueError(f"the state holds a {state.get('storage')!r} window; this window stores on {self.storage!r}")
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if state["layout"] is None:
+            return
+        layout = Layout.from_json(state["layout"])
+        if self.storage == "cpu":
+            store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
+        else:
+            if self.dirpath is None:
+                self.dirpath = Path(state["dirpath"])
+            store = DiskStore.open(self.dirpath, capacity=self.window)
+            if store.layout != layout:
+                raise ValueError(f"the files in {self.dirpath} hold a different layout from the checkpoint's window")
+        store.load_state_dict(state)
+        self._store = store
+
+
+def model_targets(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's own tensors (local shards) for every name in ``tensors``, after checking that
+    the names and shapes match exactly, so that a write either happens in full or not at all."""
+    params = state_tensors(model, keep_vars=True)
+    for name in tensors:
+        if name not in params:
+            raise ValueError(f"the model has no tensor named {name!r}")
+    for name, target in params.items():
+        if name not in tensors:
+            raise ValueError(f"the merged weights have no tensor for the model's {name!r}")
+        shape = tuple(local_tensor(target).shape)
+        if shape != tuple(tensors[name].shape):
+            raise ValueError(f"key {name!r}: the model holds shape {shape}, the merge {tuple(tensors[name].shape)}")
+    return {name: local_tensor(t) for name, t in params.items()}
+
+
+@torch.no_grad()
+def copy_into(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+    """``targets[n].copy_(values[n])`` for every name: one fused copy for same-device pairs."""
+    same = [n for n in targets if targets[n].device == values[n].device]
+    if same:
+        torch._foreach_copy_([targets[n] for n in same], [values[n] for n in same])
+    for name in targets.keys() - set(same):
+        targets[name].copy_(values[name])  # host <-> device; blocking, so the source may be freed
+
+
+def write_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` into ``model``'s parameters and buffers in place, matched by name."""
+    copy_into(model_targets(model, tensors), tensors)
