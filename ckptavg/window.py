@@ -76,11 +76,6 @@ class CheckpointWindow:
         if storage == "disk":
             if dirpath is None:
                 raise ValueError("storage='disk' needs a dirpath for the snapshot files")
-            if (Path(dirpath) / MANIFEST).exists():
-                raise FileExistsError(
-                    f"{dirpath} already holds a checkpoint window; reopen it with CheckpointWindow.open({str(dirpath)!r}) "
-                    "or choose another dirpath"
-                )
         self.window = window
         self.storage: Storage = storage
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -158,6 +153,11 @@ class CheckpointWindow:
         return step
 
     def _new_store(self, layout: Layout, tensors: Mapping[str, Tensor]) -> CpuRing | DiskStore:
+        if self.dirpath is not None and (self.dirpath / MANIFEST).exists():
+            raise FileExistsError(
+                f"{self.dirpath} already holds a checkpoint window; reopen it with "
+                f"CheckpointWindow.open({str(self.dirpath)!r}) or load_state_dict(...), or choose another dirpath"
+            )
         pin = self.pin_memory
         if pin is None:
             pin = torch.cuda.is_available() and any(local_tensor(t).is_cuda for t in tensors.values())
@@ -245,7 +245,10 @@ class CheckpointWindow:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the window from :meth:`state_dict` (for example when a run resumes)."""
+        """Restore the window from :meth:`state_dict` (for example when a run resumes).
+
+        A disk window reopens the files in its own ``dirpath`` and returns them to the recorded
+        window: snapshots taken after the checkpoint are dropped."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a CheckpointWindow state dict (its 'format' entry is missing or different)")
         if state.get("version") != STATE_VERSION:
@@ -261,8 +264,7 @@ class CheckpointWindow:
         if self.storage == "cpu":
             store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
         else:
-            if self.dirpath is None:
-                self.dirpath = Path(state["dirpath"])
+            assert self.dirpath is not None
             store = DiskStore.open(self.dirpath, capacity=self.window)
             if store.layout != layout:
                 raise ValueError(f"the files in {self.dirpath} hold a different layout from the checkpoint's window")

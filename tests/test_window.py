@@ -1,0 +1,307 @@
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from ckptavg import CheckpointWindow, Layout
+from conftest import TinyNet, assert_close_to_reference, perturbed_states, reference_merge
+
+
+@pytest.fixture(params=["cpu", "disk"])
+def make_window(request, tmp_path):
+    counter = iter(range(100))
+
+    def make(window=4, **kwargs):
+        if request.param == "disk":
+            return CheckpointWindow(window=window, storage="disk", dirpath=tmp_path / f"w{next(counter)}", **kwargs)
+        return CheckpointWindow(window=window, **kwargs)
+
+    return make
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("method", ["sma", "wma", "ema", [0.5, 1.0, 3.0, 0.25]])
+def test_every_method_matches_float64_reference(make_window, tiny_net, dtype, method):
+    states = perturbed_states(tiny_net, 6, dtype=dtype)
+    win = make_window(window=4)
+    for step, state in enumerate(states):
+        assert win.snapshot(state, step=step * 10)
+    assert win.steps == [20, 30, 40, 50]
+    merged = win.merge(method, alpha=0.3)
+    assert {k: v.dtype for k, v in merged.items()} == {k: v.dtype for k, v in states[-1].items()}
+    assert_close_to_reference(merged, reference_merge(states[-4:], method, alpha=0.3))
+    # Integer buffers are the newest snapshot's, never averaged.
+    assert merged["bn.num_batches_tracked"].item() == states[-1]["bn.num_batches_tracked"].item() == 6
+    win.close()
+
+
+def test_sma_over_all_snapshots_equals_torch_swa(tiny_net):
+    states = perturbed_states(tiny_net, 7)
+    swa = AveragedModel(TinyNet())
+    model = TinyNet()
+    win = CheckpointWindow(window=7)
+    for step, state in enumerate(states):
+        model.load_state_dict(state)
+        swa.update_parameters(model)
+        win.snapshot(model, step=step)
+    merged = win.merge("sma")
+    for name, param in swa.module.named_parameters():
+        torch.testing.assert_close(merged[name], param, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_accumulates_in_fp32_and_rounds_once():
+    # A bf16 EMA (the timm/fairseq complaint) rounds at every step; ckptavg accumulates in fp32
+    # and rounds once, so it is the exact result correctly rounded.
+    generator = torch.Generator().manual_seed(0)
+    states = [{"w": (1.0 + 0.05 * torch.randn(10_000, generator=generator)).to(torch.bfloat16)} for _ in range(8)]
+    win = CheckpointWindow(window=8)
+    for step, s in enumerate(states):
+        win.snapshot(s, step=step)
+    merged = win.merge("ema", alpha=0.2)["w"].double()
+    exact = torch.from_numpy(reference_merge(states, "ema", 0.2)["w"])
+    assert torch.equal(merged, exact.to(torch.bfloat16).double())
+    naive = states[0]["w"].clone()
+    for s in states[1:]:
+        naive = 0.2 * s["w"] + 0.8 * naive
+    assert (naive.double() - exact).abs().mean() > 1.5 * (merged - exact).abs().mean()
+
+
+def test_tensors_are_paired_by_name_not_position():
+    a = {"x": torch.zeros(3), "y": torch.ones(3)}
+    b = {"y": torch.full((3,), 3.0), "x": torch.full((3,), 2.0)}  # same names, other order
+    win = CheckpointWindow(window=2)
+    win.snapshot(a, step=0)
+    win.snapshot(b, step=1)
+    merged = win.merge("sma")
+    assert list(merged) == ["x", "y"]
+    assert torch.equal(merged["x"], torch.full((3,), 1.0))
+    assert torch.equal(merged["y"], torch.full((3,), 2.0))
+
+
+def test_ring_wraps_around_many_times_without_reallocating(tiny_net):
+    states = perturbed_states(tiny_net, 23)
+    win = CheckpointWindow(window=5)
+    win.snapshot(states[0], step=0)
+    rings = {d: (r.data_ptr(), r.shape) for d, r in win._store._ring.items()}
+    for step, state in enumerate(states[1:], start=1):
+        win.snapshot(state, step=step)
+        assert len(win) == min(step + 1, 5)
+    assert win.steps == list(range(18, 23))
+    assert {d: (r.data_ptr(), r.shape) for d, r in win._store._ring.items()} == rings
+    assert_close_to_reference(win.merge("wma"), reference_merge(states[-5:], "wma"))
+
+
+def test_merge_of_big_tensors_crosses_block_boundaries():
+    # Tensors larger than a block, and many small ones sharing a block, in a tiny block size.
+    torch.manual_seed(1)
+    states = [{"big": torch.randn(37, 11), "small": torch.randn(3), "tiny": torch.randn(()), "n": torch.tensor(i)} for i in range(3)]
+    win = CheckpointWindow(window=3)
+    win.snapshot(states[0], step=0)
+    win._store.layout.__init__([(e.name, e.dtype, e.shape) for e in win._store.layout], block_numel=16)
+    assert len(win._store.layout.blocks[torch.float32]) > 20
+    for step, s in enumerate(states[1:], start=1):
+        win.snapshot(s, step=step)
+    assert_close_to_reference(win.merge("ema"), reference_merge(states, "ema"))
+
+
+def test_weights_vector(make_window, tiny_net):
+    win = make_window(window=4)
+    for step, s in enumerate(perturbed_states(tiny_net, 3)):
+        win.snapshot(s, step=step)
+    assert win.weights("sma") == pytest.approx([1 / 3] * 3)
+    assert win.weights("ema", alpha=0.2) == pytest.approx([0.64, 0.16, 0.2])
+    assert sum(win.weights("wma")) == pytest.approx(1.0)
+    win.close()
+
+
+def test_snapshot_accepts_a_model_and_defaults_the_step(tiny_net):
+    win = CheckpointWindow(window=3)
+    assert win.snapshot(tiny_net) and win.snapshot(tiny_net, step=7) and win.snapshot(tiny_net)
+    assert win.steps == [0, 7, 8]
+    with pytest.raises(ValueError, match="not after the newest stored step 8"):
+        win.snapshot(tiny_net, step=8)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        win.snapshot(tiny_net, step=-1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_snapshot_is_rejected_and_window_unchanged(make_window, tiny_net, bad):
+    states = perturbed_states(tiny_net, 5)
+    win = make_window(window=4)
+    for step, s in enumerate(states[:4]):
+        win.snapshot(s, step=step)
+    before = win.merge("sma")
+    poisoned = copy.deepcopy(states[4])
+    poisoned["fc2.weight"][1, 2] = bad
+    with pytest.warns(RuntimeWarning, match=r"step 9 rejected: tensor 'fc2.weight' holds NaN or Inf"):
+        assert win.snapshot(poisoned, step=9) is False
+    assert win.steps == [0, 1, 2, 3]
+    after = win.merge("sma")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert win.snapshot(states[4], step=10)  # and the window still works
+    win.close()
+
+
+def test_rejected_first_snapshot_leaves_an_empty_window():
+    win = CheckpointWindow(window=2)
+    with pytest.warns(RuntimeWarning):
+        assert not win.snapshot({"w": torch.tensor([float("nan")])})
+    assert len(win) == 0
+    assert win.snapshot({"other": torch.ones(2)}, step=0)  # layout not fixed by the rejected one
+
+
+def test_huge_finite_values_are_not_rejected():
+    # Their block sum overflows to inf; the element-wise confirmation must accept them.
+    big = torch.full((100,), 3.0e38)
+    win = CheckpointWindow(window=2)
+    assert win.snapshot({"w": big}, step=0)
+    assert win.snapshot({"w": big.half().float().clamp(max=6e4)}, step=1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("fc1.bias"), "missing key 'fc1.bias'"),
+        (lambda s: s.update(extra=torch.zeros(1)), "unexpected key 'extra'"),
+        (lambda s: s.update({"fc1.weight": torch.zeros(3, 3)}), r"key 'fc1.weight' has shape \(3, 3\)"),
+        (lambda s: s.update({"fc1.weight": s["fc1.weight"].double()}), "key 'fc1.weight' has dtype torch.float64"),
+    ],
+)
+def test_mismatched_snapshot_names_the_key(make_window, tiny_net, change, message):
+    states = perturbed_states(tiny_net, 2)
+    win = make_window(window=3)
+    win.snapshot(states[0], step=0)
+    change(states[1])
+    with pytest.raises(ValueError, match=message):
+        win.snapshot(states[1], step=1)
+    assert win.steps == [0]
+    win.close()
+
+
+def test_merge_argument_errors(make_window, tiny_net):
+    win = make_window(window=3)
+    with pytest.raises(ValueError, match="empty window"):
+        win.merge("sma")
+    win.snapshot(tiny_net, step=0)
+    win.snapshot(tiny_net, step=1)
+    with pytest.raises(ValueError, match="unknown merge method 'avg'"):
+        win.merge("avg")
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        win.merge("ema", alpha=0)
+    with pytest.raises(ValueError, match="expected 2 weights"):
+        win.merge([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        win.load_into(tiny_net, [1.0, -1.0])
+    win.close()
+
+
+def test_constructor_errors(tmp_path):
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        CheckpointWindow(window=0)
+    with pytest.raises(ValueError, match="storage must be 'cpu' or 'disk'"):
+        CheckpointWindow(storage="gpu")
+    with pytest.raises(ValueError, match="needs a dirpath"):
+        CheckpointWindow(storage="disk")
+
+
+def test_load_into_writes_merged_weights_in_place(make_window, tiny_net):
+    states = perturbed_states(tiny_net, 3)
+    win = make_window(window=3)
+    for step, s in enumerate(states):
+        win.snapshot(s, step=step)
+    target = TinyNet()
+    param = target.fc1.weight
+    win.load_into(target, "wma")
+    assert target.fc1.weight is param  # in place: optimizers keep pointing at the same tensors
+    ref = reference_merge(states, "wma")
+    for name, t in target.state_dict().items():
+        np.testing.assert_allclose(t.double().numpy(), ref[name], rtol=1e-6, atol=1e-6)
+    win.close()
+
+
+def test_load_into_checks_the_model_before_writing(tiny_net):
+    win = CheckpointWindow(window=2)
+    win.snapshot(tiny_net, step=0)
+    other = TinyNet(width=5)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="fc1.weight"):
+        win.load_into(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_swapped_restores_bit_for_bit_after_an_exception(make_window, tiny_net):
+    states = perturbed_states(tiny_net, 3)
+    win = make_window(window=3)
+    for step, s in enumerate(states):
+        win.snapshot(s, step=step)
+    model = TinyNet()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")  # the raw weights may hold anything, NaN included
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = win.merge("ema")
+    with pytest.raises(RuntimeError, match="boom"):
+        with win.swapped(model, "ema") as inside:
+            assert inside is model
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, merged[k])
+            raise RuntimeError("boom")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.view(torch.uint8) if v.is_floating_point() else v, raw[k].view(torch.uint8) if v.is_floating_point() else raw[k])
+    win.close()
+
+
+def test_state_dict_round_trip_through_torch_save(tiny_net):
+    states = perturbed_states(tiny_net, 7, dtype=torch.bfloat16)
+    win = CheckpointWindow(window=4)
+    for step, s in enumerate(states[:6]):
+        win.snapshot(s, step=step * 5)
+    buffer = io.BytesIO()
+    torch.save(win.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    restored = CheckpointWindow(window=4)
+    restored.load_state_dict(state)
+    assert restored.steps == win.steps == [10, 15, 20, 25]
+    for k, v in win.merge("ema").items():
+        assert torch.equal(restored.merge("ema")[k], v) and restored.merge("ema")[k].dtype == v.dtype
+    # Both go on identically after the round trip (the ring order was restored, not just the data).
+    win.snapshot(states[6], step=30)
+    restored.snapshot(states[6], step=30)
+    for k, v in win.merge("wma").items():
+        assert torch.equal(restored.merge("wma")[k], v)
+
+
+def test_state_dict_of_empty_window_and_storage_mismatch(tmp_path):
+    empty = CheckpointWindow(window=2).state_dict()
+    win = CheckpointWindow(window=2)
+    win.load_state_dict(empty)
+    assert len(win) == 0
+    with pytest.raises(ValueError, match="this window stores on 'disk'"):
+        CheckpointWindow(storage="disk", dirpath=tmp_path / "d").load_state_dict(empty)
+    with pytest.raises(ValueError, match="not a CheckpointWindow state dict"):
+        win.load_state_dict({"steps": []})
+
+
+def test_loading_a_bigger_state_into_a_smaller_window_keeps_the_newest(tiny_net):
+    states = perturbed_states(tiny_net, 5)
+    big = CheckpointWindow(window=5)
+    for step, s in enumerate(states):
+        big.snapshot(s, step=step)
+    small = CheckpointWindow(window=2)
+    small.load_state_dict(big.state_dict())
+    assert small.steps == [3, 4]
+    assert_close_to_reference(small.merge(), reference_merge(states[-2:], "sma"))
+
+
+def test_layout_json_round_trip_keeps_order_and_offsets():
+    layout = Layout.from_tensors({"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(3), "c": torch.zeros(1, dtype=torch.int64)})
+    again = Layout.from_json(layout.to_json())
+    assert again == layout and list(again.entries) == ["a", "b", "c"]
+    assert list(layout.group_numel) == [torch.int64, torch.float32, torch.bfloat16]  # aligned when packed
+    with pytest.raises(ValueError, match="cannot store"):
+        Layout.from_tensors({"z": torch.zeros(1, dtype=torch.complex64)})
