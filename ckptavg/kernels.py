@@ -22,36 +22,57 @@ NewestSource = Callable[[torch.dtype, int, int], Tensor]
 """``newest(dtype, lo, hi)``: elements ``[lo, hi)`` of the newest snapshot's group."""
 
 
-def weighted_sum_(acc: Tensor, rows: Iterable[tuple[Tensor, float]]) -> Tensor:
+def weighted_sum_(acc: Tensor, rows: Iterable[tuple[Tensor, float]], scratch: Tensor | None = None) -> Tensor:
     """``acc <- sum_i c_i * row_i``, computed in ``acc``'s dtype whatever the rows' dtype.
 
-    In-place ``add_`` promotes a bf16/fp16 row to the fp32 accumulator before multiplying, so
-    low-precision snapshots lose nothing until the single final cast.
+    Rows in another dtype (bf16/fp16 into an fp32 accumulator) are first converted into
+    ``scratch`` (cache-resident, like ``acc``): a vectorised conversion plus a same-dtype
+    ``add_`` is about twice as fast as torch's mixed-dtype ``add_``, and exactly as accurate.
     """
-    acc.zero_()
+    empty = True
     for row, coefficient in rows:
-        acc.add_(row, alpha=coefficient)
+        if row.dtype != acc.dtype:
+            converted = scratch[: row.numel()] if scratch is not None else torch.empty_like(acc)
+            row = converted.copy_(row)
+        if empty:
+            torch.mul(row, coefficient, out=acc)
+            empty = False
+        else:
+            acc.add_(row, alpha=coefficient)
+    if empty:
+        acc.zero_()
     return acc
 
 
-def merge_blocks(layout: Layout, rows: RowSource, newest: NewestSource) -> dict[str, Tensor]:
+@torch.no_grad()
+def merge_blocks(
+    layout: Layout, rows: RowSource, newest: NewestSource, out: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """Apply one coefficient vector (already bound into ``rows``) to every block of the layout.
 
-    Returns a fresh, independent CPU tensor per name (no shared storage, so the result can be
-    saved with safetensors directly). Floating groups are accumulated block by block in a
-    cache-resident fp32 (fp64 for fp64) accumulator and cast once; other groups are copied from
-    the newest snapshot.
+    Writes into ``out`` (contiguous CPU tensors matching the layout) or, by default, into fresh
+    independent tensors (no shared storage, so the result can be saved with safetensors
+    directly). Floating groups are accumulated block by block in a cache-resident fp32 (fp64 for
+    fp64) accumulator and cast once; other groups are copied from the newest snapshot.
     """
-    merged = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in layout}
+    merged = dict(out) if out is not None else {e.name: torch.empty(e.shape, dtype=e.dtype) for e in layout}
     flat_out = {name: t.view(-1) for name, t in merged.items()}
     for dtype, blocks in layout.blocks.items():
-        averaged = is_averaged(dtype)
-        acc = torch.empty(min(layout.block_numel, layout.group_numel[dtype]), dtype=accumulation_dtype(dtype))
+        if not is_averaged(dtype):
+            for block in blocks:
+                scatter_block(block, newest(dtype, block.lo, block.hi), flat_out)
+            continue
+        acc_dtype = accumulation_dtype(dtype)
+        size = min(layout.block_numel, layout.group_numel[dtype])
+        acc = torch.empty(size, dtype=acc_dtype)
+        scratch = torch.empty(size, dtype=acc_dtype) if dtype != acc_dtype else None
         for block in blocks:
-            if averaged:
-                result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi))
-            else:
-                result = newest(dtype, block.lo, block.hi)
+            if dtype == acc_dtype and len(block.pieces) == 1:
+                # One tensor, same dtype: accumulate straight into the result, no copy after.
+                piece = block.pieces[0]
+                weighted_sum_(flat_out[piece.name][piece.start : piece.start + piece.length], rows(dtype, block.lo, block.hi))
+                continue
+            result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
             scatter_block(block, result, flat_out)
     return merged
 

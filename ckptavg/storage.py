@@ -70,7 +70,7 @@ class CpuRing:
         if len(self._slots) > self.capacity:
             del self._slots[0], self._steps[0]
 
-    def merge(self, coefficients: list[float]) -> dict[str, Tensor]:
+    def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         live = [(slot, c) for slot, c in zip(self._slots, coefficients) if c != 0.0]
 
         def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
@@ -80,7 +80,7 @@ class CpuRing:
         def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
             return self._ring[dtype][self._slots[-1], lo:hi]
 
-        return merge_blocks(self.layout, rows, newest)
+        return merge_blocks(self.layout, rows, newest, out)
 
     def flush(self) -> None:
         pass
@@ -264,7 +264,7 @@ class DiskStore:
 
     # -- merging ----------------------------------------------------------------------------------
 
-    def merge(self, coefficients: list[float]) -> dict[str, Tensor]:
+    def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.flush()
         records = list(self._records)
         buffers = {d: torch.empty(min(self.layout.block_numel, n), dtype=d) for d, n in self.layout.group_numel.items()}
@@ -289,7 +289,7 @@ class DiskStore:
             return read(len(records) - 1, dtype, lo, hi)
 
         try:
-            merged = merge_blocks(self.layout, rows, newest)
+            merged = merge_blocks(self.layout, rows, newest, out)
         except CorruptSnapshotError as err:
             self._quarantine(Path(err.path).name)
             raise

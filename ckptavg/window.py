@@ -172,38 +172,59 @@ class CheckpointWindow:
         """The coefficient vector of ``method`` over the held snapshots, oldest first; sums to 1."""
         return coefficients(method, len(self), alpha)
 
-    def merge(self, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> dict[str, Tensor]:
-        """The merged state dict: fresh CPU tensors in the stored dtypes.
+    def merge(
+        self, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, out: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The merged state dict, in the stored dtypes.
 
         ``method`` is ``"sma"``, ``"wma"``, ``"ema"`` (with ``alpha``) or a list of weights, one per
-        snapshot, oldest first (scaled to sum to 1).
+        snapshot, oldest first (scaled to sum to 1). The result is fresh CPU tensors, or is written
+        into ``out`` (for example the result of an earlier merge) to reuse its memory.
         """
         weights = self.weights(method, alpha)
         assert self._store is not None
-        return self._store.merge(weights)
+        if out is not None:
+            self._store.layout.check(out, what="out")
+            for name, t in out.items():
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError(f"out[{name!r}] must be a contiguous CPU tensor")
+        return self._store.merge(weights, out)
 
     def load_into(self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> None:
-        """Write the merged weights into ``model`` in place (on its devices, in its dtypes)."""
-        merged = self.merge(method, alpha)  # before touching the model: a failed merge changes nothing
-        write_state(model, merged)
+        """Write the merged weights into ``model`` in place (on its devices, in its dtypes).
+
+        Checked before anything is written: on a mismatch or an unreadable snapshot the model is
+        left as it was."""
+        weights = self.weights(method, alpha)
+        targets = self._targets(model)
+        if isinstance(self._store, CpuRing) and _writable_in_place(targets, self._store.layout):
+            self._store.merge(weights, out=targets)  # cannot fail past this point: no I/O
+        else:
+            copy_into(targets, self.merge(method, alpha))
 
     @contextmanager
     def swapped(
         self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA
     ) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
-        also when the block raises."""
-        merged = self.merge(method, alpha)
-        targets = model_targets(model, merged)
+        also when the block (or the merge) raises."""
+        self.weights(method, alpha)  # argument errors before any copy
+        targets = self._targets(model)
         backup = {
             name: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()).copy_(t)
             for name, t in targets.items()
         }
         try:
-            copy_into(targets, merged)
+            self.load_into(model, method, alpha)
             yield model
         finally:
             copy_into(targets, backup)
+
+    def _targets(self, model: nn.Module) -> dict[str, Tensor]:
+        if self._store is None:
+            raise ValueError("cannot merge an empty window: take at least one snapshot first")
+        shapes = {e.name: torch.empty(e.shape, device="meta") for e in self._store.layout}
+        return model_targets(model, shapes)
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -272,6 +293,14 @@ class CheckpointWindow:
         self._store = store
 
 
+def _writable_in_place(targets: Mapping[str, Tensor], layout: Layout) -> bool:
+    """Whether the merge kernel can write straight into the model's own tensors."""
+    return all(
+        t.device.type == "cpu" and t.is_contiguous() and t.dtype == layout.entries[name].dtype
+        for name, t in targets.items()
+    )
+
+
 def model_targets(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The model's own tensors (local shards) for every name in ``tensors``, after checking that
     the names and shapes match exactly, so that a write either happens in full or not at all."""
@@ -297,7 +326,3 @@ def copy_into(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> No
     for name in targets.keys() - set(same):
         targets[name].copy_(values[name])  # host <-> device; blocking, so the source may be freed
 
-
-def write_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-    """Copy ``tensors`` into ``model``'s parameters and buffers in place, matched by name."""
-    copy_into(model_targets(model, tensors), tensors)

@@ -305,3 +305,48 @@ def test_layout_json_round_trip_keeps_order_and_offsets():
     assert list(layout.group_numel) == [torch.int64, torch.float32, torch.bfloat16]  # aligned when packed
     with pytest.raises(ValueError, match="cannot store"):
         Layout.from_tensors({"z": torch.zeros(1, dtype=torch.complex64)})
+
+
+def test_merge_into_reused_output(make_window, tiny_net):
+    states = perturbed_states(tiny_net, 3)
+    win = make_window(window=3)
+    for step, s in enumerate(states):
+        win.snapshot(s, step=step)
+    first = win.merge("sma")
+    pointers = {k: v.data_ptr() for k, v in first.items()}
+    again = win.merge("ema", out=first)
+    assert {k: v.data_ptr() for k, v in again.items()} == pointers
+    assert_close_to_reference(again, reference_merge(states, "ema"))
+    with pytest.raises(ValueError, match="out: key 'fc1.weight' has dtype torch.float64"):
+        win.merge(out=first | {"fc1.weight": first["fc1.weight"].double()})
+    with pytest.raises(ValueError, match=r"out\['fc1.weight'\] must be a contiguous CPU tensor"):
+        win.merge(out=first | {"fc1.weight": first["fc1.weight"].t().contiguous().t()})
+    win.close()
+
+
+def test_load_into_a_model_in_another_dtype_and_one_requiring_grad(tiny_net):
+    states = perturbed_states(tiny_net, 2)
+    win = CheckpointWindow(window=2)
+    for step, s in enumerate(states):
+        win.snapshot(s, step=step)
+    half = TinyNet().to(torch.bfloat16)
+    win.load_into(half)  # not writable in place: merged, then cast while copying
+    ref = reference_merge(states, "sma")
+    np.testing.assert_allclose(half.fc1.weight.detach().double().numpy(), ref["fc1.weight"], rtol=1e-2)
+    model = TinyNet()
+    assert model.fc1.weight.requires_grad
+    win.load_into(model)
+    np.testing.assert_allclose(model.fc1.weight.detach().double().numpy(), ref["fc1.weight"], rtol=1e-6)
+    loss = model(torch.randn(4, 8)).sum()
+    loss.backward()  # the autograd graph still works after the in-place write
+    assert model.fc1.weight.grad is not None
+
+
+def test_swapped_with_a_bad_method_leaves_the_model_alone(tiny_net):
+    win = CheckpointWindow(window=2)
+    win.snapshot(tiny_net, step=0)
+    before = copy.deepcopy(tiny_net.state_dict())
+    with pytest.raises(ValueError, match="unknown merge method"):
+        with win.swapped(tiny_net, "mean"):
+            pass
+    assert all(torch.equal(before[k], v) for k, v in tiny_net.state_dict().items())

@@ -1,0 +1,189 @@
+"""Snapshot and merge costs of CheckpointWindow for a ~100M-parameter model, as ratios.
+
+Every ratio divides by a baseline timed alternately with it in the same run on the same bytes
+(median of the per-pair ratios), so a busy machine moves both sides together:
+
+- cpu snapshot / one plain ``copy_`` of the model's bytes               (target <= 1.25)
+- SMA merge of a window of 8 / 8 ``add_`` passes over one model          (target <= 0.85)
+  and / the physical limit: 8 models read and 1 written at copy_ speed  (about 0.6 of the add_ passes)
+- disk snapshot, time the caller is blocked / ``copy_``                 (target <= 1.5)
+- disk merge of windows of 8 and 16: peak extra resident memory / model (target <= 1.5),
+  measured in a fresh process that opens the window and merges it
+
+    python benchmarks/window.py                           # ~100M parameters, fp32 and bf16
+    python benchmarks/window.py --params 5e6 --repeats 2  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved, peak_rss_bytes, report, reset_peak_rss, rss_bytes  # noqa: E402
+
+from ckptavg import CheckpointWindow  # noqa: E402
+
+
+def transformer_state(params: float, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A GPT-like state dict with about ``params`` parameters: an embedding, per-layer attention and
+    MLP matrices, biases and norms (many small tensors beside a few large ones), and a step counter."""
+    width = 1024
+    vocab = max(1000, int(params * 0.25 / width))
+    per_layer = 12 * width * width + 13 * width
+    layers = max(1, round((params - vocab * width) / per_layer))
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(dtype)
+
+    state = {"embed.weight": tensor(vocab, width)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        state |= {
+            p + "norm1.weight": tensor(width), p + "norm1.bias": tensor(width),
+            p + "attn.qkv.weight": tensor(3 * width, width), p + "attn.qkv.bias": tensor(3 * width),
+            p + "attn.out.weight": tensor(width, width), p + "attn.out.bias": tensor(width),
+            p + "norm2.weight": tensor(width), p + "norm2.bias": tensor(width),
+            p + "mlp.up.weight": tensor(4 * width, width), p + "mlp.up.bias": tensor(4 * width),
+            p + "mlp.down.weight": tensor(width, 4 * width), p + "mlp.down.bias": tensor(width),
+        }  # fmt: skip
+    state["norm.weight"] = tensor(width)
+    state["step"] = torch.tensor(0, dtype=torch.int64)
+    return state
+
+
+def row(dtype: str, measure: str, ratio: float, target: str, ms: float = float("nan"), baseline_ms: float = float("nan")) -> dict:
+    return {"dtype": dtype, "measure": measure, "ratio": ratio, "target": target, "ms": ms, "baseline ms": baseline_ms}
+
+
+def measure_disk_merge(dirpath: str) -> None:
+    """Child process: open a disk window, merge it, print the peak extra RSS as JSON."""
+    win = CheckpointWindow.open(dirpath)
+    gc.collect()
+    baseline = rss_bytes()
+    reset_peak_rss()
+    merged = win.merge("sma")
+    peak = peak_rss_bytes() - baseline
+    model_bytes = sum(t.numel() * t.element_size() for t in merged.values())
+    print(json.dumps({"peak_extra": peak, "model_bytes": model_bytes}))
+
+
+def bench_dtype(dtype: torch.dtype, params: float, repeats: int, workdir: Path) -> list[dict]:
+    state = transformer_state(params, dtype)
+    numel = sum(t.numel() for t in state.values())
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    name = str(dtype).replace("torch.", "")
+    print(f"{name}: {len(state)} tensors, {numel / 1e6:.1f}M elements, {model_bytes / 2**20:.0f} MiB", flush=True)
+    flat_src = torch.empty(numel, dtype=dtype).normal_()
+    flat_dst = torch.empty_like(flat_src)
+
+    def copy() -> None:
+        flat_dst.copy_(flat_src)
+
+    rows = []
+
+    # cpu snapshot in steady state: window full, every ring row already touched.
+    win = CheckpointWindow(window=8)
+    for step in range(10):
+        win.snapshot(state, step=step)
+    steps = iter(range(10, 1_000_000))
+    ratio, t_snap, t_copy = interleaved(lambda: win.snapshot(state, step=next(steps)), copy, repeats)
+    rows.append(row(name, "cpu snapshot / copy_", ratio, "<= 1.25", t_snap * 1e3, t_copy * 1e3))
+
+    # SMA merge of 8 against 8 add_ passes (same dtype) over one model's bytes.
+    addends = [torch.empty_like(flat_src).normal_() for _ in range(8)]
+    acc = torch.zeros_like(flat_src)
+
+    def add_passes(acc: torch.Tensor = acc) -> None:
+        acc.zero_()
+        for a in addends:
+            acc.add_(a)
+
+    out = win.merge("sma")
+    ratio, t_merge, t_add = interleaved(lambda: win.merge("sma", out=out), add_passes, repeats)
+    rows.append(row(name, "sma merge(8) / 8 add_ passes", ratio, "<= 0.85", t_merge * 1e3, t_add * 1e3))
+    _, t_limit_copy, _ = interleaved(copy, copy, repeats)
+    t_limit = t_limit_copy * (8 + 1) / 2  # a copy_ reads one model and writes one
+    rows.append(row(name, "sma merge(8) / physical limit", t_merge / t_limit, f"limit = {t_limit / t_add:.2f} x add_ passes", t_merge * 1e3, t_limit * 1e3))
+    ratio, t_fresh, t_add = interleaved(lambda: win.merge("sma"), add_passes, max(2, repeats // 2))
+    rows.append(row(name, "sma merge(8), fresh result (page faults) / 8 add_", ratio, "info", t_fresh * 1e3, t_add * 1e3))
+    if dtype != torch.float32:
+        acc32 = torch.zeros(numel)
+        ratio, _, t_add32 = interleaved(lambda: win.merge("sma", out=out), lambda: add_passes(acc32), max(2, repeats // 2))
+        rows.append(row(name, "sma merge(8) / 8 add_ into an fp32 accumulator", ratio, "info", t_merge * 1e3, t_add32 * 1e3))
+        del acc32
+    del win, out, addends, acc
+    gc.collect()
+
+    # disk tier: blocking time of snapshot(), and merge memory in a fresh process.
+    for window in (8, 16):
+        dirpath = workdir / f"{name}-{window}"
+        disk = CheckpointWindow(window=window, storage="disk", dirpath=dirpath)
+        for step in range(window):
+            disk.snapshot(state, step=step)
+        if window == 8:
+            ratios, times, bases = [], [], []
+            for step in range(window, window + repeats + 1):
+                disk.flush()  # the previous write finishes first: only snapshot()'s own hold counts
+                start = time.perf_counter()
+                copy()
+                t_b = time.perf_counter() - start
+                start = time.perf_counter()
+                disk.snapshot(state, step=step)
+                t_c = time.perf_counter() - start
+                ratios.append(t_c / t_b)
+                times.append(t_c)
+                bases.append(t_b)
+            rows.append(row(name, "disk snapshot blocking / copy_", statistics.median(ratios[1:]), "<= 1.5",
+                            statistics.median(times[1:]) * 1e3, statistics.median(bases[1:]) * 1e3))  # fmt: skip
+        disk.close()
+        child = subprocess.run(
+            [sys.executable, __file__, "--measure-disk-merge", str(dirpath)], capture_output=True, text=True, check=True
+        )
+        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        rows.append(row(name, f"disk merge({window}) peak extra RSS / model", measured["peak_extra"] / measured["model_bytes"], "<= 1.5"))
+        shutil.rmtree(dirpath)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=100e6, help="model size in parameters (default 1e8)")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--workdir", default=None, help="folder for the disk tier (default: a temporary one)")
+    parser.add_argument("--measure-disk-merge", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_disk_merge:
+        measure_disk_merge(args.measure_disk_merge)
+        return
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckptavg-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for dtype_name in args.dtypes.split(","):
+            rows += bench_dtype(getattr(torch, dtype_name), args.params, args.repeats, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(
+        "window",
+        f"CheckpointWindow costs, ~{args.params / 1e6:.0f}M parameters, {torch.get_num_threads()} threads (median of {args.repeats} interleaved pairs)",
+        ["dtype", "measure", "ratio", "target", "ms", "baseline ms"],
+        rows,
+        {"params": args.params, "repeats": args.repeats},
+    )
+
+
+if __name__ == "__main__":
+    main()
