@@ -8,17 +8,28 @@ from .files import CorruptSnapshotError
 from .layout import Layout
 from .merges import coefficients, ema, sma, wma
 from .offline import load_state_file, merge_state_dicts
-from .window import CheckpointWindow
+from .window import CheckpointWindow, load_state
 
 __all__ = [
+    "CheckpointAverager",
     "CheckpointWindow",
     "CorruptSnapshotError",
     "Layout",
     "coefficients",
     "ema",
+    "load_state",
     "load_state_file",
     "merge_state_dicts",
     "sma",
     "wma",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The Lightning adapter is imported on first use, so plain-PyTorch users never import Lightning.
+    if name == "CheckpointAverager":
+        from .callback import CheckpointAverager
+
+        return CheckpointAverager
+    raise AttributeError(f"module 'ckptavg' has no attribute {name!r}")

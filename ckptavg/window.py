@@ -326,3 +326,9 @@ def copy_into(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> No
     for name in targets.keys() - set(same):
         targets[name].copy_(values[name])  # host <-> device; blocking, so the source may be freed
 
+
+
+def load_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` into ``model``'s parameters and buffers in place, matched by name (all
+    names and shapes are checked before anything is written)."""
+    copy_into(model_targets(model, tensors), tensors)

@@ -1,0 +1,148 @@
+"""Run Lightning's own validation loop once more, leaving no trace.
+
+The performance preview must log exactly what the LightningModule logs in validation (same
+reductions, batch-size weighting, ``sync_dist``, torchmetrics objects, dataloader suffixes), so it
+reuses the fit loop's validation loop instead of reimplementing it. Everything that run would
+touch is isolated and restored afterwards: the other callbacks (checkpointing, early stopping and
+progress bars never see it), the loggers, the logged and callback metrics, the loop's progress
+counters, the train/eval mode capture, the RNG state and the state of every torchmetrics object.
+
+This is the one module that touches Lightning internals; each is looked up defensively.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import RunningStage
+
+_METRIC_DICTS = ("_callback_metrics", "_logged_metrics", "_progress_bar_metrics")
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def metric_states(module: torch.nn.Module) -> list[tuple[Any, dict[str, Any]]]:
+    """A copy of the state of every torchmetrics ``Metric`` inside ``module``."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        return []
+    saved = []
+    for m in module.modules():
+        if isinstance(m, Metric):
+            names = list(getattr(m, "_defaults", {})) + ["_update_count", "_computed", "_forward_cache", "_is_synced"]
+            saved.append((m, {n: _clone(getattr(m, n)) for n in names if hasattr(m, n)}))
+    return saved
+
+
+def restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
+    for metric, state in saved:
+        for name, value in state.items():
+            setattr(metric, name, value)
+
+
+@contextmanager
+def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
+    """Inside: the fit loop's validation loop may be run again (``loop.run()``, yielded) without
+    other callbacks or loggers seeing it. Afterwards every piece of state it touched is restored.
+    Read the run's metrics with :func:`collected_metrics` before leaving the block."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    connector = trainer._logger_connector
+    module = trainer.lightning_module
+    saved_loop = dict(vars(loop))
+    saved_progress = copy.deepcopy(loop.batch_progress.state_dict())
+    saved_seen = copy.copy(getattr(loop, "_seen_batches_per_dataloader", None))
+    saved_metrics = {name: dict(getattr(connector, name)) for name in _METRIC_DICTS if hasattr(connector, name)}
+    saved_callbacks, saved_loggers = trainer.callbacks, trainer.loggers
+    saved_stage = trainer.state.stage
+    saved_last_val_time = getattr(trainer, "_last_val_time", None)
+    saved_rng = rng_state()
+    saved_metric_states = metric_states(module)
+    saved_training = {name: m.training for name, m in module.named_modules()}
+
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    results = _ResultCollection(training=False)
+    results.device = getattr(loop._results, "device", None)
+    loop._results = results
+    if hasattr(loop, "_module_mode"):
+        loop._module_mode = type(loop._module_mode)()  # the outer run's capture must survive
+    for name in saved_metrics:
+        getattr(connector, name).clear()
+    trainer.callbacks = []
+    trainer.loggers = []
+    trainer.state.stage = RunningStage.VALIDATING
+    try:
+        yield loop
+    finally:
+        # The nested run's data fetcher is dropped, not torn down: tearing it down would reset the
+        # CombinedLoader it shares with the outer run's fetcher.
+        vars(loop).clear()
+        vars(loop).update(saved_loop)
+        loop.batch_progress.load_state_dict(saved_progress)
+        if saved_seen is not None:
+            loop._seen_batches_per_dataloader = saved_seen
+        for name, values in saved_metrics.items():
+            target = getattr(connector, name)
+            target.clear()
+            target.update(values)
+        trainer.callbacks = saved_callbacks
+        trainer.loggers = saved_loggers
+        trainer.state.stage = saved_stage
+        if saved_last_val_time is not None:
+            trainer._last_val_time = saved_last_val_time
+        set_rng_state(saved_rng)
+        restore_metric_states(saved_metric_states)
+        for name, m in module.named_modules():
+            m.train(saved_training.get(name, m.training))
+
+
+def collected_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
+    """What the last (isolated) validation run logged: ``{"callback": ..., "log": ..., "pbar": ...}``."""
+    connector = trainer._logger_connector
+    return {
+        "callback": dict(connector._callback_metrics),
+        "log": {k: v for k, v in connector._logged_metrics.items() if k not in ("epoch", "step")},
+        "pbar": dict(connector._progress_bar_metrics),
+    }
+
+
+def has_validation(trainer: pl.Trainer) -> bool:
+    """Whether fitting runs a validation loop with at least one batch."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("validation_step", trainer.lightning_module):
+        return False
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    if loop._combined_loader is None:
+        return False
+    return not loop.skip

@@ -1,0 +1,225 @@
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors import safe_open
+
+from ckptavg import CheckpointAverager, merge_state_dicts
+from conftest import assert_close_to_reference, reference_merge
+from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
+
+HERE = Path(__file__).parent
+
+
+def csv_rows(tmp_path: Path) -> list[dict[str, str]]:
+    (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+@pytest.mark.parametrize("method", ["sma", "wma", "ema"])
+def test_end_of_run_merge_equals_an_independent_average(tmp_path, storage, method):
+    L.seed_everything(0)
+    recorder = Recorder()
+    averager = CheckpointAverager(window=4, every_n_steps=5, merge=method, alpha=0.3, storage=storage)
+    model = Regression()
+    train, val = data()
+    trainer(tmp_path, [recorder, averager], max_epochs=3).fit(model, train, val)
+
+    steps = averager.window.steps
+    assert steps == [30, 35, 40, 45]  # 16 batches per epoch, 48 optimizer steps
+    reference = reference_merge([recorder.states[s] for s in steps], method, alpha=0.3)
+    assert_close_to_reference(model.state_dict(), reference)
+
+    path = tmp_path / "lightning_logs" / "version_0" / "ckptavg" / "merged.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        assert json.loads(metadata["steps"]) == steps and metadata["method"] == method
+        assert json.loads(metadata["coefficients"]) == pytest.approx(averager.window.weights(method, 0.3))
+        for key, value in model.state_dict().items():
+            assert torch.equal(f.get_tensor(key), value)
+
+
+class PreviewChecker(Callback):
+    """After the averager: checks merged/val_loss against a copy of the model loaded with an
+    independent merge of the recorded weights, and that the module still holds its raw weights."""
+
+    def __init__(self, recorder: Recorder, averager: CheckpointAverager, val):
+        self.recorder, self.averager, self.val = recorder, averager, val
+        self.checked = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        raw_step, raw_state = self.recorder.at_validation[-1]
+        for key, value in pl_module.state_dict().items():
+            assert torch.equal(value, raw_state[key]), key
+        if "merged/val_loss" not in trainer.callback_metrics:
+            assert len(self.averager.window) < 2
+            return
+        merged = merge_state_dicts([self.recorder.states[s] for s in self.averager.window.steps])
+        twin = copy.deepcopy(pl_module)
+        twin.load_state_dict(merged)
+        expected = val_loss_of(twin, self.val)
+        assert float(trainer.callback_metrics["merged/val_loss"]) == pytest.approx(expected, rel=1e-5)
+        assert "merged/val_mae" in trainer.callback_metrics
+        self.checked.append(raw_step)
+
+
+def test_preview_logs_the_merged_models_metrics(tmp_path):
+    L.seed_everything(0)
+    recorder = Recorder()
+    averager = CheckpointAverager(window=3, every_n_steps=6, merge_at_end=False)
+    train, val = data()
+    checker = PreviewChecker(recorder, averager, val)
+    trainer(tmp_path, [recorder, averager, checker], max_epochs=4, val_check_interval=8).fit(Regression(), train, val)
+    # Validation every 8 steps; the first one (step 8) sees one snapshot only: no preview.
+    assert checker.checked == [16, 24, 32, 40, 48, 56, 64]
+    rows = csv_rows(tmp_path)
+    raw_steps = [r["step"] for r in rows if r.get("val_loss")]
+    merged_steps = [r["step"] for r in rows if r.get("merged/val_loss")]
+    assert merged_steps == raw_steps[1:]  # logged at the very step of the raw metrics
+    assert all(r.get("merged/val_mae") for r in rows if r.get("merged/val_loss"))
+
+
+def run_for_identity(tmp_path: Path, preview: bool):
+    L.seed_everything(123)
+    model = Regression(dropout=0.2)  # dropout and shuffling: any RNG draw by the preview would show
+    train, val = data(shuffle=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2)
+    averager = CheckpointAverager(window=3, every_n_steps=4, preview=preview, merge_at_end=False)
+    trainer(tmp_path, [averager, checkpoint], max_epochs=3, val_check_interval=8, enable_checkpointing=True).fit(model, train, val)
+    raw = [(r["step"], r["val_loss"], r["val_mae"]) for r in csv_rows(tmp_path) if r.get("val_loss")]
+    return model, raw, checkpoint
+
+
+def test_preview_leaves_training_and_raw_metrics_exactly_as_without_it(tmp_path):
+    with_model, with_raw, with_ckpt = run_for_identity(tmp_path / "with", preview=True)
+    without_model, without_raw, without_ckpt = run_for_identity(tmp_path / "without", preview=False)
+    assert with_raw == without_raw and len(with_raw) == 6
+    for key, value in without_model.state_dict().items():
+        assert torch.equal(with_model.state_dict()[key], value), key
+    assert with_ckpt.best_model_score == without_ckpt.best_model_score
+    assert Path(with_ckpt.best_model_path).name == Path(without_ckpt.best_model_path).name
+    assert any(r.get("merged/val_loss") for r in csv_rows(tmp_path / "with"))
+
+
+def test_final_raw_and_merged_metrics_side_by_side(tmp_path):
+    L.seed_everything(0)
+    averager = CheckpointAverager(window=4, every_n_steps=4)
+    model = Regression()
+    train, val = data()
+    trainer(tmp_path, [averager], max_steps=40, val_check_interval=16).fit(model, train, val)
+    # The last validation ran at step 32, before the final snapshots: both are evaluated again.
+    assert set(averager.final_metrics) == {"raw", "merged"}
+    assert averager.final_metrics["merged"]["val_loss"] == pytest.approx(val_loss_of(model, val), rel=1e-5)
+    last = {r for r in csv_rows(tmp_path)[-1] if csv_rows(tmp_path)[-1][r]}
+    assert {"final/raw/val_loss", "final/merged/val_loss", "final/raw/val_mae"} <= last
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    L.seed_everything(0)
+    recorder = Recorder()
+    averager = CheckpointAverager(window=10, every_n_steps=2, start_step=3)
+    model = Regression()
+    train, val = data()
+    trainer(tmp_path, [recorder, averager], max_epochs=2, accumulate_grad_batches=4, limit_val_batches=0).fit(model, train)
+    # 16 batches per epoch / 4 = 4 optimizer steps per epoch, 8 in all; first snapshot after step 3.
+    assert averager.window.steps == [4, 6, 8]
+    assert_close_to_reference(model.state_dict(), reference_merge([recorder.states[s] for s in (4, 6, 8)], "sma"))
+
+
+def test_default_cadence_is_one_snapshot_per_epoch(tmp_path):
+    averager = CheckpointAverager(window=5)
+    trainer(tmp_path, [averager], max_epochs=3, limit_val_batches=0).fit(Regression(), data()[0])
+    assert averager.window.steps == [16, 32, 48]
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_stop_and_resume_is_bit_identical(tmp_path, storage):
+    def run(root: Path, max_epochs: int, ckpt_path=None):
+        L.seed_everything(7)
+        model = Regression()
+        train, val = data()
+        averager = CheckpointAverager(window=8, every_n_steps=5, storage=storage)
+        checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+        trainer(root, [averager, checkpoint], max_epochs=max_epochs, enable_checkpointing=True).fit(
+            model, train, val, ckpt_path=ckpt_path
+        )
+        return model, averager
+
+    uninterrupted, _ = run(tmp_path / "a", max_epochs=4)
+    stopped, first = run(tmp_path / "b", max_epochs=2)  # 32 steps: 6 of 8 snapshots, between two
+    assert first.window.steps == [5, 10, 15, 20, 25, 30]
+    # A fresh process would start from the checkpoint file alone: load it with weights_only.
+    state = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)
+    assert any("CheckpointAverager" in key for key in state["callbacks"])
+    resumed, second = run(tmp_path / "b", max_epochs=4, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
+    assert second.window.steps == [25, 30, 35, 40, 45, 50, 55, 60]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_exception_inside_the_preview_leaves_raw_weights_intact(tmp_path):
+    L.seed_everything(0)
+    recorder = Recorder()
+    averager = CheckpointAverager(window=3, every_n_steps=2)
+    # 4 validation batches per run: the raw run at step 8 passes, the preview that follows fails.
+    model = Regression(fail_after_val_calls=4)
+    train, val = data()
+    with pytest.raises(RuntimeError, match="validation failed on purpose"):
+        trainer(tmp_path, [recorder, averager], max_epochs=3, num_sanity_val_steps=0, val_check_interval=8).fit(model, train, val)
+    step, raw = recorder.at_validation[-1]
+    assert step == 8 and len(averager.window) >= 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, raw[key]), key
+
+
+def test_no_snapshot_keeps_raw_weights_and_warns(tmp_path):
+    averager = CheckpointAverager(window=3, every_n_steps=1000)
+    model = Regression()
+    with pytest.warns(UserWarning, match="no snapshot was taken"):
+        trainer(tmp_path, [averager], max_steps=5, limit_val_batches=0).fit(model, data()[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(window=0), "window must be a positive integer"),
+        (dict(every_n_steps=0), "every_n_steps must be a positive integer"),
+        (dict(every_n_steps=5, every_n_epochs=1), "not both"),
+        (dict(start_step=-1), "start_step"),
+        (dict(merge="median"), "unknown merge method"),
+        (dict(alpha=2.0), r"alpha must be in \(0, 1\]"),
+        (dict(storage="gpu"), "storage must be"),
+    ],
+)
+def test_constructor_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CheckpointAverager(**kwargs)
+
+
+def test_ddp_two_processes(tmp_path):
+    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in ranks[0]["weights"].items():
+        assert torch.equal(ranks[1]["weights"][key], value), key
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [10, 12, 14, 16]  # 8 batches per rank per epoch
+    assert ranks[0]["merged_val_loss"] == ranks[1]["merged_val_loss"] is not None
+    assert (tmp_path / "out" / "merged.safetensors").exists()
+    # Only rank 0 logs: one metrics file, with the preview in it.
+    assert len(list(tmp_path.glob("**/metrics.csv"))) == 1
+    assert any(r.get("merged/val_loss") for r in csv_rows(tmp_path))
