@@ -218,7 +218,8 @@ def test_ddp_two_processes(tmp_path):
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key
     assert ranks[0]["steps"] == ranks[1]["steps"] == [10, 12, 14, 16]  # 8 batches per rank per epoch
-    assert ranks[0]["merged_val_loss"] == ranks[1]["merged_val_loss"] is not None
+    # Every rank ran the preview (the module logs without sync_dist: each rank sees its own shard).
+    assert ranks[0]["merged_val_loss"] is not None and ranks[1]["merged_val_loss"] is not None
     assert (tmp_path / "out" / "merged.safetensors").exists()
     # Only rank 0 logs: one metrics file, with the preview in it.
     assert len(list(tmp_path.glob("**/metrics.csv"))) == 1
