@@ -145,6 +145,16 @@ class CheckpointAverager(Callback):
         if stage == "fit" and self._window is not None:
             self._window.close()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._window is not None and self._window.steps and self._window.steps[-1] > trainer.global_step:
+            # A new fit with the same callback object: its snapshots belong to another run.
+            rank_zero_warn(
+                f"CheckpointAverager: the window holds snapshots up to step {self._window.steps[-1]} but training "
+                f"starts at step {trainer.global_step}; starting a new window"
+            )
+            self._window.close()
+            self._window = None
+
     # -- snapshots ----------------------------------------------------------------------------------
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -224,3 +224,12 @@ def test_ddp_two_processes(tmp_path):
     # Only rank 0 logs: one metrics file, with the preview in it.
     assert len(list(tmp_path.glob("**/metrics.csv"))) == 1
     assert any(r.get("merged/val_loss") for r in csv_rows(tmp_path))
+
+
+def test_reusing_the_callback_for_a_new_run_starts_a_new_window(tmp_path):
+    averager = CheckpointAverager(window=3, every_n_steps=4)
+    trainer(tmp_path / "a", [averager], max_steps=12, limit_val_batches=0).fit(Regression(), data()[0])
+    assert averager.window.steps == [4, 8, 12]
+    with pytest.warns(UserWarning, match="starting a new window"):
+        trainer(tmp_path / "b", [averager], max_steps=8, limit_val_batches=0).fit(Regression(), data()[0])
+    assert averager.window.steps == [4, 8]

@@ -1,0 +1,187 @@
+"""Training-step overhead of CheckpointAverager against Lightning's own weight averaging.
+
+A small transformer language model is trained with Lightning on the CPU for a fixed number of
+steps, once per configuration, in interleaved rounds (every round runs every configuration, and
+ratios are taken against the no-callback run of the same round; the median round is reported):
+
+- no callback (baseline)
+- CheckpointAverager(window=8, every_n_steps=50), previews off     (target <= 1.02)
+- Lightning EMAWeightAveraging (an update every step)
+- Lightning WeightAveraging (SWA, an update every step)
+
+The cost of one performance preview is reported separately, as a ratio to the raw validation run
+it follows (the preview evaluates the same data once more, plus a swap in and out).
+
+    python benchmarks/overhead.py                  # 300 steps x 3 rounds
+    python benchmarks/overhead.py --steps 100 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, WeightAveraging
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import report  # noqa: E402
+
+from ckptavg import CheckpointAverager  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+class TinyGPT(L.LightningModule):
+    """A causal transformer LM: token + position embeddings, pre-norm encoder layers, tied head."""
+
+    def __init__(self, vocab: int = 256, width: int = 128, layers: int = 2, heads: int = 4, context: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers)
+        self.norm = nn.LayerNorm(width)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        h = self.embed(tokens) + self.position[:n]
+        h = self.norm(self.blocks(h, mask=self.mask[:n, :n], is_causal=True))
+        return h @ self.embed.weight.t()
+
+    def _loss(self, batch) -> torch.Tensor:
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_data(n: int, context: int = 65, seed: int = 0) -> TensorDataset:
+    """Sequences with structure to learn: a random start, then each token = previous + a small step."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 256, (n, 1), generator=g)
+    steps = torch.randint(1, 4, (n, context - 1), generator=g)
+    return TensorDataset(torch.cat([start, start + steps.cumsum(1)], 1) % 256)
+
+
+class StepTimer(Callback):
+    """Wall time per optimizer step (including any callback work done at the step's end), and
+    the duration of each raw validation run and of each preview."""
+
+    def __init__(self, warmup: int = 20):
+        self.warmup = warmup
+        self.ends: list[float] = []
+        self.validation: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append(time.perf_counter())
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validation.append(time.perf_counter() - self._val_start)
+
+    def step_time(self) -> float:
+        ends = self.ends[self.warmup :]
+        return (ends[-1] - ends[0]) / (len(ends) - 1)  # the mean: periodic snapshots are counted
+
+
+class TimedAverager(CheckpointAverager):
+    """CheckpointAverager that times its preview (the work done in on_validation_end)."""
+
+    previews: list[float]
+
+    def on_validation_end(self, trainer, pl_module):
+        start = time.perf_counter()
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking and len(self.window) >= 2:
+            self.previews.append(time.perf_counter() - start)
+
+
+def fit(callbacks: list[Callback], steps: int, val_every: int | None = None) -> StepTimer:
+    L.seed_everything(0, verbose=False)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=steps,
+        callbacks=[timer, *callbacks],  # first: its validation time excludes the preview
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=None if val_every else 0,
+        val_check_interval=val_every,
+        num_sanity_val_steps=0,
+    )
+    train = DataLoader(token_data(4096), batch_size=16, shuffle=True)
+    val = DataLoader(token_data(256, seed=1), batch_size=32)
+    trainer.fit(TinyGPT(), train, val if val_every else None)
+    return timer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    configs = {
+        "no callback": lambda: [],
+        "CheckpointAverager(window=8, every_n_steps=50), previews off": lambda: [
+            CheckpointAverager(window=8, every_n_steps=50, preview=False, merge_at_end=False)
+        ],
+        "Lightning EMAWeightAveraging (every step)": lambda: [EMAWeightAveraging()],
+        "Lightning WeightAveraging (SWA, every step)": lambda: [WeightAveraging()],
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    ratios: dict[str, list[float]] = {name: [] for name in configs}
+    for round_ in range(args.rounds):
+        for name, make in configs.items():
+            times[name].append(fit(make(), args.steps).step_time())
+            print(f"round {round_ + 1}: {name}: {times[name][-1] * 1e3:.2f} ms/step", flush=True)
+        for name in configs:
+            ratios[name].append(times[name][-1] / times["no callback"][-1])
+    params = sum(p.numel() for p in TinyGPT().parameters())
+    rows = [
+        {"configuration": name, "ms/step": statistics.median(times[name]) * 1e3, "ratio": statistics.median(ratios[name]),
+         "target": "<= 1.02" if name.startswith("CheckpointAverager") else ""}
+        for name in configs
+    ]  # fmt: skip
+
+    # One preview against the raw validation run it follows.
+    averager = TimedAverager(window=8, every_n_steps=50, merge_at_end=False)
+    averager.previews = []
+    timer = fit([averager], args.steps, val_every=100)
+    preview_ratio = statistics.median(p / v for p, v in zip(averager.previews, timer.validation[-len(averager.previews) :]))
+    rows.append({"configuration": "one preview / the raw validation run", "ms/step": statistics.median(averager.previews) * 1e3,
+                 "ratio": preview_ratio, "target": "info (ms: per preview)"})  # fmt: skip
+    report(
+        "overhead",
+        f"Step-time overhead, TinyGPT ({params / 1e6:.2f}M parameters), {args.steps} steps, median of {args.rounds} interleaved rounds",
+        ["configuration", "ms/step", "ratio", "target"],
+        rows,
+        {"steps": args.steps, "rounds": args.rounds, "params": params},
+    )
+    assert all(math.isfinite(r["ratio"]) for r in rows)
+
+
+if __name__ == "__main__":
+    main()
