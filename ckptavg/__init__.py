@@ -8,6 +8,7 @@ from .files import CorruptSnapshotError
 from .layout import Layout
 from .merges import coefficients, ema, sma, wma
 from .offline import load_state_file, merge_state_dicts
+from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .window import CheckpointWindow, load_state
 
 __all__ = [
@@ -15,6 +16,10 @@ __all__ = [
     "CheckpointWindow",
     "CorruptSnapshotError",
     "Layout",
+    "RecoveryError",
+    "RecoveryEvent",
+    "RecoveryPolicy",
+    "SpikeGuard",
     "coefficients",
     "ema",
     "load_state",

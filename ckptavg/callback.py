@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
 from .merges import DEFAULT_ALPHA, check_alpha, coefficients
+from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .window import CheckpointWindow, load_state
 
 MERGED_PREFIX = "merged/"
@@ -45,6 +46,9 @@ class CheckpointAverager(Callback):
         merge_at_end: when training ends, load the merged weights into the module and write them
             to ``dirpath/merged.safetensors`` (the trainer's own checkpoints keep the raw weights,
             so training can be resumed).
+        recover: restore a merged stable point when the loss spikes or turns non-finite, and keep
+            training (see :class:`ckptavg.RecoveryPolicy`): ``True`` (default policy), ``False``,
+            a ``RecoveryPolicy``, or a mapping of its fields (for YAML configs).
 
     Example::
 
@@ -68,6 +72,7 @@ class CheckpointAverager(Callback):
         dirpath: str | os.PathLike[str] | None = None,
         preview: bool = True,
         merge_at_end: bool = True,
+        recover: bool | RecoveryPolicy | dict[str, Any] = True,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -93,8 +98,16 @@ class CheckpointAverager(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.preview = preview
         self.merge_at_end = merge_at_end
+        self.recovery = RecoveryPolicy.from_value(recover)
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._window: CheckpointWindow | None = None
+        self._guard: SpikeGuard | None = None
+        self._loss_sum: torch.Tensor | None = None  # losses of the micro-batches of the current step
+        self._loss_count = 0
+        self._grad_norm: float | None = None
+        self._scaled_lrs: list[tuple[dict[str, Any], float]] = []
+        self._last_watched_step = 0
+        self._restored_at = -1
         self._pending_state: dict[str, Any] | None = None
         self._default_dirpath: Path | None = None
         self._rank, self._world_size = 0, 1
@@ -122,13 +135,30 @@ class CheckpointAverager(Callback):
         base = self._resolved_dirpath() / "window"
         return base / f"rank{self._rank}" if self._world_size > 1 else base
 
+    @property
+    def guard(self) -> SpikeGuard | None:
+        """The spike guard (``None`` with ``recover=False``)."""
+        if self.recovery is not None and self._guard is None:
+            self.window  # noqa: B018 - builds the window and the guard, restoring their state
+        return self._guard
+
+    @property
+    def recovery_events(self) -> list[RecoveryEvent]:
+        """Every restore so far (also across a resume)."""
+        return [] if self.guard is None else list(self.guard.events)
+
     def _build_window(self) -> CheckpointWindow:
         if self.storage == "disk":
             win = CheckpointWindow(self.window_size, storage="disk", dirpath=self._window_dirpath())
         else:
             win = CheckpointWindow(self.window_size)
-        if self._pending_state is not None and self._pending_state.get("window") is not None:
-            win.load_state_dict(self._pending_state["window"])
+        state = self._pending_state or {}
+        if state.get("window") is not None:
+            win.load_state_dict(state["window"])
+        if self.recovery is not None:
+            self._guard = SpikeGuard(win, self.recovery, self.merge, self.alpha)
+            if state.get("guard") is not None:
+                self._guard.load_state_dict(state["guard"])
         self._pending_state = None
         return win
 
@@ -146,6 +176,8 @@ class CheckpointAverager(Callback):
             self._window.close()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_watched_step = trainer.global_step
+        self._loss_sum, self._loss_count = None, 0
         if self._window is not None and self._window.steps and self._window.steps[-1] > trainer.global_step:
             # A new fit with the same callback object: its snapshots belong to another run.
             rank_zero_warn(
@@ -153,12 +185,15 @@ class CheckpointAverager(Callback):
                 f"starts at step {trainer.global_step}; starting a new window"
             )
             self._window.close()
-            self._window = None
+            self._window, self._guard = None, None
 
     # -- snapshots ----------------------------------------------------------------------------------
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._unscale_lr()
         step = trainer.global_step
+        if self.guard is not None:
+            self._watch(trainer, pl_module, outputs)  # first: an abnormal step is never snapshotted
         if self.every_n_steps is not None and step > self.start_step and step % self.every_n_steps == 0:
             self._snapshot(pl_module, step)
 
@@ -168,10 +203,59 @@ class CheckpointAverager(Callback):
                 self._snapshot(pl_module, trainer.global_step)
 
     def _snapshot(self, pl_module: pl.LightningModule, step: int) -> None:
+        if self.guard is not None and (not self.guard.healthy or step == self._restored_at):
+            return  # the loss is abnormal (this state must never be merged), or we just restored
         steps = self.window.steps
         if steps and step <= steps[-1]:
             return  # the same optimizer step seen again (gradient accumulation, or a resumed run)
         self.window.snapshot(pl_module, step=step)
+
+    # -- recovery -----------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        guard = self.guard
+        if guard is None:
+            return
+        if self.recovery is not None and self.recovery.grad_norm_threshold is not None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self._grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else None
+        factor = guard.lr_factor(trainer.global_step + 1)  # the step about to be taken
+        if factor != 1.0:
+            for group in optimizer.param_groups:
+                self._scaled_lrs.append((group, group["lr"]))
+                group["lr"] = group["lr"] * factor
+
+    def _unscale_lr(self) -> None:
+        """Give the scheduler back its own learning rates (it may overwrite ours anyway)."""
+        for group, lr in self._scaled_lrs:
+            group["lr"] = lr
+        self._scaled_lrs.clear()
+
+    def _watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        """Accumulate the micro-batch losses of an optimizer step; judge the step once it is taken."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
+        step = trainer.global_step
+        if step == self._last_watched_step or self._loss_count == 0:
+            return  # still accumulating gradients: no optimizer step yet
+        guard = self.guard
+        assert guard is not None and self.recovery is not None
+        mean_loss = float(self._loss_sum) / self._loss_count  # one host sync per optimizer step
+        self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
+        local = guard.check(mean_loss, self._grad_norm)
+        code = 0 if local is None else (2 if local.startswith("non-finite") else 1)
+        agreed = _all_ranks_max(code, pl_module.device)  # every rank acts at the same step
+        reason = "" if agreed == 0 else local or ("non-finite loss on another rank" if agreed == 2 else "loss spike on another rank")
+        if guard.observe(step, mean_loss, self._grad_norm, reason=reason):
+            event = guard.restore(pl_module, trainer.optimizers, step)
+            self._restored_at = step  # the restored weights are a merge: not a snapshot of training
+            kept = "reset" if self.recovery.reset_optimizer else "kept"
+            rank_zero_warn(f"CheckpointAverager: {event}; optimizer state {kept}; training continues")
+            for logger in trainer.loggers:
+                logger.log_metrics({"ckptavg/restores": float(len(guard.events)), "ckptavg/restore_loss": event.loss}, step=step)
 
     # -- performance preview ------------------------------------------------------------------------
 
@@ -272,13 +356,14 @@ class CheckpointAverager(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "window": self._window.state_dict() if self._window is not None else None,
+            "guard": self._guard.state_dict() if self._guard is not None else None,
             "dirpath": str(self._resolved_dirpath()),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._window is not None:
             self._window.close()
-            self._window = None
+            self._window, self._guard = None, None
         self._pending_state = dict(state_dict)  # applied when the window is first used
 
 
@@ -286,6 +371,17 @@ def _scalar(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().cpu())
     return float(value)
+
+
+def _all_ranks_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (``value`` itself outside ``torch.distributed``)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() < 2:
+        return value
+    if torch.distributed.get_backend() != "nccl":
+        device = torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def _broadcast_module(module: torch.nn.Module) -> None:

@@ -168,20 +168,35 @@ class CheckpointWindow:
 
     # -- merging ----------------------------------------------------------------------------------
 
-    def weights(self, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> list[float]:
-        """The coefficient vector of ``method`` over the held snapshots, oldest first; sums to 1."""
-        return coefficients(method, len(self), alpha)
+    def weights(self, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None) -> list[float]:
+        """The coefficient vector of ``method`` over the held snapshots, oldest first; sums to 1.
+
+        With ``before``, only snapshots taken at steps ``< before`` are merged (the others get
+        coefficient 0): for example the stable point before a loss spike. An explicit weight list
+        then gives one weight per selected snapshot."""
+        if before is None:
+            return coefficients(method, len(self), alpha)
+        selected = sum(1 for s in self.steps if s < before)
+        if selected == 0:
+            raise ValueError(f"no snapshot was taken before step {before} (held: {self.steps})")
+        return coefficients(method, selected, alpha) + [0.0] * (len(self) - selected)
 
     def merge(
-        self, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, out: Mapping[str, Tensor] | None = None
+        self,
+        method: Method = "sma",
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        before: int | None = None,
+        out: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """The merged state dict, in the stored dtypes.
 
         ``method`` is ``"sma"``, ``"wma"``, ``"ema"`` (with ``alpha``) or a list of weights, one per
-        snapshot, oldest first (scaled to sum to 1). The result is fresh CPU tensors, or is written
-        into ``out`` (for example the result of an earlier merge) to reuse its memory.
+        snapshot, oldest first (scaled to sum to 1); ``before`` merges only older snapshots (see
+        :meth:`weights`). The result is fresh CPU tensors, or is written into ``out`` (for example
+        the result of an earlier merge) to reuse its memory.
         """
-        weights = self.weights(method, alpha)
+        weights = self.weights(method, alpha, before=before)
         assert self._store is not None
         if out is not None:
             self._store.layout.check(out, what="out")
@@ -190,32 +205,34 @@ class CheckpointWindow:
                     raise ValueError(f"out[{name!r}] must be a contiguous CPU tensor")
         return self._store.merge(weights, out)
 
-    def load_into(self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA) -> None:
+    def load_into(
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
+    ) -> None:
         """Write the merged weights into ``model`` in place (on its devices, in its dtypes).
 
         Checked before anything is written: on a mismatch or an unreadable snapshot the model is
         left as it was."""
-        weights = self.weights(method, alpha)
+        weights = self.weights(method, alpha, before=before)
         targets = self._targets(model)
         if isinstance(self._store, CpuRing) and _writable_in_place(targets, self._store.layout):
             self._store.merge(weights, out=targets)  # cannot fail past this point: no I/O
         else:
-            copy_into(targets, self.merge(method, alpha))
+            copy_into(targets, self.merge(method, alpha, before=before))
 
     @contextmanager
     def swapped(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
     ) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
         also when the block (or the merge) raises."""
-        self.weights(method, alpha)  # argument errors before any copy
+        self.weights(method, alpha, before=before)  # argument errors before any copy
         targets = self._targets(model)
         backup = {
             name: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()).copy_(t)
             for name, t in targets.items()
         }
         try:
-            self.load_into(model, method, alpha)
+            self.load_into(model, method, alpha, before=before)
             yield model
         finally:
             copy_into(targets, backup)
