@@ -19,7 +19,7 @@ started from that point reaches: errors, and the rank correlation across points.
 Results: a table and benchmarks/results/anneal.json, and two figures,
 benchmarks/results/anneal_curves.png and benchmarks/results/anneal_sweep.png.
 
-    python benchmarks/anneal.py            # 2500 steps, about 15 minutes on 2 cores
+    python benchmarks/anneal.py            # 2500 steps, about 17 minutes alone on 2 cores
     python benchmarks/anneal.py --quick    # 500 steps, about 3 minutes
 """
 
@@ -161,9 +161,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="500 steps (about 3 minutes)")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--evals", type=int, default=None, help="evaluation points along each curve (default 30; 15 with --quick)")
     args = parser.parse_args()
     steps = args.steps or (500 if args.quick else 2500)
-    cfg = Config(steps=steps, warmup=max(10, steps // 20), evals=15 if args.quick else 30)
+    cfg = Config(steps=steps, warmup=max(10, steps // 20), evals=args.evals or (15 if args.quick else 30))
     started = time.perf_counter()
     train, val_bytes, files = stdlib_bytes()
     val = validation_batches(val_bytes, count=4, batch_size=32, context=cfg.context)
@@ -283,6 +284,16 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
+def finish(fig, ax, xlabel: str, ylabel: str, title: str, filename: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / filename, dpi=110)
+
+
 def plot(curves, sweep, cosine_final, wsd_final, merges, steps) -> None:
     import matplotlib
 
@@ -300,13 +311,7 @@ def plot(curves, sweep, cosine_final, wsd_final, merges, steps) -> None:
         ax.scatter([steps], [value], marker="o", zorder=5, label=f"final {method.upper()} merge: {value:.3f}")
     low = min(min(v for _, v in pts) for pts in curves.values() if pts)
     ax.set_ylim(low - 0.05, low + 0.6)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("Constant LR + checkpoint merge vs decay schedules (ByteGPT, stdlib)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "anneal_curves.png", dpi=110)
+    finish(fig, ax, "optimizer step", "validation loss (nats/byte)", "Constant LR + checkpoint merge vs decay schedules (ByteGPT, stdlib)", "anneal_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for interval in sorted({r["interval"] for r in sweep}):
@@ -315,13 +320,7 @@ def plot(curves, sweep, cosine_final, wsd_final, merges, steps) -> None:
     ax.axhline(cosine_final, color="tab:orange", ls="--", label="cosine to 10%")
     ax.axhline(wsd_final, color="tab:green", ls="--", label="WSD")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("window length in steps (snapshots x interval)")
-    ax.set_ylabel("validation loss of the SMA merge")
-    ax.set_title("Window-length sweep")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "anneal_sweep.png", dpi=110)
+    finish(fig, ax, "window length in steps (snapshots x interval)", "validation loss of the SMA merge", "Window-length sweep", "anneal_sweep.png")
     plt.close("all")
     print(f"figures: {RESULTS / 'anneal_curves.png'}, {RESULTS / 'anneal_sweep.png'}")
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# Where tables (JSON) and figures go; tests point it elsewhere so they never touch the committed results.
+RESULTS = Path(os.environ.get("CKPTAVG_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -51,20 +52,20 @@ def interleaved(candidate: Callable[[], object], baseline: Callable[[], object],
     return min(times_c) / min(times_b), statistics.median(ratios), min(times_c), min(times_b)
 
 
-def rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found")
+    return _status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> None:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,50 +34,20 @@ from common import report  # noqa: E402
 from models import TinyGPT, token_data  # noqa: E402
 
 from ckptavg import CheckpointAverager  # noqa: E402
+from ckptavg.testing import InjectDivergence  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 
-class Inject(Callback):
-    """Diverge on purpose at chosen optimizer steps: a huge learning rate, or a NaN loss."""
-
-    def __init__(self, steps: set[int], mode: str):
-        self.steps, self.mode = steps, mode
-        self._saved: list[tuple[dict, float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step + 1 in self.steps:
-            if self.mode == "lr":
-                for group in trainer.optimizers[0].param_groups:
-                    self._saved.append((group, group["lr"]))
-                    group["lr"] *= 1000
-            else:
-                pl_module.poison = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for group, lr in self._saved:
-            group["lr"] = lr
-        self._saved.clear()
-        pl_module.poison = False
-
-
-class PoisonableGPT(TinyGPT):
-    poison = False
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.poison else loss
-
-
-def evaluate(model: torch.nn.Module, val: DataLoader) -> float:
+def evaluate(model: TinyGPT, val: DataLoader) -> float:
     model.eval()
     with torch.no_grad():
-        return float(torch.stack([model._loss(batch) for batch in val]).mean())
+        return float(torch.stack([model.loss(batch) for batch in val]).mean())
 
 
-def run(name: str, steps: int, inject: Inject | None, recover: bool) -> dict:
+def run(name: str, steps: int, inject: InjectDivergence | None, recover: bool) -> dict:
     L.seed_everything(0, verbose=False)
-    model = PoisonableGPT()
+    model = TinyGPT()
     averager = CheckpointAverager(window=8, every_n_steps=25, recover=recover, preview=False, merge_at_end=False)
     trainer = L.Trainer(
         max_steps=steps,
@@ -114,8 +83,8 @@ def main() -> None:
     spike = set(range(args.spike_at, args.spike_at + 3))
     rows = [run("clean", args.steps, None, recover=True)]
     for mode, label in (("lr", "1000x LR for 3 steps"), ("nan", "NaN batch")):
-        rows.append(run(f"{label}, with recovery", args.steps, Inject(spike, mode), recover=True))
-        rows.append(run(f"{label}, without recovery", args.steps, Inject(spike, mode), recover=False))
+        rows.append(run(f"{label}, with recovery", args.steps, InjectDivergence(spike, mode, lr_factor=1000), recover=True))
+        rows.append(run(f"{label}, without recovery", args.steps, InjectDivergence(spike, mode, lr_factor=1000), recover=False))
     clean = rows[0]["merged val loss"]
     for row in rows:
         row["merged / clean"] = row["merged val loss"] / clean

@@ -40,7 +40,7 @@ from ckptavg import CheckpointWindow  # noqa: E402
 def transformer_state(params: float, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """A GPT-like state dict with about ``params`` parameters: an embedding, per-layer attention and
     MLP matrices, biases and norms (many small tensors beside a few large ones), and a step counter."""
-    width = 1024
+    width = 1024 if params >= 20e6 else 128
     vocab = max(1000, int(params * 0.25 / width))
     per_layer = 12 * width * width + 13 * width
     layers = max(1, round((params - vocab * width) / per_layer))

@@ -4,7 +4,7 @@ Every merge is a vector of coefficients over the stored snapshots, applied by on
 weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coefficients.
 """
 
-from .files import CorruptSnapshotError
+from .files import CkptavgWarning, CorruptSnapshotError
 from .layout import Layout
 from .merges import coefficients, ema, sma, wma
 from .offline import load_state_file, merge_state_dicts
@@ -14,6 +14,7 @@ from .window import CheckpointWindow, load_state
 __all__ = [
     "CheckpointAverager",
     "CheckpointWindow",
+    "CkptavgWarning",
     "CorruptSnapshotError",
     "Layout",
     "RecoveryError",

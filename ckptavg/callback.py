@@ -49,6 +49,8 @@ class CheckpointAverager(Callback):
         recover: restore a merged stable point when the loss spikes or turns non-finite, and keep
             training (see :class:`ckptavg.RecoveryPolicy`): ``True`` (default policy), ``False``,
             a ``RecoveryPolicy``, or a mapping of its fields (for YAML configs).
+        **recovery_options: any :class:`ckptavg.RecoveryPolicy` field as a plain keyword argument,
+            for example ``max_restores=5`` or ``lr_scale=0.5, lr_scale_steps=100``.
 
     Example::
 
@@ -73,6 +75,7 @@ class CheckpointAverager(Callback):
         preview: bool = True,
         merge_at_end: bool = True,
         recover: bool | RecoveryPolicy | dict[str, Any] = True,
+        **recovery_options: Any,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -98,7 +101,7 @@ class CheckpointAverager(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.preview = preview
         self.merge_at_end = merge_at_end
-        self.recovery = RecoveryPolicy.from_value(recover)
+        self.recovery = RecoveryPolicy.from_value(recover, **recovery_options)
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._window: CheckpointWindow | None = None
         self._guard: SpikeGuard | None = None

@@ -24,6 +24,11 @@ TMP_SUFFIX = ".tmp"
 _WRITE_CHUNK = 64 << 20  # bytes per write() call; bounds the time the GIL-free crc/write hold a view
 
 
+class CkptavgWarning(UserWarning, RuntimeWarning):
+    """Something was refused or dropped while keeping stored data safe (a rejected snapshot, an
+    unusable file, a missing file). Both a ``UserWarning`` and a ``RuntimeWarning``."""
+
+
 class CorruptSnapshotError(OSError, ValueError):
     """A stored snapshot file is missing, truncated or fails its checksum. The message names it."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -90,20 +90,24 @@ class RecoveryPolicy:
             raise ValueError(f"RecoveryPolicy.lr_scale must be in (0, 1], got {self.lr_scale}")
 
     @classmethod
-    def from_value(cls, value: bool | RecoveryPolicy | Mapping[str, Any] | None) -> RecoveryPolicy | None:
-        """``True`` -> defaults, ``False``/``None`` -> off, a mapping -> those fields."""
+    def from_value(cls, value: bool | RecoveryPolicy | Mapping[str, Any] | None, **overrides: Any) -> RecoveryPolicy | None:
+        """``True`` -> defaults, ``False``/``None`` -> off, a policy or a mapping -> those fields;
+        ``overrides`` (field names as keyword arguments) are applied on top."""
+        known = {f.name for f in fields(cls)}
+        unknown = (set(value) if isinstance(value, Mapping) else set()) | set(overrides)
+        unknown -= known
+        if unknown:
+            raise ValueError(f"unknown RecoveryPolicy fields {sorted(unknown)}; expected some of {sorted(known)}")
         if value is None or value is False:
+            if overrides:
+                raise ValueError(f"recovery options {sorted(overrides)} were given, but recover is off")
             return None
         if value is True:
-            return cls()
+            return cls(**overrides)
         if isinstance(value, cls):
-            return value
+            return replace(value, **overrides) if overrides else value
         if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = set(value) - known
-            if unknown:
-                raise ValueError(f"unknown RecoveryPolicy fields {sorted(unknown)}; expected some of {sorted(known)}")
-            return cls(**value)
+            return cls(**{**value, **overrides})
         raise ValueError(f"recover must be a bool, a RecoveryPolicy or a mapping of its fields, got {value!r}")
 
 

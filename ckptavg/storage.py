@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .files import CorruptSnapshotError, SnapshotReader, atomic_write_json, read_json, write_snapshot, TMP_SUFFIX
+from .files import CkptavgWarning, CorruptSnapshotError, SnapshotReader, atomic_write_json, read_json, write_snapshot, TMP_SUFFIX
 from .kernels import copy_checked, merge_blocks
 from .layout import Layout, dtype_code, dtype_from_code
 
@@ -322,7 +322,7 @@ class DiskStore:
                 finally:
                     r.close()
             except CorruptSnapshotError as err:
-                warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+                warnings.warn(str(err), CkptavgWarning, stacklevel=2)
                 self._quarantine(record["file"])
                 bad.append(record["file"])
             else:
@@ -346,7 +346,7 @@ class DiskStore:
             warnings.warn(
                 f"the checkpoint's window lists steps {missing}, whose files are no longer in {self.dirpath}; "
                 f"continuing with the {len(wanted) - len(missing)} that are",
-                RuntimeWarning,
+                CkptavgWarning,
                 stacklevel=3,
             )
         self._replace_records([on_disk[s] for s in wanted if s in on_disk][-self.capacity :])

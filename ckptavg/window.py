@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
+from .files import CkptavgWarning
 from .layout import Layout, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
 from .storage import MANIFEST, CpuRing, DiskStore
@@ -137,7 +138,7 @@ class CheckpointWindow:
             self._store = None  # a rejected first snapshot must not fix the layout
         warnings.warn(
             f"snapshot at step {step} rejected: tensor {bad!r} holds NaN or Inf; the window is unchanged",
-            RuntimeWarning,
+            CkptavgWarning,
             stacklevel=2,
         )
         return False

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from models import ByteGPT, batch_at, stdlib_bytes, validation_batches  # noqa: E402
 
 from ckptavg import CheckpointAverager  # noqa: E402
+from ckptavg.testing import InjectDivergence  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -56,12 +56,9 @@ class ByteLM(L.LightningModule):
         torch.manual_seed(0)
         self.model = ByteGPT()
         self.peak_lr, self.warmup = peak_lr, warmup
-        self.poison = False
 
     def training_step(self, batch, batch_idx):
         loss = self.model.loss(batch)
-        if self.poison:
-            loss = loss * float("nan")  # the injected spike: NaN gradients, NaN weights
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -72,19 +69,6 @@ class ByteLM(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / self.warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
-
-
-class InjectSpike(Callback):
-    """Poison one batch: its loss (and after the optimizer step, the weights) turn NaN."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.poison = trainer.global_step + 1 == self.at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        pl_module.poison = False
 
 
 def plot(metrics_csv: Path, out: Path, restores: list[int]) -> Path:
@@ -138,7 +122,7 @@ def main() -> None:
     trainer = L.Trainer(
         max_steps=steps,
         val_check_interval=max(1, steps // 10),
-        callbacks=[averager, InjectSpike(spike_at)],
+        callbacks=[averager, InjectDivergence({spike_at})],  # a NaN at one step, on purpose
         logger=logger,
         default_root_dir=out,
         accelerator="cpu",

@@ -18,12 +18,10 @@ L.seed_everything(0)
 averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", recover={"warmup": 4})
 callbacks = [averager]
 if spike:
-    from test_recovery import Poisonable, Sabotage
+    from ckptavg.testing import InjectDivergence
 
-    model = Poisonable()
-    callbacks.append(Sabotage({12}, "nan", rank=1))
-else:
-    model = Regression()
+    callbacks.append(InjectDivergence({12}, rank=1))
+model = Regression()
 train, val = data()
 run = trainer(root, callbacks, max_epochs=2, strategy="ddp", devices=2, val_check_interval=4)
 run.fit(model, train, val)

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
+from ckptavg.testing import InjectDivergence
 from conftest import assert_close_to_reference, reference_merge
 from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 
@@ -100,46 +101,12 @@ def test_policy_validation(bad):
 # -- the Lightning callback -------------------------------------------------------------------------
 
 
-class Sabotage(Callback):
-    """Makes chosen optimizer steps diverge: a huge learning rate, or a batch that yields NaN."""
-
-    def __init__(self, steps: set[int], mode: str, rank: int | None = None):
-        self.steps, self.mode, self.rank = steps, mode, rank
-        self._saved: list[tuple[dict, float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step + 1 not in self.steps or (self.rank is not None and trainer.global_rank != self.rank):
-            return
-        if self.mode == "lr":
-            for group in trainer.optimizers[0].param_groups:
-                self._saved.append((group, group["lr"]))
-                group["lr"] *= 400
-        else:
-            pl_module.poison = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for group, lr in self._saved:
-            group["lr"] = lr
-        self._saved.clear()
-        pl_module.poison = False
-
-
-class Poisonable(Regression):
-    poison = False
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        if self.poison:
-            x = x * float("nan")
-        return super().training_step((x, y), batch_idx)
-
-
-def run(tmp_path, sabotage: Sabotage | None, recover=True, max_epochs=12, merge_at_end=True):
+def run(tmp_path, sabotage: InjectDivergence | None, recover=True, max_epochs=12, merge_at_end=True):
     """192 optimizer steps; the model ends with the merge of its last 8 snapshots (the product's
     output: raw weights of a noisy high-LR run swing too much to compare one step's worth; over
     seeds 0-3 the clean run's merged loss varies by about 15%)."""
     L.seed_everything(0)
-    model = Poisonable()
+    model = Regression()
     train, val = data(shuffle=True)
     averager = CheckpointAverager(window=8, every_n_steps=4, recover=recover, merge_at_end=merge_at_end, preview=False)
     callbacks = [averager] + ([sabotage] if sabotage else [])
@@ -162,7 +129,7 @@ def test_clean_run_raises_no_alarm(clean):
 @pytest.mark.parametrize("mode", ["lr", "nan"])
 def test_divergence_is_recovered_without_manual_action(tmp_path, clean, mode):
     clean_loss, _ = clean
-    model, averager, val = run(tmp_path / "with", Sabotage({60, 61, 62}, mode))
+    model, averager, val = run(tmp_path / "with", InjectDivergence({60, 61, 62}, mode, lr_factor=400))
     assert [e.step for e in averager.recovery_events][:1] in ([60], [61], [62])
     assert all(max(e.steps_merged) < e.onset - 1 for e in averager.recovery_events)
     # One restore for the diverging learning rate; one per poisoned batch for the NaNs.
@@ -173,7 +140,7 @@ def test_divergence_is_recovered_without_manual_action(tmp_path, clean, mode):
 
     # Without recovery the raw weights end in NaN or far off (its end-of-run merge would still skip
     # NaN snapshots, since the window rejects them, but every step after the spike is lost).
-    unprotected, _, _ = run(tmp_path / "without", Sabotage({60, 61, 62}, mode), recover=False, merge_at_end=False)
+    unprotected, _, _ = run(tmp_path / "without", InjectDivergence({60, 61, 62}, mode, lr_factor=400), recover=False, merge_at_end=False)
     diverged = val_loss_of(unprotected, val)
     assert not math.isfinite(diverged) or diverged > 3 * clean_loss
 
@@ -181,7 +148,7 @@ def test_divergence_is_recovered_without_manual_action(tmp_path, clean, mode):
 def test_restore_limit_raises_the_documented_error(tmp_path):
     policy = RecoveryPolicy(max_restores=2, restore_span=1000)
     with pytest.raises(RecoveryError, match="diverged again at step 70 .*after 2 restores"):
-        run(tmp_path, Sabotage({30, 50, 70}, "nan"), recover=policy)
+        run(tmp_path, InjectDivergence({30, 50, 70}), recover=policy)
 
 
 def test_lr_is_scaled_after_a_restore_then_given_back(tmp_path):
@@ -194,7 +161,7 @@ def test_lr_is_scaled_after_a_restore_then_given_back(tmp_path):
     L.seed_everything(0)
     averager = CheckpointAverager(window=4, every_n_steps=4, recover={"lr_scale": 0.1, "lr_scale_steps": 3}, merge_at_end=False)
     train, _ = data()
-    trainer(tmp_path, [averager, Sabotage({40}, "nan"), WatchLR()], max_epochs=4, limit_val_batches=0).fit(Poisonable(), train)
+    trainer(tmp_path, [averager, InjectDivergence({40}), WatchLR()], max_epochs=4, limit_val_batches=0).fit(Regression(), train)
     assert [e.step for e in averager.recovery_events] == [40]
     assert [seen[s] for s in (40, 41, 42, 43, 44)] == pytest.approx([0.05, 0.005, 0.005, 0.005, 0.05])
 
@@ -205,9 +172,9 @@ def test_resume_keeps_the_detector_history_and_restore_count(tmp_path):
         averager = CheckpointAverager(window=4, every_n_steps=4, merge_at_end=False, preview=False)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
         train, _ = data()
-        run_ = trainer(tmp_path, [averager, Sabotage(sabotage_steps, "nan"), checkpoint], max_epochs=max_epochs,
+        run_ = trainer(tmp_path, [averager, InjectDivergence(sabotage_steps), checkpoint], max_epochs=max_epochs,
                        limit_val_batches=0, enable_checkpointing=True)  # fmt: skip
-        run_.fit(Poisonable(), train, ckpt_path=ckpt_path)
+        run_.fit(Regression(), train, ckpt_path=ckpt_path)
         return averager
 
     first = fit(3, {30})
@@ -236,3 +203,13 @@ def test_ddp_spike_on_one_rank_restores_both_together(tmp_path):
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key
         assert torch.isfinite(value).all()
+
+
+def test_policy_fields_as_plain_keyword_arguments():
+    averager = CheckpointAverager(recover=True, max_restores=1, lr_scale=0.5, lr_scale_steps=10)
+    assert (averager.recovery.max_restores, averager.recovery.lr_scale, averager.recovery.lr_scale_steps) == (1, 0.5, 10)
+    assert CheckpointAverager(recover={"patience": 4}, threshold=9.0).recovery.threshold == 9.0
+    with pytest.raises(ValueError, match=r"unknown RecoveryPolicy fields \['max_restore'\]"):
+        CheckpointAverager(max_restore=2)
+    with pytest.raises(ValueError, match="recover is off"):
+        CheckpointAverager(recover=False, max_restores=2)

@@ -146,6 +146,12 @@ def test_non_finite_snapshot_is_rejected_and_window_unchanged(make_window, tiny_
     win.close()
 
 
+def test_rejection_warning_is_a_user_warning_too():
+    win = CheckpointWindow(window=2)
+    with pytest.warns(UserWarning, match="rejected"):
+        assert not win.snapshot({"w": torch.tensor([float("inf")])}, step=3)
+
+
 def test_rejected_first_snapshot_leaves_an_empty_window():
     win = CheckpointWindow(window=2)
     with pytest.warns(RuntimeWarning):

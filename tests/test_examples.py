@@ -1,0 +1,43 @@
+"""The README's demo, the plain-loop example and the benchmarks run end to end (small sizes)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(tmp_path: Path, *args: str, timeout: int = 300) -> str:
+    env = os.environ | {"CKPTAVG_BENCH_RESULTS": str(tmp_path / "results"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_demo_recovers_the_spike_and_writes_its_outputs(tmp_path):
+    out = run(tmp_path, str(ROOT / "examples" / "demo.py"), "--steps", "80", "--out", str(tmp_path / "demo"))
+    assert re.search(r"loss spikes recovered \(at steps\)\s+\[44\]", out), out[-2000:]
+    assert (tmp_path / "demo" / "demo_curves.png").stat().st_size > 10_000
+    assert list((tmp_path / "demo").glob("logs/version_0/ckptavg/merged.safetensors"))
+
+
+def test_plain_loop_example(tmp_path):
+    out = run(tmp_path, str(ROOT / "examples" / "quickstart.py"), "--steps", "600", "--out", str(tmp_path / "qs"))
+    assert "same merge: True" in out
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("window.py", ["--params", "3e5", "--repeats", "1", "--dtypes", "float32"]),
+        ("recovery.py", ["--steps", "60", "--spike-at", "40"]),
+        ("anneal.py", ["--steps", "60", "--evals", "3"]),
+    ],
+)
+def test_benchmarks_run(tmp_path, script, args):
+    run(tmp_path, str(ROOT / "benchmarks" / script), *args)
+    assert (tmp_path / "results" / script.replace(".py", ".json")).exists()
