@@ -23,6 +23,15 @@ def make_window(request, tmp_path):
     return make
 
 
+def filled(make_window, tiny_net, count: int, window: int):
+    """A window holding ``count`` training-like states taken at steps 0, 1, ..."""
+    states = perturbed_states(tiny_net, count)
+    win = make_window(window=window)
+    for step, state in enumerate(states):
+        assert win.snapshot(state, step=step)
+    return win, states
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("method", ["sma", "wma", "ema", [0.5, 1.0, 3.0, 0.25]])
 def test_every_method_matches_float64_reference(make_window, tiny_net, dtype, method):
@@ -215,10 +224,7 @@ def test_constructor_errors(tmp_path):
 
 
 def test_load_into_writes_merged_weights_in_place(make_window, tiny_net):
-    states = perturbed_states(tiny_net, 3)
-    win = make_window(window=3)
-    for step, s in enumerate(states):
-        win.snapshot(s, step=step)
+    win, states = filled(make_window, tiny_net, 3, window=3)
     target = TinyNet()
     param = target.fc1.weight
     win.load_into(target, "wma")
@@ -240,10 +246,7 @@ def test_load_into_checks_the_model_before_writing(tiny_net):
 
 
 def test_swapped_restores_bit_for_bit_after_an_exception(make_window, tiny_net):
-    states = perturbed_states(tiny_net, 3)
-    win = make_window(window=3)
-    for step, s in enumerate(states):
-        win.snapshot(s, step=step)
+    win, states = filled(make_window, tiny_net, 3, window=3)
     model = TinyNet()
     with torch.no_grad():
         model.fc1.weight[0, 0] = float("nan")  # the raw weights may hold anything, NaN included
@@ -314,10 +317,7 @@ def test_layout_json_round_trip_keeps_order_and_offsets():
 
 
 def test_merge_into_reused_output(make_window, tiny_net):
-    states = perturbed_states(tiny_net, 3)
-    win = make_window(window=3)
-    for step, s in enumerate(states):
-        win.snapshot(s, step=step)
+    win, states = filled(make_window, tiny_net, 3, window=3)
     first = win.merge("sma")
     pointers = {k: v.data_ptr() for k, v in first.items()}
     again = win.merge("ema", out=first)
