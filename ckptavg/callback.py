@@ -116,6 +116,14 @@ class CheckpointAverager(Callback):
         self._rank, self._world_size = 0, 1
         self._last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, float]] | None = None
 
+    @property
+    def state_key(self) -> str:
+        # Two averagers in one Trainer (say an SMA and an EMA window) keep separate checkpoint state.
+        return self._generate_state_key(
+            window=self.window_size, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs,
+            merge=self.merge, storage=self.storage, dirpath=None if self.dirpath is None else str(self.dirpath),
+        )  # fmt: skip
+
     # -- where things live --------------------------------------------------------------------------
 
     @property

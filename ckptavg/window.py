@@ -162,6 +162,9 @@ class CheckpointWindow:
         pin = self.pin_memory
         if pin is None:
             pin = torch.cuda.is_available() and any(local_tensor(t).is_cuda for t in tensors.values())
+        elif pin and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True needs CUDA, which is not available: using pageable memory", CkptavgWarning, stacklevel=3)
+            pin = False
         if self.storage == "cpu":
             return CpuRing(layout, self.window, pin_memory=pin)
         assert self.dirpath is not None

@@ -380,3 +380,11 @@ def test_fsdp2_ranks_keep_windows_of_their_own_shards(tmp_path):
         for tier in ("cpu", "disk"):
             assert_close_to_reference(rank[tier], reference)
     assert torch.equal(torch.cat([ranks[0]["cpu_local"]["0.weight"], ranks[1]["cpu_local"]["0.weight"]]), ranks[0]["cpu"]["0.weight"])
+
+
+def test_pin_memory_without_cuda_falls_back_with_a_warning(tiny_net):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: pinning works")
+    win = CheckpointWindow(window=2, pin_memory=True)
+    with pytest.warns(UserWarning, match="pin_memory=True needs CUDA"):
+        assert win.snapshot(tiny_net, step=0)
