@@ -82,7 +82,7 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
     saved_progress = copy.deepcopy(loop.batch_progress.state_dict())
     saved_seen = copy.copy(getattr(loop, "_seen_batches_per_dataloader", None))
     saved_metrics = {name: dict(getattr(connector, name)) for name in _METRIC_DICTS if hasattr(connector, name)}
-    saved_callbacks, saved_loggers = trainer.callbacks, trainer.loggers
+    saved_callbacks, saved_loggers = trainer.callbacks, trainer.loggers  # type: ignore[attr-defined]
     saved_stage = trainer.state.stage
     saved_last_val_time = getattr(trainer, "_last_val_time", None)
     saved_rng = rng_state()
@@ -92,13 +92,13 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
     from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 
     results = _ResultCollection(training=False)
-    results.device = getattr(loop._results, "device", None)
+    results.device = getattr(loop._results, "device", None)  # type: ignore[attr-defined]
     loop._results = results
     if hasattr(loop, "_module_mode"):
         loop._module_mode = type(loop._module_mode)()  # the outer run's capture must survive
     for name in saved_metrics:
         getattr(connector, name).clear()
-    trainer.callbacks = []
+    trainer.callbacks = []  # type: ignore[attr-defined]
     trainer.loggers = []
     trainer.state.stage = RunningStage.VALIDATING
     try:
@@ -115,11 +115,11 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
             target = getattr(connector, name)
             target.clear()
             target.update(values)
-        trainer.callbacks = saved_callbacks
+        trainer.callbacks = saved_callbacks  # type: ignore[attr-defined]
         trainer.loggers = saved_loggers
         trainer.state.stage = saved_stage
         if saved_last_val_time is not None:
-            trainer._last_val_time = saved_last_val_time
+            trainer._last_val_time = saved_last_val_time  # type: ignore[attr-defined]
         set_rng_state(saved_rng)
         restore_metric_states(saved_metric_states)
         for name, m in module.named_modules():

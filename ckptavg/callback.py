@@ -254,6 +254,7 @@ class CheckpointAverager(Callback):
             return  # still accumulating gradients: no optimizer step yet
         guard = self.guard
         assert guard is not None and self.recovery is not None
+        assert self._loss_sum is not None
         mean_loss = float(self._loss_sum) / self._loss_count  # one host sync per optimizer step
         self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
         local = guard.check(mean_loss, self._grad_norm)
@@ -313,8 +314,9 @@ class CheckpointAverager(Callback):
             return
         validate = _evaluation.has_validation(trainer)
         last = self._last_validation
-        fresh = last is not None and last[0] == trainer.global_step and last[1] == tuple(self.window.steps) and last[3]
-        raw = last[2] if fresh else (self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False)) if validate else {})
+        # The last validation already measured this exact window at this step: reuse its numbers.
+        reuse = last if last is not None and last[:2] == (trainer.global_step, tuple(self.window.steps)) and last[3] else None
+        raw = reuse[2] if reuse else (self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False)) if validate else {})
 
         merged = self.window.merge(self.merge, self.alpha)
         load_state(pl_module, merged)
@@ -322,7 +324,7 @@ class CheckpointAverager(Callback):
         if self._rank == 0:
             self._export(merged)
         if validate:
-            merged_metrics = last[3] if fresh else self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
+            merged_metrics = reuse[3] if reuse else self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
             self._report_final(trainer, raw, merged_metrics)
 
     @staticmethod
@@ -354,7 +356,7 @@ class CheckpointAverager(Callback):
         if not names:
             return
         logged = {f"final/raw/{k}": raw[k] for k in names} | {f"final/merged/{k}": merged[k] for k in names}
-        trainer._logger_connector.log_metrics(dict(logged))
+        trainer._logger_connector.log_metrics({k: torch.tensor(v) for k, v in logged.items()})
         width = max(len(k) for k in names)
         lines = [f"{'metric':<{width}}  {'raw':>12}  {'merged':>12}  {'change':>8}"]
         for k in names:

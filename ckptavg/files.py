@@ -85,7 +85,7 @@ def read_json(path: Path) -> Any:
 
 def tensor_bytes(tensor: Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor."""
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B") if tensor.numel() else memoryview(b"")
+    return tensor.view(torch.uint8).numpy().data.cast("B") if tensor.numel() else memoryview(b"")
 
 
 def snapshot_header(layout: Layout, metadata: dict[str, str]) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .layout import Layout, accumulation_dtype, is_averaged, local_tensor
+from .layout import Block, Layout, accumulation_dtype, is_averaged, local_tensor
 
 RowSource = Callable[[torch.dtype, int, int], Iterable[tuple[Tensor, float]]]
 """``rows(dtype, lo, hi)`` yields ``(row, coefficient)`` for elements ``[lo, hi)`` of a dtype group,
@@ -77,7 +77,7 @@ def merge_blocks(
     return merged
 
 
-def scatter_block(block, values: Tensor, flat_out: Mapping[str, Tensor]) -> None:
+def scatter_block(block: Block, values: Tensor, flat_out: Mapping[str, Tensor]) -> None:
     """Copy a block's values (indexed from ``block.lo``) into the flattened output tensors."""
     dst = [flat_out[p.name][p.start : p.start + p.length] for p in block.pieces]
     src = [values[p.offset - block.lo : p.offset - block.lo + p.length] for p in block.pieces]
@@ -103,7 +103,7 @@ def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping
     sources = {name: _flat_source(t) for name, t in tensors.items()}
     devices = {s.device for s in sources.values() if s.device.type != "cpu"}
     asynchronous = bool(devices)
-    sums: list[tuple[torch.dtype, object, Tensor]] = []
+    sums: list[tuple[torch.dtype, Block, Tensor]] = []
     for dtype, blocks in layout.blocks.items():
         flat = buffers[dtype]
         averaged = is_averaged(dtype)

@@ -9,7 +9,7 @@ layout of the disk tier's safetensors files, so a block on disk is one contiguou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ def state_tensors(source: nn.Module | Mapping[str, Any], *, keep_vars: bool = Fa
     """The named tensors of a model (its ``state_dict``) or of a mapping; non-tensor entries (such
     as ``_extra_state`` objects) are skipped. With ``keep_vars`` a model's own parameter and buffer
     objects are returned, so writing into them updates the model in place."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(source, nn.Module):
         items = source.state_dict(keep_vars=keep_vars).items()
     elif isinstance(source, Mapping):

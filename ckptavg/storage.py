@@ -8,6 +8,7 @@ in :mod:`ckptavg.kernels`.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -128,7 +129,7 @@ class DiskStore:
     names it; the remaining snapshots stay usable.
     """
 
-    def __init__(self, dirpath: str | Path, layout: Layout, capacity: int, pin_memory: bool = False):
+    def __init__(self, dirpath: str | os.PathLike[str], layout: Layout, capacity: int, pin_memory: bool = False):
         self.dirpath = Path(dirpath)
         self.layout = layout
         self.capacity = capacity
@@ -143,7 +144,7 @@ class DiskStore:
     # -- opening ----------------------------------------------------------------------------------
 
     @staticmethod
-    def read_manifest(dirpath: str | Path) -> dict[str, Any]:
+    def read_manifest(dirpath: str | os.PathLike[str]) -> dict[str, Any]:
         path = Path(dirpath) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"no ckptavg window in {dirpath}: {path} does not exist")
@@ -162,7 +163,7 @@ class DiskStore:
         return manifest
 
     @classmethod
-    def open(cls, dirpath: str | Path, capacity: int | None = None, pin_memory: bool = False) -> DiskStore:
+    def open(cls, dirpath: str | os.PathLike[str], capacity: int | None = None, pin_memory: bool = False) -> DiskStore:
         """Reopen a window written earlier (by this process or one that crashed)."""
         manifest = cls.read_manifest(dirpath)
         store = cls(dirpath, Layout.from_json(manifest["layout"]), capacity or int(manifest["window"]), pin_memory)

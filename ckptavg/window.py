@@ -125,16 +125,17 @@ class CheckpointWindow:
         if not tensors:
             raise ValueError("the snapshot holds no tensors")
         step = self._next_step(step)
-        created = self._store is None
-        if created:
-            self._store = self._new_store(Layout.from_tensors(tensors), tensors)
+        store = self._store
+        created = store is None
+        if store is None:
+            store = self._store = self._new_store(Layout.from_tensors(tensors), tensors)
         else:
-            self._store.layout.check(tensors, what=f"snapshot at step {step}")
-        bad = self._store.put(tensors, step)
+            store.layout.check(tensors, what=f"snapshot at step {step}")
+        bad = store.put(tensors, step)
         if bad is None:
             return True
         if created:
-            self._store.close()
+            store.close()
             self._store = None  # a rejected first snapshot must not fix the layout
         warnings.warn(
             f"snapshot at step {step} rejected: tensor {bad!r} holds NaN or Inf; the window is unchanged",
