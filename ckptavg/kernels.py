@@ -77,11 +77,18 @@ def merge_blocks(
     return merged
 
 
+def block_views(block: Block, values: Tensor, origin: int, tensors: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Matching views of each piece of ``block``: in ``values`` (whose element 0 is element
+    ``origin`` of the group) and in the flattened ``tensors``."""
+    inside = [values[p.offset - origin : p.offset - origin + p.length] for p in block.pieces]
+    outside = [tensors[p.name][p.start : p.start + p.length] for p in block.pieces]
+    return inside, outside
+
+
 def scatter_block(block: Block, values: Tensor, flat_out: Mapping[str, Tensor]) -> None:
     """Copy a block's values (indexed from ``block.lo``) into the flattened output tensors."""
-    dst = [flat_out[p.name][p.start : p.start + p.length] for p in block.pieces]
-    src = [values[p.offset - block.lo : p.offset - block.lo + p.length] for p in block.pieces]
-    torch._foreach_copy_(dst, src)
+    inside, outside = block_views(block, values, block.lo, flat_out)
+    torch._foreach_copy_(outside, inside)
 
 
 def _flat_source(tensor: Tensor) -> Tensor:
@@ -97,19 +104,18 @@ def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping
     The finiteness check is fused into the copy: each block is summed right after it is copied,
     while it is still in cache (a separate pass over the model would cost half a copy again). A
     finite sum proves every element finite; a non-finite sum (NaN/Inf, or an overflow of huge but
-    finite values) is confirmed element-wise on that block only. Device-to-host copies are issued
+    finite values) is confirmed element-wise on that block only. CUDA-to-host copies are issued
     non-blocking into (pinned) buffers, with one synchronisation per device for the whole snapshot.
     """
     sources = {name: _flat_source(t) for name, t in tensors.items()}
-    devices = {s.device for s in sources.values() if s.device.type != "cpu"}
+    devices = {s.device for s in sources.values() if s.device.type == "cuda"}
     asynchronous = bool(devices)
     sums: list[tuple[torch.dtype, Block, Tensor]] = []
     for dtype, blocks in layout.blocks.items():
         flat = buffers[dtype]
         averaged = is_averaged(dtype)
         for block in blocks:
-            dst = [flat[p.offset : p.offset + p.length] for p in block.pieces]
-            src = [sources[p.name][p.start : p.start + p.length] for p in block.pieces]
+            dst, src = block_views(block, flat, 0, sources)
             if asynchronous:
                 for d, s in zip(dst, src):
                     d.copy_(s, non_blocking=True)
