@@ -388,3 +388,39 @@ def test_pin_memory_without_cuda_falls_back_with_a_warning(tiny_net):
     win = CheckpointWindow(window=2, pin_memory=True)
     with pytest.warns(UserWarning, match="pin_memory=True needs CUDA"):
         assert win.snapshot(tiny_net, step=0)
+
+
+def test_every_storable_dtype_on_both_tiers(make_window):
+    # fp16 sums overflow easily (the exact check must confirm), integer/bool tensors come from the
+    # newest snapshot, 0-d and empty tensors keep their shapes; the disk tier round-trips every code.
+    generator = torch.Generator().manual_seed(0)
+
+    def state(i: int) -> dict[str, torch.Tensor]:
+        return {
+            "half": (torch.ones(3000) * 30 + torch.randn(3000, generator=generator)).half(),  # sum > fp16 max
+            "bf16": torch.randn(5, 7, generator=generator).bfloat16(),
+            "f64": torch.randn(4, generator=generator).double(),
+            "f32_scalar": torch.tensor(float(i)),
+            "empty": torch.zeros(0, 3),
+            "i8": torch.tensor([i, -i], dtype=torch.int8),
+            "u8": torch.tensor([i, 2 * i], dtype=torch.uint8),
+            "i16": torch.tensor([i], dtype=torch.int16),
+            "i32": torch.tensor([[i]], dtype=torch.int32),
+            "flag": torch.tensor([i % 2 == 0, True]),
+        }
+
+    states = [state(i) for i in range(4)]
+    win = make_window(window=3)
+    for step, s in enumerate(states):
+        assert win.snapshot(s, step=step)
+    merged = win.merge("wma")
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in merged.items()} == {k: (v.dtype, tuple(v.shape)) for k, v in states[-1].items()}
+    assert_close_to_reference(merged, reference_merge(states[-3:], "wma"))
+    win.close()
+    if win.storage == "disk":  # the standard reader agrees on every dtype code
+        from safetensors import safe_open
+
+        newest = sorted(win.dirpath.glob("snapshot-*.safetensors"))[-1]
+        with safe_open(str(newest), framework="pt") as f:
+            for key, value in states[-1].items():
+                assert torch.equal(f.get_tensor(key), value), key
