@@ -280,7 +280,7 @@ class CheckpointAverager(Callback):
         if self.preview and trainer.strategy.reduce_boolean_decision(len(self.window) >= 2, all=True):
             collected = self._evaluate(trainer, pl_module, swap_in_merge=True)
             self._publish(trainer, collected)
-            merged_metrics = {k: _scalar(v) for k, v in collected["callback"].items()}
+            merged_metrics = self._scalars(collected)
             raw = {k: v for k, v in raw.items() if k in merged_metrics}
         self._last_validation = (trainer.global_step, tuple(self.window.steps), raw, merged_metrics)
 
@@ -386,9 +386,14 @@ def _scalar(value: Any) -> float:
     return float(value)
 
 
+def _multi_rank() -> bool:
+    """Whether this process is one of several in an initialised ``torch.distributed`` group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 def _all_ranks_max(value: int, device: torch.device) -> int:
     """The largest ``value`` over all ranks (``value`` itself outside ``torch.distributed``)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() < 2:
+    if not _multi_rank():
         return value
     if torch.distributed.get_backend() != "nccl":
         device = torch.device("cpu")
@@ -399,9 +404,7 @@ def _all_ranks_max(value: int, device: torch.device) -> int:
 
 def _broadcast_module(module: torch.nn.Module) -> None:
     """Make every rank hold rank 0's values (a no-op outside ``torch.distributed``)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() < 2:
+    if not _multi_rank():
         return
     with torch.no_grad():
         for tensor in module.state_dict().values():

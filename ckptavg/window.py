@@ -219,10 +219,12 @@ class CheckpointWindow:
         left as it was."""
         weights = self.weights(method, alpha, before=before)
         targets = self._targets(model)
-        if isinstance(self._store, CpuRing) and _writable_in_place(targets, self._store.layout):
-            self._store.merge(weights, out=targets)  # cannot fail past this point: no I/O
+        store = self._store
+        assert store is not None  # _targets raised otherwise
+        if isinstance(store, CpuRing) and _writable_in_place(targets, store.layout):
+            store.merge(weights, out=targets)  # cannot fail past this point: no I/O
         else:
-            copy_into(targets, self.merge(method, alpha, before=before))
+            copy_into(targets, store.merge(weights))
 
     @contextmanager
     def swapped(
@@ -347,7 +349,6 @@ def copy_into(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> No
         torch._foreach_copy_([targets[n] for n in same], [values[n] for n in same])
     for name in targets.keys() - set(same):
         targets[name].copy_(values[name])  # host <-> device; blocking, so the source may be freed
-
 
 
 def load_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
