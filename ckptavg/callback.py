@@ -257,11 +257,7 @@ class CheckpointAverager(Callback):
         assert self._loss_sum is not None
         mean_loss = float(self._loss_sum) / self._loss_count  # one host sync per optimizer step
         self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
-        local = guard.check(mean_loss, self._grad_norm)
-        code = 0 if local is None else (2 if local.startswith("non-finite") else 1)
-        agreed = _all_ranks_max(code, pl_module.device)  # every rank acts at the same step
-        reason = "" if agreed == 0 else local or ("non-finite loss on another rank" if agreed == 2 else "loss spike on another rank")
-        if guard.observe(step, mean_loss, self._grad_norm, reason=reason):
+        if guard.observe(step, mean_loss, self._grad_norm):  # every rank acts at the same step
             event = guard.restore(pl_module, trainer.optimizers, step)
             self._restored_at = step  # the restored weights are a merge: not a snapshot of training
             kept = "reset" if self.recovery.reset_optimizer else "kept"
@@ -389,17 +385,6 @@ def _scalar(value: Any) -> float:
 def _multi_rank() -> bool:
     """Whether this process is one of several in an initialised ``torch.distributed`` group."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
-def _all_ranks_max(value: int, device: torch.device) -> int:
-    """The largest ``value`` over all ranks (``value`` itself outside ``torch.distributed``)."""
-    if not _multi_rank():
-        return value
-    if torch.distributed.get_backend() != "nccl":
-        device = torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 def _broadcast_module(module: torch.nn.Module) -> None:

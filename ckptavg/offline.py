@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from .kernels import weighted_sum_
 from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, is_averaged, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
+from .sharding import Placement, assemble, replicated_placements
+from .storage import DiskStore, rank_dirpaths
 
 CheckpointSource = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike]
 
@@ -110,3 +112,49 @@ def merge_state_dicts(
             hi = min(lo + BLOCK_NUMEL, entry.numel)
             flat[lo:hi].copy_(weighted_sum_(acc[: hi - lo], ((row[lo:hi], c) for row, c in rows)))
     return merged
+
+
+def consolidate(
+    dirpath: str | os.PathLike[str],
+    method: Method = "sma",
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    before: int | None = None,
+) -> dict[str, Tensor]:
+    """The full merged state dict of a disk window written by a multi-process run, in one process.
+
+    ``dirpath`` is the folder every rank was given (holding ``rank0``, ``rank1``, ...) or a
+    single-process window. Each rank's files are merged with the same coefficient vector over the
+    steps that every rank holds (a crash can leave one rank a snapshot ahead), and the pieces are
+    put in place: FSDP2 shards at their offsets, spread slices at their ranges, replicas once.
+    Peak memory: the full result plus one rank's merge.
+
+    Raises ``FileNotFoundError`` for a missing folder or manifest, and ``ValueError`` naming the
+    folder when the ranks disagree on the world size or no step is held by all of them.
+    """
+    from .window import CheckpointWindow
+
+    folders = rank_dirpaths(dirpath)
+    manifests = [DiskStore.read_manifest(folder) for folder in folders]
+    worlds = {int((m.get("sharding") or {}).get("world_size", 1)) for m in manifests}
+    if len(worlds) != 1 or worlds != {len(folders)}:
+        raise ValueError(
+            f"{dirpath}: found rank folders {[f.name for f in folders]} recording world sizes {sorted(worlds)}; "
+            "a consolidated merge needs the folder of every rank of one run"
+        )
+    held = [[int(r["step"]) for r in m["snapshots"]] for m in manifests]
+    common = sorted(set.intersection(*(set(h) for h in held)))
+    if before is not None:
+        common = [s for s in common if s < before]
+    if not common:
+        raise ValueError(f"{dirpath}: no snapshot step is held by every rank (held: {held})")
+    chosen = dict(zip(common, coefficients(method, len(common), alpha)))
+
+    def rank_merges() -> Iterator[tuple[dict[str, Tensor], Mapping[str, Placement]]]:
+        for folder, manifest in zip(folders, manifests):  # one rank's merge in memory at a time
+            with CheckpointWindow.open(folder) as window:
+                merged = window.merge([chosen.get(step, 0.0) for step in window.steps])
+            sharding = manifest.get("sharding")
+            yield merged, sharding["placements"] if sharding else replicated_placements(merged)
+
+    return assemble(rank_merges(), where=str(dirpath))

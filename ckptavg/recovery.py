@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .merges import DEFAULT_ALPHA, Method
+from .sharding import all_ranks_max
 from .window import CheckpointWindow
 
 
@@ -206,9 +207,13 @@ class SpikeGuard:
     def observe(self, step: int, loss: float, grad_norm: float | None = None, reason: str | None = None) -> bool:
         """Record one optimizer step's loss; return True when a restore is due now.
 
-        ``reason`` overrides the local verdict (distributed runs pass the verdict agreed by all
-        ranks, so that every rank acts at the same step)."""
+        In a multi-process run every rank calls this at every step: the ranks agree on the verdict
+        (one small all-reduce), so that all of them restore at the same step, also when the loss
+        diverged on one rank only. ``reason`` overrides the local verdict."""
         verdict = self.check(loss, grad_norm) if reason is None else (reason or None)
+        code = all_ranks_max(0 if verdict is None else (2 if verdict.startswith("non-finite") else 1), self.window.process_group)
+        if verdict is None and code:
+            verdict = "non-finite loss on another rank" if code == 2 else "loss spike on another rank"
         self.last_loss = loss
         if verdict is None:
             self.onset, self.abnormal_steps = None, 0

@@ -33,6 +33,18 @@ def snapshot_filename(step: int) -> str:
     return f"snapshot-{step:012d}.safetensors"
 
 
+def rank_dirpath(dirpath: str | os.PathLike[str], rank: int, world: int) -> Path:
+    """Where one rank of a multi-process run keeps its files: ``dirpath/rank<r>`` (``dirpath``
+    itself in a single process), so that every rank can be given the same ``dirpath``."""
+    return Path(dirpath) / f"rank{rank}" if world > 1 else Path(dirpath)
+
+
+def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
+    """The per-rank folders of a multi-process window, by rank; ``[dirpath]`` for a single one."""
+    found = {int(m.group(1)): p for p in Path(dirpath).glob("rank*") if (m := re.fullmatch(r"rank(\d+)", p.name))}
+    return [found[r] for r in sorted(found)] if found else [Path(dirpath)]
+
+
 class CpuRing:
     """``capacity`` snapshots in host memory, allocated once.
 
@@ -49,6 +61,7 @@ class CpuRing:
         }
         self._slots: list[int] = []  # live rows, oldest -> newest
         self._steps: list[int] = []
+        self._spare = 0
 
     @property
     def steps(self) -> list[int]:
@@ -57,13 +70,15 @@ class CpuRing:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def put(self, tensors: Mapping[str, Tensor], step: int) -> str | None:
-        """Store a snapshot; return the name of a non-finite tensor (and store nothing) instead."""
-        slot = next(s for s in range(self.capacity + 1) if s not in self._slots)
-        bad = copy_checked(self.layout, tensors, {d: ring[slot] for d, ring in self._ring.items()})
-        if bad is None:
-            self._commit(slot, step)
-        return bad
+    def stage(self, tensors: Mapping[str, Tensor]) -> str | None:
+        """Copy a snapshot into the spare row; return the name of a non-finite tensor, or ``None``.
+        Nothing joins the window until :meth:`commit`."""
+        self._spare = next(s for s in range(self.capacity + 1) if s not in self._slots)
+        return copy_checked(self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()})
+
+    def commit(self, step: int) -> None:
+        """Add the staged snapshot to the window (evicting the oldest when full)."""
+        self._commit(self._spare, step)
 
     def _commit(self, slot: int, step: int) -> None:
         self._slots.append(slot)
@@ -129,10 +144,18 @@ class DiskStore:
     names it; the remaining snapshots stay usable.
     """
 
-    def __init__(self, dirpath: str | os.PathLike[str], layout: Layout, capacity: int, pin_memory: bool = False):
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        layout: Layout,
+        capacity: int,
+        pin_memory: bool = False,
+        sharding: dict[str, Any] | None = None,
+    ):
         self.dirpath = Path(dirpath)
         self.layout = layout
         self.capacity = capacity
+        self.sharding = sharding  # rank, world size and placements of a multi-process window
         self._pin_memory = pin_memory
         self._records: list[dict[str, Any]] = []  # committed snapshots, oldest -> newest
         self._verified: set[tuple[str, torch.dtype]] = set()  # (file, group) whose checksum held
@@ -166,7 +189,8 @@ class DiskStore:
     def open(cls, dirpath: str | os.PathLike[str], capacity: int | None = None, pin_memory: bool = False) -> DiskStore:
         """Reopen a window written earlier (by this process or one that crashed)."""
         manifest = cls.read_manifest(dirpath)
-        store = cls(dirpath, Layout.from_json(manifest["layout"]), capacity or int(manifest["window"]), pin_memory)
+        layout = Layout.from_json(manifest["layout"])
+        store = cls(dirpath, layout, capacity or int(manifest["window"]), pin_memory, manifest.get("sharding"))
         store._records = list(manifest["snapshots"])
         store._remove_orphans()
         if len(store._records) > store.capacity:
@@ -193,18 +217,21 @@ class DiskStore:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def put(self, tensors: Mapping[str, Tensor], step: int) -> str | None:
+    def stage(self, tensors: Mapping[str, Tensor]) -> str | None:
+        """Copy a snapshot into the staging buffer; return the name of a non-finite tensor, or
+        ``None``. Nothing is written until :meth:`commit`."""
         self.flush()  # the staging buffer is free once the previous write is done
         if self._staging is None:
             self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
-        bad = copy_checked(self.layout, tensors, self._staging)
-        if bad is not None:
-            return bad
+        return copy_checked(self.layout, tensors, self._staging)
+
+    def commit(self, step: int) -> None:
+        """Write the staged snapshot in the background (see :meth:`flush`)."""
+        assert self._staging is not None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptavg-writer")
         future = self._executor.submit(self._write, step, list(self._records), self._staging)
         self._pending = (future, step)
-        return None
 
     def _write(self, step: int, records: list[dict[str, Any]], staging: dict[torch.dtype, Tensor]) -> dict[str, Any]:
         """Writer thread: snapshot file, then manifest, then evictions."""
@@ -251,6 +278,7 @@ class DiskStore:
                 "version": MANIFEST_VERSION,
                 "window": self.capacity,
                 "layout": self.layout.to_json(),
+                **({"sharding": self.sharding} if self.sharding is not None else {}),
                 "snapshots": records,
             },
         )

@@ -15,11 +15,13 @@ from torch import Tensor, nn
 from .files import CkptavgWarning
 from .layout import Layout, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
-from .storage import MANIFEST, CpuRing, DiskStore
+from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, shard_placements, with_rank0_buffers
+from .storage import MANIFEST, CpuRing, DiskStore, rank_dirpath
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 Storage = Literal["cpu", "disk"]
 
+OTHER_RANK = "a tensor on another rank"  # a spread snapshot is rejected by every rank together
 STATE_FORMAT = "ckptavg.CheckpointWindow"
 STATE_VERSION = 1
 
@@ -35,6 +37,20 @@ class CheckpointWindow:
         dirpath: the folder of a disk window (required with ``storage="disk"``).
         pin_memory: pin the host buffers; by default, pinned when the first snapshot's tensors are
             on a CUDA device.
+        spread: in a multi-process run over replicas (DDP), keep only this rank's ``1/world`` of
+            every tensor, so that host memory per rank is ``window x model / world``. By default,
+            spread when the snapshots come from a ``DistributedDataParallel`` module. A spread
+            window's ``merge``, ``load_into`` and ``swapped`` are collective (every rank calls them;
+            each gets the full merged tensors); ``snapshot`` agrees on the NaN check with one
+            small all-reduce.
+        process_group: the ``torch.distributed`` group the window spans (default: the world).
+
+    In a multi-process run every rank may pass the same ``dirpath``: each keeps its own files in
+    ``dirpath/rank<r>``, with a manifest recording the world size and where each tensor's piece
+    sits in the full model (FSDP2 shards, spread slices or full replicas);
+    :func:`ckptavg.consolidate` rebuilds the full merged state dict from such a folder offline.
+    FSDP2 (DTensor) windows hold each rank's local shards: snapshot, merge and restore are local,
+    with no communication.
 
     Floating tensors are averaged in fp32 (fp64 stays fp64) and cast back once; integer and bool
     tensors (for example BatchNorm's ``num_batches_tracked``) come from the newest snapshot.
@@ -69,6 +85,8 @@ class CheckpointWindow:
         dirpath: str | os.PathLike[str] | None = None,
         *,
         pin_memory: bool | None = None,
+        spread: bool | None = None,
+        process_group: Any = None,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -81,16 +99,26 @@ class CheckpointWindow:
         self.storage: Storage = storage
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.pin_memory = pin_memory
+        self.spread = spread
+        self.process_group = process_group
         self._store: CpuRing | DiskStore | None = None
+        self._spread: Spread | None = None
+        self._sharding: dict[str, Any] | None = None
 
     @classmethod
     def open(cls, dirpath: str | os.PathLike[str], *, window: int | None = None) -> CheckpointWindow:
         """Reopen a disk window, for example after a crash: it holds every snapshot whose write
-        completed. ``window`` overrides the stored size (keeping the newest snapshots)."""
-        store = DiskStore.open(dirpath, capacity=window)
-        win = cls.__new__(cls)
-        win.window, win.storage, win.dirpath, win.pin_memory = store.capacity, "disk", Path(dirpath), None
+        completed. ``window`` overrides the stored size (keeping the newest snapshots).
+
+        In a multi-process run each rank reopens its own ``dirpath/rank<r>``; a rank folder can also
+        be opened directly (offline), as a window of that rank's pieces."""
+        rank, world = distributed_rank()
+        path = rank_dirpath(dirpath, rank, world)
+        in_run = world > 1 and (path / MANIFEST).is_file()
+        store = DiskStore.open(path if in_run else dirpath, capacity=window)
+        win = cls(store.capacity, "disk", dirpath)
         win._store = store
+        win._adopt_sharding(store.sharding, in_run=in_run)
         return win
 
     # -- inspection -------------------------------------------------------------------------------
@@ -105,8 +133,20 @@ class CheckpointWindow:
 
     @property
     def layout(self) -> Layout | None:
-        """Names, dtypes and shapes the window holds (``None`` before the first snapshot)."""
+        """Names, dtypes and shapes this process stores (``None`` before the first snapshot): the
+        local shards of an FSDP2 model, this rank's slices of a spread window."""
         return None if self._store is None else self._store.layout
+
+    @property
+    def full_layout(self) -> Layout | None:
+        """Names, dtypes and shapes of what a merge returns (the full tensors of a spread window)."""
+        return self._spread.full if self._spread is not None else self.layout
+
+    @property
+    def sharding(self) -> dict[str, Any] | None:
+        """In a multi-process run: ``{"kind": "dtensor" | "spread" | "replicated", "rank",
+        "world_size", "placements"}`` (see :mod:`ckptavg.sharding`); ``None`` in one process."""
+        return self._sharding
 
     def __repr__(self) -> str:
         where = f", dirpath={str(self.dirpath)!r}" if self.dirpath is not None else ""
@@ -128,17 +168,25 @@ class CheckpointWindow:
         store = self._store
         created = store is None
         if store is None:
-            store = self._store = self._new_store(Layout.from_tensors(tensors), tensors)
+            store = self._store = self._new_store(self._plan(source, tensors), tensors)
         else:
-            store.layout.check(tensors, what=f"snapshot at step {step}")
-        bad = store.put(tensors, step)
+            full = self.full_layout
+            assert full is not None
+            full.check(tensors, what=f"snapshot at step {step}")
+        if self._spread is not None:
+            tensors = with_rank0_buffers(source, tensors, self.process_group)
+            bad = _agreed(store.stage(self._spread.local_views(tensors)), self.process_group)
+        else:
+            bad = store.stage(tensors)
         if bad is None:
+            store.commit(step)
             return True
         if created:
             store.close()
-            self._store = None  # a rejected first snapshot must not fix the layout
+            self._store, self._spread, self._sharding = None, None, None  # a rejected first snapshot fixes nothing
         warnings.warn(
-            f"snapshot at step {step} rejected: tensor {bad!r} holds NaN or Inf; the window is unchanged",
+            f"snapshot at step {step} rejected: {bad if bad == OTHER_RANK else f'tensor {bad!r}'} holds NaN or Inf; "
+            "the window is unchanged",
             CkptavgWarning,
             stacklevel=2,
         )
@@ -154,10 +202,49 @@ class CheckpointWindow:
             raise ValueError(f"step {step} is not after the newest stored step {steps[-1]}; steps must increase")
         return step
 
+    def _plan(self, source: StateSource, tensors: Mapping[str, Tensor]) -> Layout:
+        """Decide, at the first snapshot, what this process stores: everything (one process, or
+        replicas), its DTensor shards (FSDP2), or its slice of every tensor (spread DDP)."""
+        full = Layout.from_tensors(tensors)
+        rank, world = distributed_rank(self.process_group)
+        if world == 1:
+            return full
+        sharded = any(is_dtensor(t) for t in tensors.values())
+        spread = self.spread if self.spread is not None else isinstance(source, nn.parallel.DistributedDataParallel)
+        if spread and sharded:
+            raise ValueError(
+                "spread=True applies to replicated (DDP) models; this model's tensors are DTensor shards "
+                "(FSDP2), which each rank already keeps apart"
+            )
+        if spread:
+            self._spread = Spread(full, rank, world, self.process_group)
+            kind, placements = "spread", self._spread.placements()
+        else:
+            kind, placements = ("dtensor" if sharded else "replicated"), shard_placements(tensors)
+        self._sharding = {"kind": kind, "rank": rank, "world_size": world, "placements": placements}
+        if self._spread is not None:
+            self._sharding["full_layout"] = full.to_json()
+            return self._spread.local
+        return full
+
+    def _adopt_sharding(self, sharding: Mapping[str, Any] | None, in_run: bool = True) -> None:
+        """Take over a stored window's sharding. A spread window gathers again only in a run of
+        the same rank and world size; a rank folder opened directly is a window of its slices."""
+        self._sharding = dict(sharding) if sharding is not None else None
+        self._spread = None
+        if in_run and sharding is not None and sharding.get("kind") == "spread":
+            rank, world = distributed_rank(self.process_group)
+            if (rank, world) == (sharding["rank"], sharding["world_size"]):
+                self._spread = Spread(Layout.from_json(sharding["full_layout"]), rank, world, self.process_group)
+
+    def _files_dirpath(self) -> Path:
+        assert self.dirpath is not None
+        return rank_dirpath(self.dirpath, *distributed_rank(self.process_group))
+
     def _new_store(self, layout: Layout, tensors: Mapping[str, Tensor]) -> CpuRing | DiskStore:
-        if self.dirpath is not None and (self.dirpath / MANIFEST).exists():
+        if self.dirpath is not None and (self._files_dirpath() / MANIFEST).exists():
             raise FileExistsError(
-                f"{self.dirpath} already holds a checkpoint window; reopen it with "
+                f"{self._files_dirpath()} already holds a checkpoint window; reopen it with "
                 f"CheckpointWindow.open({str(self.dirpath)!r}) or load_state_dict(...), or choose another dirpath"
             )
         pin = self.pin_memory
@@ -168,8 +255,7 @@ class CheckpointWindow:
             pin = False
         if self.storage == "cpu":
             return CpuRing(layout, self.window, pin_memory=pin)
-        assert self.dirpath is not None
-        return DiskStore(self.dirpath, layout, self.window, pin_memory=pin)
+        return DiskStore(self._files_dirpath(), layout, self.window, pin_memory=pin, sharding=self._sharding)
 
     # -- merging ----------------------------------------------------------------------------------
 
@@ -202,13 +288,27 @@ class CheckpointWindow:
         the result of an earlier merge) to reuse its memory.
         """
         weights = self.weights(method, alpha, before=before)
-        assert self._store is not None
+        assert self._store is not None and self.full_layout is not None
         if out is not None:
-            self._store.layout.check(out, what="out")
+            self.full_layout.check(out, what="out")
             for name, t in out.items():
                 if t.device.type != "cpu" or not t.is_contiguous():
                     raise ValueError(f"out[{name!r}] must be a contiguous CPU tensor")
-        return self._store.merge(weights, out)
+        if self._spread is None:
+            return self._store.merge(weights, out)
+        gathered = self._spread.full_views(self._gathered(weights))
+        if out is None:
+            return {name: t.to("cpu", copy=True) for name, t in gathered.items()}
+        copy_into(out, gathered)
+        return dict(out)
+
+    def _gathered(self, weights: list[float]) -> dict[torch.dtype, Tensor]:
+        """Spread window: merge this rank's slices, then gather every rank's (collective)."""
+        assert self._spread is not None and self._store is not None
+        flats, views = self._spread.local_outputs()
+        if views:
+            self._store.merge(weights, out=views)
+        return self._spread.gather(flats)
 
     def load_into(
         self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
@@ -221,7 +321,9 @@ class CheckpointWindow:
         targets = self._targets(model)
         store = self._store
         assert store is not None  # _targets raised otherwise
-        if isinstance(store, CpuRing) and _writable_in_place(targets, store.layout):
+        if self._spread is not None:
+            copy_into(targets, self._spread.full_views(self._gathered(weights)))
+        elif isinstance(store, CpuRing) and _writable_in_place(targets, store.layout):
             store.merge(weights, out=targets)  # cannot fail past this point: no I/O
         else:
             copy_into(targets, store.merge(weights))
@@ -245,9 +347,9 @@ class CheckpointWindow:
             copy_into(targets, backup)
 
     def _targets(self, model: nn.Module) -> dict[str, Tensor]:
-        if self._store is None:
+        if self._store is None or self.full_layout is None:
             raise ValueError("cannot merge an empty window: take at least one snapshot first")
-        shapes = {e.name: torch.empty(e.shape, device="meta") for e in self._store.layout}
+        shapes = {e.name: torch.empty(e.shape, device="meta") for e in self.full_layout}
         return model_targets(model, shapes)
 
     # -- persistence ------------------------------------------------------------------------------
@@ -285,6 +387,8 @@ class CheckpointWindow:
         }
         if self.dirpath is not None:
             state["dirpath"] = str(self.dirpath)
+        if self._sharding is not None:
+            state["sharding"] = self._sharding
         if self._store is not None:
             state.update(self._store.state_dict())
         return state
@@ -300,21 +404,37 @@ class CheckpointWindow:
             raise ValueError(f"CheckpointWindow state version {state.get('version')!r} is not supported")
         if state.get("storage") != self.storage:
             raise ValueError(f"the state holds a {state.get('storage')!r} window; this window stores on {self.storage!r}")
+        sharding = state.get("sharding")
+        if sharding is not None:
+            rank, world = distributed_rank(self.process_group)
+            if (sharding["rank"], sharding["world_size"]) != (rank, world):
+                raise ValueError(
+                    f"the state holds the part of rank {sharding['rank']} of {sharding['world_size']} of a multi-process "
+                    f"window; this process is rank {rank} of {world} (resume with the same number of processes, or "
+                    "merge the disk window offline with ckptavg.consolidate)"
+                )
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._adopt_sharding(sharding)
         if state["layout"] is None:
             return
         layout = Layout.from_json(state["layout"])
         if self.storage == "cpu":
             store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
         else:
-            assert self.dirpath is not None
-            store = DiskStore.open(self.dirpath, capacity=self.window)
+            store = DiskStore.open(self._files_dirpath(), capacity=self.window)
             if store.layout != layout:
-                raise ValueError(f"the files in {self.dirpath} hold a different layout from the checkpoint's window")
+                raise ValueError(f"the files in {store.dirpath} hold a different layout from the checkpoint's window")
         store.load_state_dict(state)
         self._store = store
+
+
+def _agreed(bad: str | None, group: Any) -> str | None:
+    """Every rank's NaN verdict on a spread snapshot: all ranks keep it, or none does."""
+    if all_ranks_max(0 if bad is None else 1, group) and bad is None:
+        return OTHER_RANK
+    return bad
 
 
 def _writable_in_place(targets: Mapping[str, Tensor], layout: Layout) -> bool:
