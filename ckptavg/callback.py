@@ -12,12 +12,15 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
 from .merges import DEFAULT_ALPHA, check_alpha, coefficients
+from .layout import state_tensors
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
-from .window import CheckpointWindow, load_state
+from .sharding import is_dtensor
+from .window import CheckpointWindow
 
 MERGED_PREFIX = "merged/"
 MERGED_FILENAME = "merged.safetensors"
@@ -49,6 +52,11 @@ class CheckpointAverager(Callback):
         recover: restore a merged stable point when the loss spikes or turns non-finite, and keep
             training (see :class:`ckptavg.RecoveryPolicy`): ``True`` (default policy), ``False``,
             a ``RecoveryPolicy``, or a mapping of its fields (for YAML configs).
+        spread: under DDP, keep only ``1/world`` of every snapshot on each rank (host memory per rank
+            ``window x model / world``); merges are computed on the slices and gathered into every
+            replica. ``False`` keeps a full window on every rank. (FSDP2 shards, under
+            ``ModelParallelStrategy``, are always kept apart: each rank snapshots, merges and
+            restores its own shards.)
         **recovery_options: any :class:`ckptavg.RecoveryPolicy` field as a plain keyword argument,
             for example ``max_restores=5`` or ``lr_scale=0.5, lr_scale_steps=100``.
 
@@ -75,6 +83,7 @@ class CheckpointAverager(Callback):
         preview: bool = True,
         merge_at_end: bool = True,
         recover: bool | RecoveryPolicy | dict[str, Any] = True,
+        spread: bool = True,
         **recovery_options: Any,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -102,6 +111,7 @@ class CheckpointAverager(Callback):
         self.preview = preview
         self.merge_at_end = merge_at_end
         self.recovery = RecoveryPolicy.from_value(recover, **recovery_options)
+        self.spread = spread
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._window: CheckpointWindow | None = None
         self._guard: SpikeGuard | None = None
@@ -114,6 +124,7 @@ class CheckpointAverager(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._default_dirpath: Path | None = None
         self._rank, self._world_size = 0, 1
+        self._spread = False
         self._last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, float]] | None = None
 
     @property
@@ -143,8 +154,7 @@ class CheckpointAverager(Callback):
         return Path("ckptavg")
 
     def _window_dirpath(self) -> Path:
-        base = self._resolved_dirpath() / "window"
-        return base / f"rank{self._rank}" if self._world_size > 1 else base
+        return self._resolved_dirpath() / "window"  # each rank of a multi-process run uses window/rank<r>
 
     @property
     def guard(self) -> SpikeGuard | None:
@@ -159,13 +169,11 @@ class CheckpointAverager(Callback):
         return [] if self.guard is None else list(self.guard.events)
 
     def _build_window(self) -> CheckpointWindow:
-        if self.storage == "disk":
-            win = CheckpointWindow(self.window_size, storage="disk", dirpath=self._window_dirpath())
-        else:
-            win = CheckpointWindow(self.window_size)
+        dirpath = self._window_dirpath() if self.storage == "disk" else None
+        win = CheckpointWindow(self.window_size, storage=self.storage, dirpath=dirpath, spread=self._spread)
         state = self._pending_state or {}
         if state.get("window") is not None:
-            win.load_state_dict(state["window"])
+            win.load_state_dict(self._own_part(state["window"]))
         if self.recovery is not None:
             self._guard = SpikeGuard(win, self.recovery, self.merge, self.alpha)
             if state.get("guard") is not None:
@@ -179,6 +187,14 @@ class CheckpointAverager(Callback):
         if stage != "fit":
             return
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "CheckpointAverager works on FSDP2 shards (DTensor parameters). Lightning's FSDPStrategy wraps FSDP1 "
+                "flat parameters, whose state_dict() gathers every full tensor on every rank; use "
+                "ModelParallelStrategy and torch.distributed.fsdp.fully_shard in configure_model() instead"
+            )
+        # DDP replicas are identical: each rank keeps 1/world of the window (FSDP2 shards are already apart).
+        self._spread = self.spread and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
         root = trainer.log_dir or trainer.default_root_dir  # log_dir is broadcast from rank 0
         self._default_dirpath = Path(root) / "ckptavg"
 
@@ -314,11 +330,10 @@ class CheckpointAverager(Callback):
         reuse = last if last is not None and last[:2] == (trainer.global_step, tuple(self.window.steps)) and last[3] else None
         raw = reuse[2] if reuse else (self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False)) if validate else {})
 
-        merged = self.window.merge(self.merge, self.alpha)
-        load_state(pl_module, merged)
-        _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
-        if self._rank == 0:
-            self._export(merged)
+        self.window.load_into(pl_module, self.merge, self.alpha)  # spread windows gather; shards stay local
+        if (self.window.sharding or {}).get("kind") == "replicated":
+            _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
+        self._export(pl_module)
         if validate:
             merged_metrics = reuse[3] if reuse else self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
             self._report_final(trainer, raw, merged_metrics)
@@ -327,9 +342,17 @@ class CheckpointAverager(Callback):
     def _scalars(collected: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {k: _scalar(v) for k, v in collected["callback"].items()}
 
-    def _export(self, merged: dict[str, torch.Tensor]) -> Path:
+    def _export(self, pl_module: pl.LightningModule) -> Path | None:
+        """Rank 0 writes the module's (merged) weights; sharded tensors are gathered one at a time."""
         from safetensors.torch import save_file
 
+        merged = {}
+        for name, tensor in state_tensors(pl_module).items():
+            full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # collective: every rank
+            if self._rank == 0:
+                merged[name] = full.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # tied weights too
+        if self._rank != 0:
+            return None
         steps = self.window.steps
         metadata = {
             "format": "ckptavg.merged",
@@ -363,11 +386,27 @@ class CheckpointAverager(Callback):
     # -- checkpointing ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        window = self._window.state_dict() if self._window is not None else None
+        if window is not None and window.get("sharding") is not None:
+            # Each rank holds a different part, and only rank 0 writes the checkpoint: gather them there.
+            window = {"ranks": _gather_to_rank0(window), "world_size": self._world_size}
         return {
-            "window": self._window.state_dict() if self._window is not None else None,
+            "window": window,
             "guard": self._guard.state_dict() if self._guard is not None else None,
             "dirpath": str(self._resolved_dirpath()),
         }
+
+    def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:
+        """This rank's window state out of a checkpoint (see :meth:`state_dict`)."""
+        if "ranks" not in window:
+            return window
+        if window["world_size"] != self._world_size:
+            raise ValueError(
+                f"the checkpoint's CheckpointAverager window was kept by {window['world_size']} processes; this run has "
+                f"{self._world_size}. Resume with {window['world_size']} processes, or use storage='disk' and merge the "
+                "old window offline with ckptavg.consolidate"
+            )
+        return window["ranks"][self._rank]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._window is not None:
@@ -385,6 +424,15 @@ def _scalar(value: Any) -> float:
 def _multi_rank() -> bool:
     """Whether this process is one of several in an initialised ``torch.distributed`` group."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, by rank, on rank 0 (``None`` elsewhere)."""
+    if not _multi_rank():
+        return [obj]
+    gathered: list[Any] | None = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def _broadcast_module(module: torch.nn.Module) -> None:

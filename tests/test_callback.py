@@ -226,6 +226,27 @@ def test_ddp_two_processes(tmp_path):
     assert any(r.get("merged/val_loss") for r in csv_rows(tmp_path))
 
 
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_ddp_spread_window_resumes_from_a_checkpoint(tmp_path, storage):
+    # Each rank keeps half of the window; a run stopped after 2 epochs and resumed by a new Trainer
+    # ends bit for bit like the uninterrupted run, with the same window.
+    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), f"resume-{storage}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["steps_a"] == rank["steps_b"] == [18, 20, 22, 24]
+        assert rank["stored_numel"] <= rank["full_numel"] / 2 + 64
+        for key, value in ranks[0]["weights_a"].items():
+            assert torch.equal(rank["weights_b"][key], value), key
+        for key, value in ranks[0]["merge_a"].items():
+            assert torch.equal(rank["merge_b"][key], value), key
+    assert (tmp_path / "b" / "out" / "merged.safetensors").exists()
+
+
 def test_reusing_the_callback_for_a_new_run_starts_a_new_window(tmp_path):
     averager = CheckpointAverager(window=3, every_n_steps=4)
     trainer(tmp_path / "a", [averager], max_steps=12, limit_val_batches=0).fit(Regression(), data()[0])
