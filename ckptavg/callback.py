@@ -235,11 +235,13 @@ class CheckpointAverager(Callback):
         steps = self.window.steps
         if steps and step <= steps[-1]:
             return  # the same optimizer step seen again (gradient accumulation, or a resumed run)
-        self.window.snapshot(pl_module, step=step)
+        self.window.snapshot(pl_module, step=step, overlap=True)  # CUDA: the copy overlaps the next forward/backward
 
     # -- recovery -----------------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self._window is not None:
+            self._window.before_update()  # the step must not change weights a snapshot copy still reads
         guard = self.guard
         if guard is None:
             return
@@ -348,7 +350,7 @@ class CheckpointAverager(Callback):
 
         merged = {}
         for name, tensor in state_tensors(pl_module).items():
-            full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # collective: every rank
+            full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]  # collective
             if self._rank == 0:
                 merged[name] = full.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # tied weights too
         if self._rank != 0:

@@ -7,6 +7,7 @@ blocks and tensors, never with the number of elements.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,46 +97,127 @@ def _flat_source(tensor: Tensor) -> Tensor:
     return local_tensor(tensor).detach().reshape(-1)
 
 
-@torch.no_grad()
-def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> str | None:
-    """Copy ``tensors`` into the flat ``buffers``; return the name of a tensor holding NaN or Inf,
-    or ``None`` when every value is finite.
+class PendingCopy:
+    """The outcome of a snapshot copy: the name of a tensor holding NaN or Inf, or ``None``.
 
-    The finiteness check is fused into the copy: each block is summed right after it is copied,
-    while it is still in cache (a separate pass over the model would cost half a copy again). A
-    finite sum proves every element finite; a non-finite sum (NaN/Inf, or an overflow of huge but
-    finite values) is confirmed element-wise on that block only. CUDA-to-host copies are issued
-    non-blocking into (pinned) buffers, with one synchronisation per device for the whole snapshot.
+    Known at once for host tensors. For CUDA tensors the copy runs on a side stream, ordered after
+    the work already queued by an event, and the verdict is read once the copy has completed: the
+    host waits only when it asks for the verdict before then.
+    """
+
+    def __init__(
+        self,
+        verdict: str | None = None,
+        *,
+        done: Iterable[tuple[torch.device, Any]] = (),
+        flags: Iterable[tuple[list[str], Tensor]] = (),
+    ):
+        self._verdict = verdict
+        self._done = list(done)  # (device, CUDA event) per device
+        self._flags = list(flags)  # (names, pinned per-tensor max |x|) per device
+
+    @property
+    def in_flight(self) -> bool:
+        return bool(self._done)
+
+    def ready(self) -> bool:
+        """Whether the copy has completed (never waits)."""
+        return all(event.query() for _, event in self._done)
+
+    def order_before_update(self) -> None:
+        """Make each device's current stream wait for the copy (on the device: the host goes on),
+        so that an in-place update queued next cannot change the tensors while they are read."""
+        for device, event in self._done:
+            torch.cuda.current_stream(device).wait_event(event)
+
+    def verdict(self) -> str | None:
+        """The outcome, waiting for the copy to complete if it is still running."""
+        if self._done:
+            for _, event in self._done:
+                event.synchronize()
+            self._done = []
+            for names, maxima in self._flags:
+                finite = maxima.isfinite().tolist()
+                if not all(finite):
+                    self._verdict = names[finite.index(False)]
+                    break
+        return self._verdict
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+@torch.no_grad()
+def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> PendingCopy:
+    """Copy ``tensors`` into the flat ``buffers`` and check that every value is finite.
+
+    Host tensors: the finiteness check is fused into the copy: each block is summed right after
+    it is copied, while it is still in cache (a separate pass over the model would cost half a
+    copy again). A finite sum proves every element finite; a non-finite sum (NaN/Inf, or an
+    overflow of huge but finite values) is confirmed element-wise on that block only.
+
+    CUDA tensors: see :func:`_copy_from_cuda`: asynchronous, on a side stream.
     """
     sources = {name: _flat_source(t) for name, t in tensors.items()}
-    devices = {s.device for s in sources.values() if s.device.type == "cuda"}
-    asynchronous = bool(devices)
+    if sources and all(s.is_cuda for s in sources.values()):
+        return _copy_from_cuda(layout, sources, buffers)
     sums: list[tuple[torch.dtype, Block, Tensor]] = []
     for dtype, blocks in layout.blocks.items():
         flat = buffers[dtype]
-        averaged = is_averaged(dtype)
         for block in blocks:
             dst, src = block_views(block, flat, 0, sources)
-            if asynchronous:
-                for d, s in zip(dst, src):
-                    d.copy_(s, non_blocking=True)
-            else:
-                torch._foreach_copy_(dst, src)
-                if averaged:
-                    sums.append((dtype, block, flat[block.lo : block.hi].sum()))
-    for device in devices:
-        torch.cuda.current_stream(device).synchronize()  # the host reads the buffers next
-    if asynchronous:
-        sums = [(d, b, buffers[d][b.lo : b.hi].sum()) for d in layout.blocks if is_averaged(d) for b in layout.blocks[d]]
+            torch._foreach_copy_(dst, src)  # blocking for any device-to-host pair
+            if is_averaged(dtype):
+                sums.append((dtype, block, flat[block.lo : block.hi].sum()))
     if not sums:
-        return None
+        return PendingCopy(None)
     finite = torch.stack([s.float() for _, _, s in sums]).isfinite()
     if bool(finite.all()):
-        return None
+        return PendingCopy(None)
     for (dtype, block, _), ok in zip(sums, finite.tolist()):
         if ok:
             continue
         for piece in block.pieces:
             if not bool(buffers[dtype][piece.offset : piece.offset + piece.length].isfinite().all()):
-                return piece.name
-    return None  # the sums overflowed, but every value is finite
+                return PendingCopy(piece.name)
+    return PendingCopy(None)  # the sums overflowed, but every value is finite
+
+
+def _copy_from_cuda(layout: Layout, sources: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> PendingCopy:
+    """Device-to-host copies into (pinned) ``buffers`` on a side stream per device, after an
+    event on the current stream; no host synchronisation. The finiteness check runs on the
+    device too: one fused max-|x| per tensor (``_foreach_norm(inf)``, which never overflows and
+    propagates NaN), copied to pinned memory with the data."""
+    devices = sorted({s.device for s in sources.values()}, key=str)
+    done, flags = [], []
+    for device in devices:
+        side = _side_stream(device)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            for dtype, blocks in layout.blocks.items():
+                for block in blocks:
+                    dst, src = block_views(block, buffers[dtype], 0, sources)
+                    for d, s in zip(dst, src):
+                        if s.device == device:
+                            d.copy_(s, non_blocking=True)
+            checked = [(n, s) for n, s in sources.items() if s.device == device and is_averaged(s.dtype) and s.numel()]
+            if checked:
+                maxima = torch.stack([m.float() for m in torch._foreach_norm([s for _, s in checked], ord=float("inf"))])
+                host = torch.empty(len(checked), dtype=torch.float32, pin_memory=True)
+                host.copy_(maxima, non_blocking=True)
+                flags.append(([n for n, _ in checked], host))
+            event = torch.cuda.Event()
+            event.record(side)
+            done.append((device, event))
+        for s in sources.values():
+            if s.device == device:
+                s.record_stream(side)  # temporaries (flattened non-contiguous tensors) outlive the copy
+    return PendingCopy(done=done, flags=flags)

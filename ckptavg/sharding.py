@@ -48,7 +48,7 @@ def shard_placements(tensors: Mapping[str, Tensor]) -> dict[str, Placement]:
     placements = replicated_placements(tensors)
     for name, tensor in tensors.items():
         if is_dtensor(tensor):
-            chunk = tensor.__create_chunk_list__()[0]  # this rank's offsets and sizes (what DCP records)
+            chunk = tensor.__create_chunk_list__()[0]  # type: ignore[attr-defined]  # this rank's offsets and sizes (what DCP records)
             placements[name]["offset"] = [int(o) for o in chunk.offsets]
     return placements
 
@@ -119,7 +119,7 @@ class Spread:
             chunk = -(-per_rank // SPREAD_ALIGN) * SPREAD_ALIGN
             self.chunk[dtype] = chunk
             self.ranges[dtype] = (min(rank * chunk, numel), min((rank + 1) * chunk, numel))
-        specs = []
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         self.pieces: dict[str, tuple[int, int]] = {}  # name -> [a, b) of the flattened tensor
         for entry in full:
             lo, hi = self.ranges[entry.dtype]

@@ -20,13 +20,24 @@ import torch
 from torch import Tensor
 
 from .files import CkptavgWarning, CorruptSnapshotError, SnapshotReader, atomic_write_json, read_json, write_snapshot, TMP_SUFFIX
-from .kernels import copy_checked, merge_blocks
+from .kernels import PendingCopy, copy_checked, merge_blocks
 from .layout import Layout, dtype_code, dtype_from_code
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ckptavg.window"
 MANIFEST_VERSION = 1
+OTHER_RANK = "a tensor on another rank"  # a spread snapshot is rejected by every rank together
 _SNAPSHOT_FILE = re.compile(r"^snapshot-(\d+)\.safetensors$")
+
+
+def warn_rejected(step: int, name: str, stacklevel: int = 3) -> None:
+    """``name``: the non-finite tensor (or :data:`OTHER_RANK`)."""
+    what = name if name == OTHER_RANK else f"tensor {name!r}"
+    warnings.warn(
+        f"snapshot at step {step} rejected: {what} holds NaN or Inf; the window is unchanged",
+        CkptavgWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def snapshot_filename(step: int) -> str:
@@ -62,23 +73,43 @@ class CpuRing:
         self._slots: list[int] = []  # live rows, oldest -> newest
         self._steps: list[int] = []
         self._spare = 0
+        self._pending: tuple[int, int, PendingCopy] | None = None  # (row, step, copy in flight)
 
     @property
     def steps(self) -> list[int]:
-        return list(self._steps)
+        self.settle(wait=False)
+        pending = [self._pending[1]] if self._pending is not None else []
+        return (self._steps + pending)[-self.capacity :]  # a copy in flight counts (it is rarely refused)
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self.steps)
 
-    def stage(self, tensors: Mapping[str, Tensor]) -> str | None:
-        """Copy a snapshot into the spare row; return the name of a non-finite tensor, or ``None``.
-        Nothing joins the window until :meth:`commit`."""
+    def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
+        """Copy a snapshot into the spare row (see :func:`copy_checked`). Nothing joins the window
+        until :meth:`commit`. Waits only if the previous copy still fills the spare row."""
+        self.settle()
         self._spare = next(s for s in range(self.capacity + 1) if s not in self._slots)
         return copy_checked(self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()})
 
-    def commit(self, step: int) -> None:
-        """Add the staged snapshot to the window (evicting the oldest when full)."""
-        self._commit(self._spare, step)
+    def commit(self, step: int, copy: PendingCopy | None = None) -> None:
+        """Add the staged snapshot to the window (evicting the oldest when full); with a copy still
+        in flight, once it has completed and proved finite."""
+        if copy is not None and copy.in_flight:
+            self._pending = (self._spare, step, copy)
+        else:
+            self._commit(self._spare, step)
+
+    def settle(self, wait: bool = True) -> None:
+        """Commit (or reject, with a warning) a snapshot whose copy was in flight."""
+        if self._pending is None or not (wait or self._pending[2].ready()):
+            return
+        slot, step, copy = self._pending
+        self._pending = None
+        bad = copy.verdict()
+        if bad is None:
+            self._commit(slot, step)
+        else:
+            warn_rejected(step, bad)
 
     def _commit(self, slot: int, step: int) -> None:
         self._slots.append(slot)
@@ -87,6 +118,7 @@ class CpuRing:
             del self._slots[0], self._steps[0]
 
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        self.settle()
         live = [(slot, c) for slot, c in zip(self._slots, coefficients) if c != 0.0]
 
         def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
@@ -99,12 +131,13 @@ class CpuRing:
         return merge_blocks(self.layout, rows, newest, out)
 
     def flush(self) -> None:
-        pass
+        self.settle()
 
     def close(self) -> None:
-        pass
+        self.settle()
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         index = torch.tensor(self._slots, dtype=torch.long)
         return {
             "steps": list(self._steps),
@@ -160,7 +193,7 @@ class DiskStore:
         self._records: list[dict[str, Any]] = []  # committed snapshots, oldest -> newest
         self._verified: set[tuple[str, torch.dtype]] = set()  # (file, group) whose checksum held
         self._staging: dict[torch.dtype, Tensor] | None = None
-        self._pending: tuple[Future[dict[str, Any]], int] | None = None
+        self._pending: tuple[Future[dict[str, Any] | str], int] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.dirpath.mkdir(parents=True, exist_ok=True)
 
@@ -217,24 +250,31 @@ class DiskStore:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def stage(self, tensors: Mapping[str, Tensor]) -> str | None:
-        """Copy a snapshot into the staging buffer; return the name of a non-finite tensor, or
-        ``None``. Nothing is written until :meth:`commit`."""
-        self.flush()  # the staging buffer is free once the previous write is done
+    def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
+        """Copy a snapshot into the staging buffer (see :func:`copy_checked`). Nothing is written
+        until :meth:`commit`. Waits only if the previous write still uses the buffer."""
+        self.flush()
         if self._staging is None:
             self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
         return copy_checked(self.layout, tensors, self._staging)
 
-    def commit(self, step: int) -> None:
-        """Write the staged snapshot in the background (see :meth:`flush`)."""
+    def commit(self, step: int, copy: PendingCopy | None = None) -> None:
+        """Write the staged snapshot in the background (see :meth:`flush`); with a copy still in
+        flight, the writer waits for it and drops the snapshot if it is not finite."""
         assert self._staging is not None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptavg-writer")
-        future = self._executor.submit(self._write, step, list(self._records), self._staging)
+        future = self._executor.submit(self._write, step, list(self._records), self._staging, copy)
         self._pending = (future, step)
 
-    def _write(self, step: int, records: list[dict[str, Any]], staging: dict[torch.dtype, Tensor]) -> dict[str, Any]:
-        """Writer thread: snapshot file, then manifest, then evictions."""
+    def _write(
+        self, step: int, records: list[dict[str, Any]], staging: dict[torch.dtype, Tensor], copy: PendingCopy | None
+    ) -> dict[str, Any] | str:
+        """Writer thread: snapshot file, then manifest, then evictions. Returns the new record, or
+        the name of a non-finite tensor (nothing written)."""
+        bad = copy.verdict() if copy is not None else None
+        if bad is not None:
+            return bad
         name = snapshot_filename(step)
         record = write_snapshot(
             self.dirpath / name, self.layout, staging, {"format": "ckptavg.snapshot", "step": str(step)}
@@ -259,6 +299,9 @@ class DiskStore:
                 f"writing the snapshot of step {step} to {self.dirpath / snapshot_filename(step)} failed: {err}; "
                 f"the window keeps its previous {len(self._records)} snapshots"
             ) from err
+        if isinstance(record, str):
+            warn_rejected(step, record)
+            return
         self._records = (self._records + [record])[-self.capacity :]
         self._verified.update((record["file"], d) for d in self.layout.group_numel)
 

@@ -13,15 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from .files import CkptavgWarning
+from .kernels import PendingCopy
 from .layout import Layout, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, shard_placements, with_rank0_buffers
-from .storage import MANIFEST, CpuRing, DiskStore, rank_dirpath
+from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 Storage = Literal["cpu", "disk"]
 
-OTHER_RANK = "a tensor on another rank"  # a spread snapshot is rejected by every rank together
 STATE_FORMAT = "ckptavg.CheckpointWindow"
 STATE_VERSION = 1
 
@@ -104,6 +104,7 @@ class CheckpointWindow:
         self._store: CpuRing | DiskStore | None = None
         self._spread: Spread | None = None
         self._sharding: dict[str, Any] | None = None
+        self._in_flight: PendingCopy | None = None
 
     @classmethod
     def open(cls, dirpath: str | os.PathLike[str], *, window: int | None = None) -> CheckpointWindow:
@@ -154,12 +155,19 @@ class CheckpointWindow:
 
     # -- snapshots --------------------------------------------------------------------------------
 
-    def snapshot(self, source: StateSource, step: int | None = None) -> bool:
+    def snapshot(self, source: StateSource, step: int | None = None, *, overlap: bool = False) -> bool:
         """Copy the current weights of a model (or a state dict) into the window.
 
         ``step`` defaults to one past the newest stored step and must increase. Returns ``False``
         and warns, leaving the window unchanged, when a tensor holds NaN or Inf. Raises
         ``ValueError`` naming the key when names, shapes or dtypes differ from the window's.
+
+        CUDA tensors are copied asynchronously into pinned buffers, on a side stream: the call
+        returns at once, and the NaN check is resolved when the copy has completed (a refused
+        snapshot is then dropped with a warning). The next snapshot waits only if this copy is
+        still running. Work queued later on the current stream runs after the copy, unless
+        ``overlap=True``: then the forward and backward passes overlap the copy, and
+        :meth:`before_update` must be called before the tensors change (the optimizer step).
         """
         tensors = state_tensors(source)
         if not tensors:
@@ -174,23 +182,35 @@ class CheckpointWindow:
             assert full is not None
             full.check(tensors, what=f"snapshot at step {step}")
         if self._spread is not None:
-            tensors = with_rank0_buffers(source, tensors, self.process_group)
-            bad = _agreed(store.stage(self._spread.local_views(tensors)), self.process_group)
+            synced = with_rank0_buffers(source, tensors, self.process_group)
+            copy = store.stage(self._spread.local_views(synced))
+            bad = _agreed(copy.verdict(), self.process_group)  # the ranks must keep the same steps
         else:
-            bad = store.stage(tensors)
+            copy = store.stage(tensors)
+            if copy.in_flight and not created:
+                # CUDA: the copy runs on a side stream; the verdict is read when it has completed.
+                store.commit(step, copy)
+                self._in_flight = copy
+                if not overlap:
+                    copy.order_before_update()
+                return True
+            bad = copy.verdict()
         if bad is None:
             store.commit(step)
             return True
         if created:
             store.close()
             self._store, self._spread, self._sharding = None, None, None  # a rejected first snapshot fixes nothing
-        warnings.warn(
-            f"snapshot at step {step} rejected: {bad if bad == OTHER_RANK else f'tensor {bad!r}'} holds NaN or Inf; "
-            "the window is unchanged",
-            CkptavgWarning,
-            stacklevel=2,
-        )
+        warn_rejected(step, bad)
         return False
+
+    def before_update(self) -> None:
+        """After ``snapshot(..., overlap=True)`` of CUDA tensors: call before changing them in place
+        (the optimizer step). The current CUDA stream then waits, on the device, until the
+        snapshot's copy has read them; the host does not wait. A no-op otherwise."""
+        if self._in_flight is not None:
+            self._in_flight.order_before_update()
+            self._in_flight = None
 
     def _next_step(self, step: int | None) -> int:
         steps = self.steps

@@ -400,3 +400,35 @@ def test_every_storable_dtype_on_both_tiers(make_window):
         with safe_open(str(newest), framework="pt") as f:
             for key, value in states[-1].items():
                 assert torch.equal(f.get_tensor(key), value), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_snapshots_are_asynchronous_pinned_and_exact(make_window):
+    # The copy runs on a side stream into pinned buffers; the NaN verdict is read when the copy has
+    # completed, so a refused snapshot is dropped (with a warning) at the next window operation.
+    torch.manual_seed(0)
+    model = TinyNet(width=4096).cuda()
+    win = make_window(window=3)
+    states = []
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * step)
+        assert win.snapshot(model, step=step, overlap=True)
+        win.before_update()  # the in-place update below must wait for the copy (on the device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.0)  # an in-place write queued right after the snapshot
+        states.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    assert win.steps == [2, 3, 4]
+    if win.storage == "cpu":
+        assert all(ring.is_pinned() for ring in win._store._ring.values())
+    assert_close_to_reference(win.merge("wma"), reference_merge(states[-3:], "wma"))
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    assert win.snapshot(model, step=5)  # accepted for copying: the check completes later
+    with pytest.warns(UserWarning, match="step 5 rejected: tensor 'fc1.weight'"):
+        merged = win.merge("sma")
+        win.flush()
+    assert win.steps == [2, 3, 4]
+    assert_close_to_reference(merged, reference_merge(states[-3:], "sma"))
