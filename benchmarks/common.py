@@ -29,8 +29,14 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def interleaved(candidate: Callable[[], object], baseline: Callable[[], object], repeats: int = 5) -> tuple[float, float, float, float]:
-    """Time ``baseline`` and ``candidate`` alternately, ``repeats`` times each.
+def interleaved(
+    candidate: Callable[[], object],
+    baseline: Callable[[], object],
+    repeats: int = 5,
+    before_each: Callable[[], object] = lambda: None,
+) -> tuple[float, float, float, float]:
+    """Time ``baseline`` and ``candidate`` alternately, ``repeats`` times each, each run after an
+    untimed ``before_each`` (for example a barrier, so that no rank times another's lag).
 
     Returns ``(ratio of the minimum times, median of the per-pair ratios, min candidate s, min
     baseline s)``. On a shared machine interference only ever adds time, so the minima are the
@@ -40,9 +46,11 @@ def interleaved(candidate: Callable[[], object], baseline: Callable[[], object],
     candidate()
     ratios, times_c, times_b = [], [], []
     for _ in range(repeats):
+        before_each()
         start = time.perf_counter()
         baseline()
         t_b = time.perf_counter() - start
+        before_each()
         start = time.perf_counter()
         candidate()
         t_c = time.perf_counter() - start

@@ -36,6 +36,7 @@ def test_plain_loop_example(tmp_path):
         ("window.py", ["--params", "3e5", "--repeats", "1", "--dtypes", "float32"]),
         ("recovery.py", ["--steps", "60", "--spike-at", "40"]),
         ("anneal.py", ["--steps", "60", "--evals", "3"]),
+        ("distributed.py", ["--params", "3e5", "--repeats", "1"]),
     ],
 )
 def test_benchmarks_run(tmp_path, script, args):
