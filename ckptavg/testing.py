@@ -16,6 +16,8 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from .layout import local_tensor
+
 
 class InjectDivergence(Callback):
     """Make the chosen optimizer steps diverge.
@@ -44,9 +46,10 @@ class InjectDivergence(Callback):
                     self._undo.append((group, "lr", group["lr"]))
                     group["lr"] = group["lr"] * self.lr_factor
         else:
-            param = next(p for p in pl_module.parameters() if p.is_floating_point())
+            # The rank's own data (a DTensor's local shard): writing through a DTensor would communicate.
+            local = next(t for t in map(local_tensor, pl_module.parameters()) if t.is_floating_point() and t.numel())
             with torch.no_grad():
-                param.view(-1)[0] = float("nan")
+                local.view(-1)[0] = float("nan")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         for target, key, value in self._undo:

@@ -83,3 +83,29 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
     assert "another rank" in ranks[0]["nan_warning"][0]
     assert_equal_states(ranks[0]["ema_spread"], ranks[1]["ema_spread"])
     assert_equal_states(ranks[0]["consolidated"], ranks[0]["wma_full"])
+
+
+def test_lightning_model_parallel_strategy_keeps_fsdp2_shards(tmp_path):
+    # ModelParallelStrategy with fully_shard on CPU: each rank keeps its shards in its own disk
+    # folder; a NaN on rank 1 restores both ranks together; the run ends with the merge on every
+    # rank, merged.safetensors holds the full tensors, and the folders consolidate offline.
+    from safetensors.torch import load_file
+
+    from ckptavg import consolidate
+
+    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_lightning_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["local_shapes"]["net.0.weight"] == (16, 8)  # half of (32, 8)
+    assert ranks[0]["restores"] == ranks[1]["restores"] == [(12, [4, 6, 8, 10])]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [8, 10, 14, 16]
+    assert ranks[0]["merged_val_loss"] is not None and ranks[1]["merged_val_loss"] is not None
+    reference = reference_merge([ranks[0]["states"][s] for s in ranks[0]["steps"]], "sma")
+    assert_equal_states(ranks[0]["final"], ranks[1]["final"])
+    assert_close_to_reference(ranks[0]["final"], reference)
+    assert_equal_states(load_file(tmp_path / "out" / "merged.safetensors"), ranks[0]["final"])
+    assert sorted(p.name for p in (tmp_path / "out" / "window").iterdir()) == ["rank0", "rank1"]
+    assert_equal_states(consolidate(tmp_path / "out" / "window", "sma"), ranks[0]["final"])
