@@ -70,6 +70,7 @@ buffer.seek(0)
 resumed = CheckpointWindow(window=3)
 resumed.load_state_dict(torch.load(buffer, weights_only=True))
 results["resumed"] = resumed.merge("ema")
+results["state"] = spread.state_dict()  # the test tries to load it in a single process
 
 # load_into gathers the merge into every replica; swapped gives the raw weights back.
 raw = {k: v.clone() for k, v in net.state_dict().items()}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from ckptavg import CheckpointWindow, consolidate
 from conftest import assert_close_to_reference, reference_merge
 
 HERE = Path(__file__).parent
@@ -84,14 +87,25 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
     assert_equal_states(ranks[0]["ema_spread"], ranks[1]["ema_spread"])
     assert_equal_states(ranks[0]["consolidated"], ranks[0]["wma_full"])
 
+    # A rank's part cannot pass for a whole window: a single process refuses it, naming both.
+    with pytest.raises(ValueError, match="rank 1 of 2 .* this process is rank 0 of 1"):
+        CheckpointWindow(window=3).load_state_dict(ranks[1]["state"])
+    # Opened directly, a rank folder is a window of that rank's slices (no gather, no error).
+    with CheckpointWindow.open(tmp_path / "window" / "rank1") as piece:
+        assert piece.sharding["kind"] == "spread" and piece.steps == [3, 4, 5]
+        part = piece.merge("sma")
+        assert "module.0.weight" not in part and part["module.1.bias"].shape == (10,)  # fp32 elements 320..566
+    # Without every rank's folder there is no full merge.
+    shutil.rmtree(tmp_path / "window" / "rank1")
+    with pytest.raises(ValueError, match="rank folders"):
+        consolidate(tmp_path / "window")
+
 
 def test_lightning_model_parallel_strategy_keeps_fsdp2_shards(tmp_path):
     # ModelParallelStrategy with fully_shard on CPU: each rank keeps its shards in its own disk
     # folder; a NaN on rank 1 restores both ranks together; the run ends with the merge on every
     # rank, merged.safetensors holds the full tensors, and the folders consolidate offline.
     from safetensors.torch import load_file
-
-    from ckptavg import consolidate
 
     env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
     result = subprocess.run(
