@@ -32,7 +32,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, WeightAveraging
 from torch.utils.data import DataLoader
 

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +91,18 @@ def perturbed_states(model: torch.nn.Module, count: int, seed: int = 0, dtype: t
 def tiny_net() -> TinyNet:
     torch.manual_seed(0)
     return TinyNet()
+
+
+TESTS = Path(__file__).parent
+
+
+def run_ranks(worker: str, out: Path, *args: str, torchrun: bool = False) -> list[dict]:
+    """Run a two-process worker script in real subprocesses (``torch.distributed.run`` for plain
+    workers; Lightning workers launch their second process themselves) and load what each rank
+    saved as ``out/rank<r>.pt``."""
+    env = os.environ | {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}", "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else []
+    command = [sys.executable, *launcher, str(TESTS / worker), str(out), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckptavg import CheckpointWindow, consolidate
+from loop_helpers import train_step
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -31,10 +32,7 @@ full = CheckpointWindow(window=3, spread=False)
 disk = CheckpointWindow(window=3, storage="disk", dirpath=out / "window")  # the same dirpath on both ranks
 generator = torch.Generator().manual_seed(rank)
 for step in range(1, 6):
-    loss = model(torch.randn(16, 7, generator=generator)).pow(2).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    train_step(model, optimizer, torch.randn(16, 7, generator=generator))
     with torch.no_grad():
         net.scale.add_(0.125)
     for window in (spread, full, disk):

@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from ckptavg import CheckpointWindow, RecoveryPolicy, SpikeGuard, consolidate
+from loop_helpers import train_step
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -44,10 +45,7 @@ full_states = {}  # what a single process would have seen: the gathered, full te
 restored = {}
 generator = torch.Generator().manual_seed(rank)
 for step in range(1, 12):
-    loss = model(torch.randn(4, 8, generator=generator)).pow(2).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    loss = train_step(model, optimizer, torch.randn(4, 8, generator=generator))
     value = math.nan if (rank == 1 and step == 9) else float(loss)
     if guard.observe(step, value):  # the ranks agree: both restore at step 9
         event = guard.restore(model, [optimizer], step)

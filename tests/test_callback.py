@@ -1,9 +1,6 @@
 import copy
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -13,10 +10,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors import safe_open
 
 from ckptavg import CheckpointAverager, merge_state_dicts
-from conftest import assert_close_to_reference, reference_merge
+from conftest import assert_close_to_reference, reference_merge, run_ranks
 from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 
-HERE = Path(__file__).parent
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:
@@ -209,12 +205,7 @@ def test_constructor_errors(kwargs, message):
 
 
 def test_ddp_two_processes(tmp_path):
-    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ranks("ddp_worker.py", tmp_path)
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key
     assert ranks[0]["steps"] == ranks[1]["steps"] == [10, 12, 14, 16]  # 8 batches per rank per epoch
@@ -230,13 +221,7 @@ def test_ddp_two_processes(tmp_path):
 def test_ddp_spread_window_resumes_from_a_checkpoint(tmp_path, storage):
     # Each rank keeps half of the window; a run stopped after 2 epochs and resumed by a new Trainer
     # ends bit for bit like the uninterrupted run, with the same window.
-    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), f"resume-{storage}"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ranks("ddp_worker.py", tmp_path, f"resume-{storage}")
     for rank in ranks:
         assert rank["steps_a"] == rank["steps_b"] == [18, 20, 22, 24]
         assert rank["stored_numel"] <= rank["full_numel"] / 2 + 64

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ckptavg import CheckpointWindow, consolidate
-from conftest import assert_close_to_reference, reference_merge
-
-HERE = Path(__file__).parent
-
-
-def run_two_ranks(worker: str, out: Path) -> list[dict]:
-    env = os.environ | {"PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / worker), str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+from conftest import assert_close_to_reference, reference_merge, run_ranks
 
 
 def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -37,7 +21,7 @@ def test_fsdp2_windows_are_shard_native_and_consistent(tmp_path):
     # Each rank snapshots, merges and restores its own DTensor shards (cpu and disk tiers); the
     # merged model, gathered, equals a single-process merge of the full tensors. A NaN on one rank
     # restores both at the same step, to the same pre-spike merge.
-    ranks = run_two_ranks("fsdp_worker.py", tmp_path)
+    ranks = run_ranks("fsdp_worker.py", tmp_path, torchrun=True)
     assert ranks[0]["local_shapes"]["0.weight"] == (8, 8)  # half of (16, 8): only the shard is stored
     assert ranks[0]["local_shapes"]["2.weight"] == (3, 16) and ranks[1]["local_shapes"]["2.weight"] == (2, 16)
     sharding = ranks[1]["sharding"]
@@ -65,7 +49,7 @@ def test_fsdp2_windows_are_shard_native_and_consistent(tmp_path):
 def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
     # The full window of rank 0 is the reference: DDP parameters are identical on every rank, and
     # rank 0's buffers (BatchNorm statistics) are the ones DDP broadcasts.
-    ranks = run_two_ranks("ddp_window_worker.py", tmp_path)
+    ranks = run_ranks("ddp_window_worker.py", tmp_path, torchrun=True)
     full = ranks[0]
     assert not torch.equal(ranks[0]["sma_full"]["module.1.running_mean"], ranks[1]["sma_full"]["module.1.running_mean"])
     for rank in ranks:
@@ -107,12 +91,7 @@ def test_lightning_model_parallel_strategy_keeps_fsdp2_shards(tmp_path):
     # rank, merged.safetensors holds the full tensors, and the folders consolidate offline.
     from safetensors.torch import load_file
 
-    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "fsdp_lightning_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ranks("fsdp_lightning_worker.py", tmp_path)
     assert ranks[0]["local_shapes"]["net.0.weight"] == (16, 8)  # half of (32, 8)
     assert ranks[0]["restores"] == ranks[1]["restores"] == [(12, [4, 6, 8, 10])]
     assert ranks[0]["steps"] == ranks[1]["steps"] == [8, 10, 14, 16]

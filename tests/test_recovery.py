@@ -1,9 +1,5 @@
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,10 +8,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
 from ckptavg.testing import InjectDivergence
-from conftest import assert_close_to_reference, reference_merge
-from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
+from conftest import assert_close_to_reference, reference_merge, run_ranks
+from lit_helpers import Regression, data, trainer, val_loss_of
 
-HERE = Path(__file__).parent
 
 
 # -- the framework-free guard -----------------------------------------------------------------------
@@ -192,13 +187,7 @@ def test_recover_false_has_no_guard(tmp_path):
 
 
 def test_ddp_spike_on_one_rank_restores_both_together(tmp_path):
-    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), "spike-on-rank-1"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ranks("ddp_worker.py", tmp_path, "spike-on-rank-1")
     assert ranks[0]["restores"] == ranks[1]["restores"] == [12]
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key

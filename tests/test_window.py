@@ -1,6 +1,5 @@
 import copy
 import io
-import warnings
 
 import numpy as np
 import pytest
