@@ -87,18 +87,23 @@ def with_rank0_buffers(source: Any, tensors: Mapping[str, Tensor], group: Any = 
     if not names:
         return tensors
     device = collective_device(group)
-    copies = {name: local_tensor(tensors[name]).detach().to(device, copy=True) for name in names}
+    copies = {name: local_tensor(tensors[name]).detach().to(device, memory_format=torch.contiguous_format, copy=True) for name in names}
     src = dist.get_global_rank(group, 0) if group is not None else 0
-    for work in [dist.broadcast(t, src=src, group=group, async_op=True) for t in copies.values()]:
+    for work in [dist.broadcast(as_bytes(t), src=src, group=group, async_op=True) for t in copies.values()]:
         assert work is not None
         work.wait()
     return {**tensors, **copies}
 
 
+def as_bytes(tensor: Tensor) -> Tensor:
+    """A contiguous tensor's bytes: collectives then move any dtype (gloo and NCCL refuse int16)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 def all_gather_flat(output: Tensor, local: Tensor, group: Any = None) -> None:
-    """``output`` <- the ranks' equally sized ``local`` tensors, back to back."""
+    """``output`` <- the ranks' equally sized flat ``local`` tensors, back to back."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
-    gather(output, local, group=group)
+    gather(as_bytes(output), as_bytes(local), group=group)
 
 
 class Spread:

@@ -38,7 +38,20 @@ for step in range(1, 6):
     for window in (spread, full, disk):
         assert window.snapshot(model, step=step)
 
+# Every storable dtype spreads and gathers (as bytes: gloo and NCCL refuse int16 tensors).
+odd = {"w": CheckpointWindow(window=2, spread=True), "ref": CheckpointWindow(window=2, spread=False)}
+for step in range(3):
+    state = {
+        "i16": torch.arange(7, dtype=torch.int16) * step, "flag": torch.tensor([step % 2 == 0] * 3),
+        "f16": torch.linspace(-1, 1, 9, dtype=torch.float16) * step, "f64": torch.arange(3, dtype=torch.float64) / (step + 1),
+        "u8": torch.tensor([step], dtype=torch.uint8), "scalar": torch.tensor(float(step)),
+    }  # fmt: skip
+    for window in odd.values():
+        assert window.snapshot(state, step=step)
+odd_dtypes = (odd["w"].merge("wma"), odd["ref"].merge("wma"))
+
 results: dict = {
+    "odd_dtypes": odd_dtypes,
     "stored_numel": {name: sum(e.numel for e in w.layout) for name, w in (("spread", spread), ("full", full))},
     "sharding_kind": spread.sharding["kind"],
 }

@@ -63,6 +63,7 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
         assert_equal_states(rank["swapped"], {k.removeprefix("module."): v for k, v in full["sma_full"].items()})
         assert_equal_states(rank["loaded"], {k.removeprefix("module."): v for k, v in full["ema_full"].items()})
         assert rank["after_swap_equal"]
+        assert_equal_states(*rank["odd_dtypes"])
         # A NaN in rank 1's half: both ranks refuse the snapshot, and say why.
         assert rank["nan_accepted"] is False and rank["steps_after_nan"] == [3, 4, 5]
         assert any("NaN" in m for m in rank["nan_warning"])
