@@ -92,6 +92,8 @@ spread.load_into(model, "ema")
 results["loaded"] = {k: v.clone() for k, v in net.state_dict().items()}
 
 disk.close()
+with CheckpointWindow.open(out / "window") as reopened:  # as after a crash: each rank its own folder
+    results["reopened"] = reopened.merge("wma")  # still spread: merged on the slices and gathered
 dist.barrier()
 if rank == 0:
     results["consolidated"] = consolidate(out / "window", "wma")

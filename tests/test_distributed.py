@@ -59,6 +59,7 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
         for key in ("sma", "wma", "ema", "before"):
             assert_equal_states(rank[f"{key}_spread"], full[f"{key}_full"])
         assert_equal_states(rank["disk"], full["wma_full"])
+        assert_equal_states(rank["reopened"], full["wma_full"])
         assert_equal_states(rank["resumed"], full["ema_full"])
         assert_equal_states(rank["swapped"], {k.removeprefix("module."): v for k, v in full["sma_full"].items()})
         assert_equal_states(rank["loaded"], {k.removeprefix("module."): v for k, v in full["ema_full"].items()})
