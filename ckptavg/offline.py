@@ -127,7 +127,7 @@ def consolidate(
     single-process window. Each rank's files are merged with the same coefficient vector over the
     steps that every rank holds (a crash can leave one rank a snapshot ahead), and the pieces are
     put in place: FSDP2 shards at their offsets, spread slices at their ranges, replicas once.
-    Peak memory: the full result plus one rank's merge.
+    Peak memory: the full result, one rank's merge, and a byte per element (the coverage check).
 
     Raises ``FileNotFoundError`` for a missing folder or manifest, and ``ValueError`` naming the
     folder when the ranks disagree on the world size or no step is held by all of them.

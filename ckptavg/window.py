@@ -285,6 +285,7 @@ class CheckpointWindow:
         With ``before``, only snapshots taken at steps ``< before`` are merged (the others get
         coefficient 0): for example the stable point before a loss spike. An explicit weight list
         then gives one weight per selected snapshot."""
+        self.flush()  # a snapshot still being copied or written counts only once it is kept
         if before is None:
             return coefficients(method, len(self), alpha)
         selected = sum(1 for s in self.steps if s < before)
