@@ -16,10 +16,10 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
-from .merges import DEFAULT_ALPHA, check_alpha, coefficients
 from .layout import state_tensors
+from .merges import DEFAULT_ALPHA, check_alpha, coefficients
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
-from .sharding import is_dtensor
+from .sharding import distributed_rank, is_dtensor
 from .window import CheckpointWindow
 
 MERGED_PREFIX = "merged/"
@@ -423,14 +423,9 @@ def _scalar(value: Any) -> float:
     return float(value)
 
 
-def _multi_rank() -> bool:
-    """Whether this process is one of several in an initialised ``torch.distributed`` group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
 def _gather_to_rank0(obj: Any) -> list[Any] | None:
     """Every rank's ``obj``, by rank, on rank 0 (``None`` elsewhere)."""
-    if not _multi_rank():
+    if distributed_rank()[1] == 1:
         return [obj]
     gathered: list[Any] | None = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(obj, gathered, dst=0)
@@ -439,7 +434,7 @@ def _gather_to_rank0(obj: Any) -> list[Any] | None:
 
 def _broadcast_module(module: torch.nn.Module) -> None:
     """Make every rank hold rank 0's values (a no-op outside ``torch.distributed``)."""
-    if not _multi_rank():
+    if distributed_rank()[1] == 1:
         return
     with torch.no_grad():
         for tensor in module.state_dict().values():
