@@ -15,7 +15,7 @@ weights, then an in-place update of every weight) with and without an overlapped
 stall is the step time added by the snapshot, against the time of a plain blocking copy of the
 weights to host memory (target: under 10% of it).
 
-    python benchmarks/distributed.py                          # 25M parameters
+    python benchmarks/distributed.py                          # about 19M parameters (72 MiB)
     python benchmarks/distributed.py --params 2e6 --repeats 2 # a quick look
 """
 
@@ -135,6 +135,8 @@ def cpu_part(params: float, repeats: int) -> list[dict]:
             }
         )
     rows[1]["load_into / full window's"] = rows[1]["load_into (ms)"] / rows[0]["load_into (ms)"]
+    for row, ranks in zip(rows, results.values()):
+        row["model (MiB)"] = ranks[0]["model_bytes"] / 2**20
     return rows
 
 
@@ -195,11 +197,11 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = cpu_part(args.params, args.repeats)
     gpu = gpu_part(args.gpu_params, args.repeats) if torch.cuda.is_available() else {"note": "no CUDA device: not measured"}
-    columns = list(rows[0]) + ["load_into / full window's"]
+    columns = [c for c in rows[0] if c != "model (MiB)"] + ["load_into / full window's"]
     report(
         "distributed",
-        f"Window of {WINDOW} in a 2-process gloo run, {args.params / 1e6:.0f}M fp32 parameters (targets: stored/model 4 "
-        "when spread; GPU stall < 0.1 of a plain copy)",
+        f"Window of {WINDOW} in a 2-process gloo run, a model of {rows[0]['model (MiB)']:.0f} MiB fp32 "
+        "(targets: stored/model 4 when spread; GPU stall < 0.1 of a plain copy)",
         columns,
         rows,
         extra={"params": args.params, "gpu": gpu},
