@@ -123,14 +123,14 @@ def consolidate(
 ) -> dict[str, Tensor]:
     """The full merged state dict of a disk window written by a multi-process run, in one process.
 
-    ``dirpath`` is the folder every rank was given (holding ``rank0``, ``rank1``, ...) or a
-    single-process window. Each rank's files are merged with the same coefficient vector over the
+    ``dirpath`` is the folder every rank was given (holding rank 0's index ``manifest.json`` and
+    the folders ``rank0``, ``rank1``, ...) or a single-process window. Each rank's files are merged with the same coefficient vector over the
     steps that every rank holds (a crash can leave one rank a snapshot ahead), and the pieces are
     put in place: FSDP2 shards at their offsets, spread slices at their ranges, replicas once.
     Peak memory: the full result, one rank's merge, and a byte per element (the coverage check).
 
-    Raises ``FileNotFoundError`` for a missing folder or manifest, and ``ValueError`` naming the
-    folder when the ranks disagree on the world size or no step is held by all of them.
+    Raises ``FileNotFoundError`` naming a missing rank folder or manifest, and ``ValueError``
+    naming the folder when the ranks disagree on the world size or no step is held by all of them.
     """
     from .window import CheckpointWindow
 

@@ -26,6 +26,7 @@ from .layout import Layout, dtype_code, dtype_from_code
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ckptavg.window"
 MANIFEST_VERSION = 1
+RANKS_FORMAT = "ckptavg.ranks"  # the top-level index of a multi-process window
 OTHER_RANK = "a tensor on another rank"  # a spread snapshot is rejected by every rank together
 _SNAPSHOT_FILE = re.compile(r"^snapshot-(\d+)\.safetensors$")
 
@@ -50,10 +51,33 @@ def rank_dirpath(dirpath: str | os.PathLike[str], rank: int, world: int) -> Path
     return Path(dirpath) / f"rank{rank}" if world > 1 else Path(dirpath)
 
 
+def write_ranks_manifest(dirpath: str | os.PathLike[str], sharding: Mapping[str, Any]) -> None:
+    """Rank 0's index of a multi-process window: the world size and the kind of sharding (each
+    rank's own manifest holds its placements). Written without communication."""
+    Path(dirpath).mkdir(parents=True, exist_ok=True)
+    world = int(sharding["world_size"])
+    atomic_write_json(
+        Path(dirpath) / MANIFEST,
+        {"format": RANKS_FORMAT, "version": MANIFEST_VERSION, "world_size": world, "kind": sharding["kind"],
+         "ranks": [rank_dirpath(dirpath, r, world).name for r in range(world)]},
+    )  # fmt: skip
+
+
 def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
-    """The per-rank folders of a multi-process window, by rank; ``[dirpath]`` for a single one."""
-    found = {int(m.group(1)): p for p in Path(dirpath).glob("rank*") if (m := re.fullmatch(r"rank(\d+)", p.name))}
-    return [found[r] for r in sorted(found)] if found else [Path(dirpath)]
+    """The per-rank folders of a multi-process window, by rank (every rank's, as its index lists
+    them: a missing one raises ``FileNotFoundError`` naming it); ``[dirpath]`` for a single one."""
+    path = Path(dirpath) / MANIFEST
+    index = read_json(path) if path.is_file() else {}
+    if index.get("format") != RANKS_FORMAT:
+        found = {int(m.group(1)): p for p in Path(dirpath).glob("rank*") if (m := re.fullmatch(r"rank(\d+)", p.name))}
+        return [found[r] for r in sorted(found)] if found else [Path(dirpath)]
+    folders = [Path(dirpath) / name for name in index["ranks"]]
+    missing = [f.name for f in folders if not (f / MANIFEST).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{dirpath} is a window of {index['world_size']} processes, but the folders of {missing} are missing or hold no manifest"
+        )
+    return folders
 
 
 class CpuRing:
@@ -201,11 +225,23 @@ class DiskStore:
 
     @staticmethod
     def read_manifest(dirpath: str | os.PathLike[str]) -> dict[str, Any]:
+        manifest = DiskStore._parse_manifest(dirpath)
+        if manifest.get("format") == RANKS_FORMAT:
+            raise ValueError(
+                f"{dirpath} holds the folders of a {manifest.get('world_size')}-process window: reopen it inside that "
+                "run, open one rank's folder, or merge them all with ckptavg.consolidate"
+            )
+        return manifest
+
+    @staticmethod
+    def _parse_manifest(dirpath: str | os.PathLike[str]) -> dict[str, Any]:
         path = Path(dirpath) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"no ckptavg window in {dirpath}: {path} does not exist")
         try:
             manifest = read_json(path)
+            if manifest.get("format") == RANKS_FORMAT:
+                return manifest  # raised below, outside the "malformed" wording
             if manifest.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
             if manifest.get("version") != MANIFEST_VERSION:

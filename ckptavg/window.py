@@ -17,7 +17,7 @@ from .kernels import PendingCopy
 from .layout import Layout, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, shard_placements, with_rank0_buffers
-from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected
+from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected, write_ranks_manifest
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 Storage = Literal["cpu", "disk"]
@@ -275,6 +275,9 @@ class CheckpointWindow:
             pin = False
         if self.storage == "cpu":
             return CpuRing(layout, self.window, pin_memory=pin)
+        if self._sharding is not None and self._sharding["rank"] == 0:
+            assert self.dirpath is not None
+            write_ranks_manifest(self.dirpath, self._sharding)
         return DiskStore(self._files_dirpath(), layout, self.window, pin_memory=pin, sharding=self._sharding)
 
     # -- merging ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -81,9 +82,14 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
         assert piece.sharding["kind"] == "spread" and piece.steps == [3, 4, 5]
         part = piece.merge("sma")
         assert "module.0.weight" not in part and part["module.1.bias"].shape == (10,)  # fp32 elements 320..566
+    # Rank 0 indexes the folders; a single process cannot mistake the index for a window.
+    index = json.loads((tmp_path / "window" / "manifest.json").read_text())
+    assert (index["world_size"], index["kind"], index["ranks"]) == (2, "spread", ["rank0", "rank1"])
+    with pytest.raises(ValueError, match="folders of a 2-process window"):
+        CheckpointWindow.open(tmp_path / "window")
     # Without every rank's folder there is no full merge.
     shutil.rmtree(tmp_path / "window" / "rank1")
-    with pytest.raises(ValueError, match="rank folders"):
+    with pytest.raises(FileNotFoundError, match=r"\['rank1'\] are missing"):
         consolidate(tmp_path / "window")
 
 
@@ -102,5 +108,5 @@ def test_lightning_model_parallel_strategy_keeps_fsdp2_shards(tmp_path):
     assert_equal_states(ranks[0]["final"], ranks[1]["final"])
     assert_close_to_reference(ranks[0]["final"], reference)
     assert_equal_states(load_file(tmp_path / "out" / "merged.safetensors"), ranks[0]["final"])
-    assert sorted(p.name for p in (tmp_path / "out" / "window").iterdir()) == ["rank0", "rank1"]
+    assert sorted(p.name for p in (tmp_path / "out" / "window").iterdir()) == ["manifest.json", "rank0", "rank1"]
     assert_equal_states(consolidate(tmp_path / "out" / "window", "sma"), ranks[0]["final"])
