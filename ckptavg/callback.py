@@ -402,11 +402,15 @@ class CheckpointAverager(Callback):
         """This rank's window state out of a checkpoint (see :meth:`state_dict`)."""
         if "ranks" not in window:
             return window
+        parts = window["ranks"]
+        spread_cpu = all((p.get("sharding") or {}).get("kind") == "spread" and p.get("storage") == "cpu" for p in parts)
+        if window["world_size"] != self._world_size and spread_cpu:
+            return CheckpointWindow.combine_states(parts)  # re-spread over this run's ranks on load
         if window["world_size"] != self._world_size:
             raise ValueError(
                 f"the checkpoint's CheckpointAverager window was kept by {window['world_size']} processes; this run has "
-                f"{self._world_size}. Resume with {window['world_size']} processes, or use storage='disk' and merge the "
-                "old window offline with ckptavg.consolidate"
+                f"{self._world_size}. Resume with {window['world_size']} processes, or merge the old disk window "
+                "offline with ckptavg.consolidate"
             )
         return window["ranks"][self._rank]
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import Layout, local_tensor
+from .layout import Layout, dtype_from_code, local_tensor
 
 Placement = dict[str, Any]
 
@@ -138,6 +138,15 @@ class Spread:
         return {
             name: {"shape": list(self.full.entries[name].shape), "flat": list(piece)} for name, piece in self.pieces.items()
         }
+
+    def local_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """This rank's slice of a whole cpu-window state (its ``snapshots`` rows cut to ``[lo, hi)``)."""
+        snapshots = {}
+        for code, rows in state["snapshots"].items():
+            lo, hi = self.ranges[dtype_from_code(code)]
+            if hi > lo:
+                snapshots[code] = rows[:, lo:hi]
+        return {**state, "layout": self.local.to_json(), "snapshots": snapshots}
 
     def local_views(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """This rank's slice of each full tensor (views of contiguous tensors: nothing is copied)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .files import CkptavgWarning
 from .kernels import PendingCopy
-from .layout import Layout, local_tensor, state_tensors
+from .layout import Layout, dtype_code, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, shard_placements, with_rank0_buffers
 from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected, write_ranks_manifest
@@ -428,22 +428,35 @@ class CheckpointWindow:
             raise ValueError(f"CheckpointWindow state version {state.get('version')!r} is not supported")
         if state.get("storage") != self.storage:
             raise ValueError(f"the state holds a {state.get('storage')!r} window; this window stores on {self.storage!r}")
+        rank, world = distributed_rank(self.process_group)
         sharding = state.get("sharding")
-        if sharding is not None:
-            rank, world = distributed_rank(self.process_group)
-            if (sharding["rank"], sharding["world_size"]) != (rank, world):
-                raise ValueError(
-                    f"the state holds the part of rank {sharding['rank']} of {sharding['world_size']} of a multi-process "
-                    f"window; this process is rank {rank} of {world} (resume with the same number of processes, or "
-                    "merge the disk window offline with ckptavg.consolidate)"
-                )
+        whole = self.storage == "cpu" and (sharding is None or sharding["kind"] == "replicated")  # portable
+        if sharding is not None and not whole and (sharding["rank"], sharding["world_size"]) != (rank, world):
+            raise ValueError(
+                f"the state holds the part of rank {sharding['rank']} of {sharding['world_size']} of a multi-process "
+                f"window; this process is rank {rank} of {world} (resume with the same number of processes; combine "
+                "a spread window's states with CheckpointWindow.combine_states, or merge a disk window offline with "
+                "ckptavg.consolidate)"
+            )
         if self._store is not None:
             self._store.close()
             self._store = None
-        self._adopt_sharding(sharding)
+        self._adopt_sharding(None if whole else sharding)
         if state["layout"] is None:
             return
         layout = Layout.from_json(state["layout"])
+        if whole and world > 1:
+            # A whole window (saved by one process, a replica, or combined) joins this multi-process run.
+            if self.spread:
+                self._spread = Spread(layout, rank, world, self.process_group)
+                state = self._spread.local_state(state)
+                layout = self._spread.local
+                placements, kind = self._spread.placements(), "spread"
+            else:
+                placements, kind = {e.name: {"shape": list(e.shape), "offset": [0] * len(e.shape)} for e in layout}, "replicated"
+            self._sharding = {"kind": kind, "rank": rank, "world_size": world, "placements": placements}
+            if self._spread is not None:
+                self._sharding["full_layout"] = self._spread.full.to_json()
         if self.storage == "cpu":
             store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
         else:
@@ -452,6 +465,33 @@ class CheckpointWindow:
                 raise ValueError(f"the files in {store.dirpath} hold a different layout from the checkpoint's window")
         store.load_state_dict(state)
         self._store = store
+
+    @staticmethod
+    def combine_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One whole-window state from the :meth:`state_dict` of every rank (in rank order) of a
+        spread cpu window: loadable in a single process, or by a run of any number of processes
+        (which spreads it again)."""
+        states = list(states)
+        shardings = [s.get("sharding") or {} for s in states]
+        if not states or any(sh.get("kind") != "spread" or s.get("storage") != "cpu" for s, sh in zip(states, shardings)):
+            raise ValueError("combine_states takes the state of every rank of a spread cpu window")
+        if [sh["rank"] for sh in shardings] != list(range(len(states))) or {sh["world_size"] for sh in shardings} != {len(states)}:
+            raise ValueError(
+                f"combine_states needs one state per rank, in rank order; got ranks {[sh['rank'] for sh in shardings]} "
+                f"of world sizes {sorted({sh['world_size'] for sh in shardings})}"
+            )
+        if any(list(s["steps"]) != list(states[0]["steps"]) for s in states):
+            raise ValueError(f"the ranks' windows hold different steps: {[list(s['steps']) for s in states]}")
+        full = Layout.from_json(shardings[0]["full_layout"])
+        snapshots = {}
+        for dtype, numel in full.group_numel.items():
+            code = dtype_code(dtype)
+            # Rank r holds elements [r * chunk, ...) of each group: its rows continue rank r - 1's.
+            rows = torch.cat([s["snapshots"][code] for s in states if code in s["snapshots"]], dim=1)
+            if rows.shape[1] != numel:
+                raise ValueError(f"the ranks' {code} slices hold {rows.shape[1]} elements; the full layout has {numel}")
+            snapshots[code] = rows
+        return {**{k: v for k, v in states[0].items() if k != "sharding"}, "layout": full.to_json(), "snapshots": snapshots}
 
 
 def _agreed(bad: str | None, group: Any) -> str | None:

@@ -81,7 +81,19 @@ buffer.seek(0)
 resumed = CheckpointWindow(window=3)
 resumed.load_state_dict(torch.load(buffer, weights_only=True))
 results["resumed"] = resumed.merge("ema")
-results["state"] = spread.state_dict()  # the test tries to load it in a single process
+results["state"] = spread.state_dict()  # the test loads it in a single process
+
+# Whole windows join a spread run: every rank's states combined, or rank 0's full window.
+states: list = [None, None]
+dist.all_gather_object(states, results["state"])
+respread = CheckpointWindow(window=3, spread=True)
+respread.load_state_dict(CheckpointWindow.combine_states(states))
+results["respread_combined"] = respread.merge("ema")
+whole = [full.state_dict() if rank == 0 else None]
+dist.broadcast_object_list(whole, src=0)
+respread.load_state_dict(whole[0])
+results["respread_full"] = respread.merge("ema")
+results["respread_stored"] = sum(e.numel for e in respread.layout)
 
 # load_into gathers the merge into every replica; swapped gives the raw weights back.
 raw = {k: v.clone() for k, v in net.state_dict().items()}

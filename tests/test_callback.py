@@ -232,6 +232,21 @@ def test_ddp_spread_window_resumes_from_a_checkpoint(tmp_path, storage):
     assert (tmp_path / "b" / "out" / "merged.safetensors").exists()
 
 
+def test_spread_window_resumes_in_a_single_process(tmp_path):
+    # A 2-process DDP run's spread window (every rank's half in the checkpoint) resumes in one
+    # process: the merge at the end covers snapshots from both runs.
+    ranks = run_ranks("ddp_worker.py", tmp_path, "resize")
+    assert ranks[0]["steps"] == [10, 12, 14, 16]
+    L.seed_everything(0)
+    model = Regression()
+    recorder, averager = Recorder(), CheckpointAverager(window=4, every_n_steps=2, dirpath=tmp_path / "out", recover=False)
+    train, val = data()
+    trainer(tmp_path / "single", [recorder, averager], max_steps=18).fit(model, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert averager.window.steps == [12, 14, 16, 18] and averager.window.sharding is None
+    snapshots = [ranks[0]["states"][s] for s in (12, 14, 16)] + [recorder.states[18]]
+    assert_close_to_reference(model.state_dict(), reference_merge(snapshots, "sma"))
+
+
 def test_reusing_the_callback_for_a_new_run_starts_a_new_window(tmp_path):
     averager = CheckpointAverager(window=3, every_n_steps=4)
     trainer(tmp_path / "a", [averager], max_steps=12, limit_val_batches=0).fit(Regression(), data()[0])

@@ -74,6 +74,18 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
     assert_equal_states(ranks[0]["ema_spread"], ranks[1]["ema_spread"])
     assert_equal_states(ranks[0]["consolidated"], ranks[0]["wma_full"])
 
+    # Whole windows join a spread run (spread again), and the ranks' states combine into one
+    # whole window that a single process loads: the merges stay bit for bit the same.
+    for rank in ranks:
+        assert rank["respread_stored"] == rank["stored_numel"]["spread"]
+        assert_equal_states(rank["respread_combined"], full["ema_full"])
+        assert_equal_states(rank["respread_full"], full["ema_full"])
+    alone = CheckpointWindow(window=3)
+    alone.load_state_dict(CheckpointWindow.combine_states([ranks[0]["state"], ranks[1]["state"]]))
+    assert alone.steps == [3, 4, 5] and alone.sharding is None
+    assert_equal_states(alone.merge("wma"), full["wma_full"])
+    with pytest.raises(ValueError, match="one state per rank, in rank order"):
+        CheckpointWindow.combine_states([ranks[1]["state"], ranks[0]["state"]])
     # A rank's part cannot pass for a whole window: a single process refuses it, naming both.
     with pytest.raises(ValueError, match="rank 1 of 2 .* this process is rank 0 of 1"):
         CheckpointWindow(window=3).load_state_dict(ranks[1]["state"])
