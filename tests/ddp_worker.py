@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ckptavg import CheckpointAverager
-from lit_helpers import Recorder, Regression, data, trainer
+from lit_helpers import Recorder, Regression, data, finish, trainer
 
 root = Path(sys.argv[1])
 mode = sys.argv[2] if len(sys.argv) > 2 else ""
@@ -54,7 +54,7 @@ if mode.startswith("resume-"):
         "merge_a": whole.window.merge("wma"), "merge_b": second.window.merge("wma"),  # collective
     }  # fmt: skip
     torch.save(result, root / f"rank{run.global_rank}.pt")
-    sys.exit(0)
+    finish()
 
 if mode == "resize":
     # 2 epochs on 2 processes, checkpointed; the test resumes the run in a single process.
@@ -62,7 +62,7 @@ if mode == "resize":
     run, _ = fit("b", [recorder, first, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=2,
                  enable_checkpointing=True)  # fmt: skip
     torch.save({"states": recorder.states, "steps": first.window.steps}, root / f"rank{run.global_rank}.pt")
-    sys.exit(0)
+    finish()
 
 averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", recover={"warmup": 4})
 callbacks = [averager]
@@ -81,3 +81,4 @@ torch.save(
     },
     root / f"rank{run.global_rank}.pt",
 )
+finish()

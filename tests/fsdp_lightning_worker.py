@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 
 from ckptavg import CheckpointAverager
 from ckptavg.testing import InjectDivergence
-from lit_helpers import Recorder, Regression, data, trainer
+from lit_helpers import Recorder, Regression, data, finish, trainer
 
 root = Path(sys.argv[1])
 
@@ -65,7 +65,7 @@ if len(sys.argv) > 2 and sys.argv[2] == "resume":
     _, model_b = fit("b", [second], ckpt_path=root / "ckpt" / "last.ckpt", max_epochs=3)
     result = {"a": full(model_a), "b": full(model_b), "steps_a": whole.window.steps, "steps_b": second.window.steps}
     torch.save(result, root / f"rank{run.global_rank}.pt")
-    sys.exit(0)
+    finish()
 
 averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", storage="disk", recover={"warmup": 4})
 recorder = FullRecorder()
@@ -82,3 +82,4 @@ torch.save(
     },
     root / f"rank{run.global_rank}.pt",
 )
+finish()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import lightning as L
@@ -97,3 +98,12 @@ def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
     )
     options.update(kwargs)
     return L.Trainer(callbacks=callbacks, **options)
+
+
+def finish() -> None:
+    """End a two-process worker: destroy the process group Lightning leaves initialised first (at
+    interpreter exit, gloo's threads can otherwise abort the process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(0)
