@@ -16,7 +16,7 @@ from .files import CkptavgWarning
 from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
-from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, shard_placements, with_rank0_buffers
+from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, replicated_placements, shard_placements, with_rank0_buffers
 from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected, write_ranks_manifest
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
@@ -226,8 +226,7 @@ class CheckpointWindow:
         """Decide, at the first snapshot, what this process stores: everything (one process, or
         replicas), its DTensor shards (FSDP2), or its slice of every tensor (spread DDP)."""
         full = Layout.from_tensors(tensors)
-        rank, world = distributed_rank(self.process_group)
-        if world == 1:
+        if distributed_rank(self.process_group)[1] == 1:
             return full
         sharded = any(is_dtensor(t) for t in tensors.values())
         spread = self.spread if self.spread is not None else isinstance(source, nn.parallel.DistributedDataParallel)
@@ -236,16 +235,19 @@ class CheckpointWindow:
                 "spread=True applies to replicated (DDP) models; this model's tensors are DTensor shards "
                 "(FSDP2), which each rank already keeps apart"
             )
-        if spread:
-            self._spread = Spread(full, rank, world, self.process_group)
-            kind, placements = "spread", self._spread.placements()
-        else:
-            kind, placements = ("dtensor" if sharded else "replicated"), shard_placements(tensors)
+        return self._join_run(full, spread, shard_placements(tensors), "dtensor" if sharded else "replicated")
+
+    def _join_run(self, full: Layout, spread: bool, placements: dict[str, Any], kind: str = "replicated") -> Layout:
+        """Become this rank's part of a multi-process window over ``full``: its slice of every
+        tensor (``spread``), or the tensors it holds, placed by ``placements``. Returns the layout
+        this rank stores."""
+        rank, world = distributed_rank(self.process_group)
         self._sharding = {"kind": kind, "rank": rank, "world_size": world, "placements": placements}
-        if self._spread is not None:
-            self._sharding["full_layout"] = full.to_json()
-            return self._spread.local
-        return full
+        if not spread:
+            return full
+        self._spread = Spread(full, rank, world, self.process_group)
+        self._sharding.update(kind="spread", placements=self._spread.placements(), full_layout=full.to_json())
+        return self._spread.local
 
     def _adopt_sharding(self, sharding: Mapping[str, Any] | None, in_run: bool = True) -> None:
         """Take over a stored window's sharding. A spread window gathers again only in a run of
@@ -447,16 +449,10 @@ class CheckpointWindow:
         layout = Layout.from_json(state["layout"])
         if whole and world > 1:
             # A whole window (saved by one process, a replica, or combined) joins this multi-process run.
-            if self.spread:
-                self._spread = Spread(layout, rank, world, self.process_group)
-                state = self._spread.local_state(state)
-                layout = self._spread.local
-                placements, kind = self._spread.placements(), "spread"
-            else:
-                placements, kind = {e.name: {"shape": list(e.shape), "offset": [0] * len(e.shape)} for e in layout}, "replicated"
-            self._sharding = {"kind": kind, "rank": rank, "world_size": world, "placements": placements}
+            shapes = {e.name: torch.empty(e.shape, device="meta") for e in layout}
+            layout = self._join_run(layout, bool(self.spread), replicated_placements(shapes))
             if self._spread is not None:
-                self._sharding["full_layout"] = self._spread.full.to_json()
+                state = self._spread.local_state(state)
         if self.storage == "cpu":
             store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
         else:
