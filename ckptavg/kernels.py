@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .layout import Block, Layout, accumulation_dtype, is_averaged, local_tensor
+from .layout import Block, Layout, accumulation_dtype, flat_local, is_averaged
 
 RowSource = Callable[[torch.dtype, int, int], Iterable[tuple[Tensor, float]]]
 """``rows(dtype, lo, hi)`` yields ``(row, coefficient)`` for elements ``[lo, hi)`` of a dtype group,
@@ -92,11 +92,6 @@ def scatter_block(block: Block, values: Tensor, flat_out: Mapping[str, Tensor]) 
     torch._foreach_copy_(outside, inside)
 
 
-def _flat_source(tensor: Tensor) -> Tensor:
-    # A view for contiguous tensors (the usual case); a non-contiguous one is copied once here.
-    return local_tensor(tensor).detach().reshape(-1)
-
-
 class PendingCopy:
     """The outcome of a snapshot copy: the name of a tensor holding NaN or Inf, or ``None``.
 
@@ -164,7 +159,7 @@ def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping
 
     CUDA tensors: see :func:`_copy_from_cuda`: asynchronous, on a side stream.
     """
-    sources = {name: _flat_source(t) for name, t in tensors.items()}
+    sources = {name: flat_local(t) for name, t in tensors.items()}
     if sources and all(s.is_cuda for s in sources.values()):
         return _copy_from_cuda(layout, sources, buffers)
     sums: list[tuple[torch.dtype, Block, Tensor]] = []

@@ -64,6 +64,12 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def flat_local(tensor: Tensor) -> Tensor:
+    """The data this process holds, flattened and detached: a view for contiguous tensors (the
+    usual case); a non-contiguous one is copied."""
+    return local_tensor(tensor).detach().reshape(-1)
+
+
 def state_tensors(source: nn.Module | Mapping[str, Any], *, keep_vars: bool = False) -> dict[str, Tensor]:
     """The named tensors of a model (its ``state_dict``) or of a mapping; non-tensor entries (such
     as ``_extra_state`` objects) are skipped. With ``keep_vars`` a model's own parameter and buffer

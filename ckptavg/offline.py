@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import weighted_sum_
-from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, is_averaged, local_tensor, state_tensors
+from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, flat_local, is_averaged, local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Placement, assemble, replicated_placements
 from .storage import DiskStore, rank_dirpaths
@@ -105,7 +105,7 @@ def merge_state_dicts(
         if not is_averaged(entry.dtype):
             out.copy_(local_tensor(dicts[-1][entry.name]))
             continue
-        rows = [(local_tensor(d[entry.name]).reshape(-1), c) for d, c in live]  # each file read once
+        rows = [(flat_local(d[entry.name]), c) for d, c in live]  # each file read once
         flat = out.view(-1)
         acc = torch.empty(min(BLOCK_NUMEL, entry.numel), dtype=accumulation_dtype(entry.dtype))
         for lo in range(0, entry.numel, BLOCK_NUMEL):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import Layout, dtype_from_code, local_tensor
+from .layout import Layout, dtype_from_code, flat_local, local_tensor
 
 Placement = dict[str, Any]
 
@@ -151,7 +151,7 @@ class Spread:
     def local_views(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """This rank's slice of each full tensor (views of contiguous tensors: nothing is copied)."""
         return {
-            name: local_tensor(tensors[name]).detach().reshape(-1)[a:b] for name, (a, b) in self.pieces.items()
+            name: flat_local(tensors[name])[a:b] for name, (a, b) in self.pieces.items()
         }
 
     def local_outputs(self) -> tuple[dict[torch.dtype, Tensor], dict[str, Tensor]]:
