@@ -64,13 +64,12 @@ def write_ranks_manifest(dirpath: str | os.PathLike[str], sharding: Mapping[str,
 
 
 def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
-    """The per-rank folders of a multi-process window, by rank (every rank's, as its index lists
-    them: a missing one raises ``FileNotFoundError`` naming it); ``[dirpath]`` for a single one."""
+    """The per-rank folders of a multi-process window, as rank 0's index lists them (a missing one
+    raises ``FileNotFoundError`` naming it); ``[dirpath]`` for a single-process window."""
     path = Path(dirpath) / MANIFEST
     index = read_json(path) if path.is_file() else {}
     if index.get("format") != RANKS_FORMAT:
-        found = {int(m.group(1)): p for p in Path(dirpath).glob("rank*") if (m := re.fullmatch(r"rank(\d+)", p.name))}
-        return [found[r] for r in sorted(found)] if found else [Path(dirpath)]
+        return [Path(dirpath)]
     folders = [Path(dirpath) / name for name in index["ranks"]]
     missing = [f.name for f in folders if not (f / MANIFEST).is_file()]
     if missing:
