@@ -9,8 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
 from ckptavg.testing import InjectDivergence
 from conftest import assert_close_to_reference, reference_merge, run_ranks
-from lit_helpers import Regression, data, trainer, val_loss_of
-
+from lit_helpers import DigitsClassifier, Regression, data, digits, trainer, val_loss_of
 
 
 # -- the framework-free guard -----------------------------------------------------------------------
@@ -179,6 +178,18 @@ def test_resume_keeps_the_detector_history_and_restore_count(tmp_path):
     resumed = fit(6, {51}, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert [e.step for e in resumed.recovery_events] == [30, 51]
     assert resumed.guard.loss_level.seen > seen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_classifier_whose_loss_goes_to_zero_is_never_restored(tmp_path, seed):
+    """Issue 10: the digits classifier at batch 32 (median per-batch loss about 0.002, a batch with
+    one misclassified example at 0.01 to 0.3) crashed with RecoveryError under the defaults."""
+    L.seed_everything(seed)
+    averager = CheckpointAverager(window=8, every_n_steps=12, preview=False)
+    train, val = digits(batch_size=32)
+    trainer(tmp_path, [averager], max_epochs=25, limit_val_batches=0).fit(DigitsClassifier(), train)
+    assert averager.recovery_events == []
+    assert averager.guard.loss_level.seen == 25 * 45  # every optimizer step was judged
 
 
 def test_recover_false_has_no_guard(tmp_path):
