@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, report  # noqa: E402
 from models import ByteGPT, batch_at, stdlib_bytes, validation_batches  # noqa: E402
 
-from ckptavg import CheckpointWindow  # noqa: E402
+from ckptavg import CheckpointWindow, SpikeGuard  # noqa: E402
 
 
 @dataclass
@@ -114,7 +114,9 @@ class Trainer:
             self.step += 1
             for group in self.optimizer.param_groups:
                 group["lr"] = schedule(self.cfg, self.step)
-            loss = self.model.loss(batch_at(self.train, self.step, self.cfg.batch_size, self.cfg.context, self.cfg.seed))
+            self.batch = batch_at(self.train, self.step, self.cfg.batch_size, self.cfg.context, self.cfg.seed)
+            loss = self.model.loss(self.batch)
+            self.loss = loss.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -175,6 +177,7 @@ def main() -> None:
     constant = Trainer(cfg, train, val)
     scratch = ByteGPT(context=cfg.context)
     window = CheckpointWindow(window=cfg.stored)
+    guard = SpikeGuard(window)  # recovery on, with the default policy, as a user would run it
     curves: dict[str, list[tuple[int, float]]] = {"constant (raw)": [], "preview (SMA of the window)": []}
     checks: list[dict] = []
     check_steps = {int(round(f * steps / cfg.base_interval)) * cfg.base_interval: f for f in cfg.check_points}
@@ -187,8 +190,14 @@ def main() -> None:
         except ValueError:
             return None
 
+    def batch_loss(t: Trainer) -> float:
+        with torch.no_grad():
+            return float(t.model.loss(t.batch))
+
     def after_step(t: Trainer) -> None:
-        if t.step % cfg.base_interval == 0:
+        if guard.observe(t.step, t.loss, model=t.model, evaluate=lambda: batch_loss(t)):
+            print(f"  {guard.restore(t.model, [t.optimizer], t.step)}", flush=True)
+        if t.step % cfg.base_interval == 0 and guard.healthy:
             window.snapshot(t.model, step=t.step)
         if t.step % cfg.eval_every == 0 or t.step == steps:
             curves["constant (raw)"].append((t.step, t.evaluate()))
@@ -207,7 +216,7 @@ def main() -> None:
 
     constant.advance(lr_constant, steps, after_step)
     raw_final = constant.evaluate()
-    print(f"constant: {raw_final:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"constant: {raw_final:.4f} ({time.perf_counter() - started:.0f} s); recovery decisions: {len(guard.events)}", flush=True)
 
     # -- 4: WSD, branched at 80% -------------------------------------------------------------------
     wsd = branches["wsd"]
@@ -270,7 +279,8 @@ def main() -> None:
         ["variant", "val loss", "vs cosine", "vs WSD"],
         rows,
         {"config": cfg.__dict__ | {"check_points": list(cfg.check_points)}, "sweep": sweep, "verdict": verdict,
-         "preview_check": preview_check, "curves": curves, "files": len(files)},  # fmt: skip
+         "preview_check": preview_check, "curves": curves, "files": len(files),
+         "recovery": {"policy": "RecoveryPolicy() (the default)", "decisions": [str(e) for e in guard.events]}},  # fmt: skip
     )
     print("\nwindow sweep (SMA):")
     for row in sweep:

@@ -13,8 +13,9 @@ This is the one module that touches Lightning internals; each is looked up defen
 from __future__ import annotations
 
 import copy
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -146,3 +147,30 @@ def has_validation(trainer: pl.Trainer) -> bool:
     if loop._combined_loader is None:
         return False
     return not loop.skip
+
+
+def batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], float] | None:
+    """A callable returning the module's training loss on ``batch`` with its current weights,
+    leaving no trace: no gradients, nothing logged, RNG and torchmetrics states restored. ``None``
+    under manual optimization (there ``training_step`` steps the optimizers itself)."""
+    if not pl_module.automatic_optimization:
+        return None
+
+    def evaluate() -> float:
+        saved_rng, saved_metrics = rng_state(), metric_states(pl_module)
+        pl_module.log = pl_module.log_dict = _ignore  # type: ignore[method-assign]  # instance attributes shadow the methods
+        try:
+            with torch.no_grad():
+                output = pl_module.training_step(batch, batch_idx)
+        finally:
+            del pl_module.log, pl_module.log_dict
+            set_rng_state(saved_rng)
+            restore_metric_states(saved_metrics)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
+
+    return evaluate
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None

@@ -165,7 +165,8 @@ class CheckpointAverager(Callback):
 
     @property
     def recovery_events(self) -> list[RecoveryEvent]:
-        """Every restore so far (also across a resume)."""
+        """Every recovery decision so far, with its evidence (also across a resume): restores, and
+        any ``"gave up"`` or ``"accepted"`` events (see :class:`ckptavg.RecoveryEvent`)."""
         return [] if self.guard is None else list(self.guard.events)
 
     def _build_window(self) -> CheckpointWindow:
@@ -220,7 +221,7 @@ class CheckpointAverager(Callback):
         self._unscale_lr()
         step = trainer.global_step
         if self.guard is not None:
-            self._watch(trainer, pl_module, outputs)  # first: an abnormal step is never snapshotted
+            self._watch(trainer, pl_module, outputs, batch, batch_idx)  # first: an abnormal step is never snapshotted
         if self.every_n_steps is not None and step > self.start_step and step % self.every_n_steps == 0:
             self._snapshot(pl_module, step)
 
@@ -260,7 +261,7 @@ class CheckpointAverager(Callback):
             group["lr"] = lr
         self._scaled_lrs.clear()
 
-    def _watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+    def _watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Accumulate the micro-batch losses of an optimizer step; judge the step once it is taken."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
@@ -275,13 +276,17 @@ class CheckpointAverager(Callback):
         assert self._loss_sum is not None
         mean_loss = float(self._loss_sum) / self._loss_count  # one host sync per optimizer step
         self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
-        if guard.observe(step, mean_loss, self._grad_norm):  # every rank acts at the same step
-            event = guard.restore(pl_module, trainer.optimizers, step)
-            self._restored_at = step  # the restored weights are a merge: not a snapshot of training
-            kept = "reset" if self.recovery.reset_optimizer else "kept"
-            rank_zero_warn(f"CheckpointAverager: {event}; optimizer state {kept}; training continues")
+        known = len(guard.events)
+        evaluate = _evaluation.batch_loss(pl_module, batch, batch_idx)  # run only when a restore is due, to check it helps
+        if guard.observe(step, mean_loss, self._grad_norm, model=pl_module, evaluate=evaluate):  # every rank acts at the same step
+            if guard.restore(pl_module, trainer.optimizers, step).action == "restored":
+                self._restored_at = step  # the restored weights are a merge: not a snapshot of training
+        for event in guard.events[known:]:  # the guard has warned; the loggers get the evidence too
+            metrics = {"ckptavg/restores": float(len(guard.restores)), "ckptavg/trigger_level": event.level, "ckptavg/trigger_limit": event.limit}
+            if event.action != "restored":
+                metrics["ckptavg/recovery_gave_up" if event.action == "gave up" else "ckptavg/level_accepted"] = 1.0
             for logger in trainer.loggers:
-                logger.log_metrics({"ckptavg/restores": float(len(guard.events)), "ckptavg/restore_loss": event.loss}, step=step)
+                logger.log_metrics(metrics, step=step)
 
     # -- performance preview ------------------------------------------------------------------------
 

@@ -75,6 +75,16 @@ def all_ranks_max(value: int, group: Any = None) -> int:
     return int(flag.item())
 
 
+def all_ranks_mean(values: list[float], group: Any = None) -> list[float]:
+    """The mean of each of ``values`` over the ranks of ``group`` (``values`` in one process); a
+    non-finite value on any rank makes that mean non-finite."""
+    if distributed_rank(group)[1] == 1:
+        return list(values)
+    summed = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    return [v / dist.get_world_size(group) for v in summed.tolist()]
+
+
 def with_rank0_buffers(source: Any, tensors: Mapping[str, Tensor], group: Any = None) -> Mapping[str, Tensor]:
     """``tensors`` with each of ``source``'s buffers replaced by rank 0's values.
 

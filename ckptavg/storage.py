@@ -140,6 +140,12 @@ class CpuRing:
         if len(self._slots) > self.capacity:
             del self._slots[0], self._steps[0]
 
+    def discard_from(self, step: int) -> None:
+        """Drop the snapshots taken at or after ``step`` (always the newest)."""
+        self.settle()
+        while self._steps and self._steps[-1] >= step:
+            del self._slots[-1], self._steps[-1]
+
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.settle()
         live = [(slot, c) for slot, c in zip(self._slots, coefficients) if c != 0.0]
@@ -360,6 +366,14 @@ class DiskStore:
                 "snapshots": records,
             },
         )
+
+    def discard_from(self, step: int) -> None:
+        """Drop the snapshots taken at or after ``step`` (always the newest): the manifest is
+        committed first, then their files are deleted."""
+        self.flush()
+        kept = [r for r in self._records if int(r["step"]) < step]
+        if len(kept) != len(self._records):
+            self._replace_records(kept)
 
     def _replace_records(self, records: list[dict[str, Any]]) -> None:
         """Commit a new list of records (a subset of the current ones) and delete the rest."""

@@ -204,6 +204,14 @@ class CheckpointWindow:
         warn_rejected(step, bad)
         return False
 
+    def discard_from(self, step: int) -> None:
+        """Drop the snapshots taken at or after ``step``, for example those taken after training
+        began to diverge (:class:`ckptavg.SpikeGuard` does this when it restores). In a
+        multi-process window every rank calls it with the same step; no communication."""
+        self.flush()
+        if self._store is not None:
+            self._store.discard_from(step)
+
     def before_update(self) -> None:
         """After ``snapshot(..., overlap=True)`` of CUDA tensors: call before changing them in place
         (the optimizer step). The current CUDA stream then waits, on the device, until the
