@@ -279,7 +279,7 @@ def train(task: Task, seed: int, trouble: Trouble | None = None, at: int = 0, re
             evaluate = lambda: _no_grad(task.loss, model, batch)  # noqa: E731 - the current batch, as the callback does
             if guard.observe(step, value, model=model, evaluate=evaluate):
                 guard.restore(model, [optimizer], step)
-            if guard.onset is not None and result.first_held is None:
+            if guard.onset is not None and result.first_held is None and step >= at:
                 result.first_held = step
             if guard.limit < math.inf and not guard.events:
                 base = guard.loss_level.reference()
@@ -291,6 +291,9 @@ def train(task: Task, seed: int, trouble: Trouble | None = None, at: int = 0, re
                 result.skipped_snapshots += 1
     result.wall = time.perf_counter() - start
     result.events = list(guard.events) if recover else []
+    decided = [e.onset for e in result.events if e.onset >= at]
+    if decided and (result.first_held is None or min(decided) < result.first_held):
+        result.first_held = min(decided)  # an immediate restore (non-finite weights) never leaves the stretch open
     with torch.no_grad():
         result.raw = task.evaluate(model)
         if len(window):

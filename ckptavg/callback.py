@@ -49,9 +49,10 @@ class CheckpointAverager(Callback):
         merge_at_end: when training ends, load the merged weights into the module and write them
             to ``dirpath/merged.safetensors`` (the trainer's own checkpoints keep the raw weights,
             so training can be resumed).
-        recover: restore a merged stable point when the loss spikes or turns non-finite, and keep
-            training (see :class:`ckptavg.RecoveryPolicy`): ``True`` (default policy), ``False``,
-            a ``RecoveryPolicy``, or a mapping of its fields (for YAML configs).
+        recover: restore a merged stable point when training diverges, and keep training (see
+            :class:`ckptavg.RecoveryPolicy` for the rule: conservative, it judges a smoothed loss,
+            and checks on the current batch that restoring helps): ``True`` (default policy),
+            ``False``, a ``RecoveryPolicy``, or a mapping of its fields (for YAML configs).
         spread: under DDP, keep only ``1/world`` of every snapshot on each rank (host memory per rank
             ``window x model / world``); merges are computed on the slices and gathered into every
             replica. ``False`` keeps a full window on every rank. (FSDP2 shards, under

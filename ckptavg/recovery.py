@@ -29,14 +29,15 @@ A plain loop::
 
 from __future__ import annotations
 
+import bisect
 import math
+import statistics
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -160,6 +161,41 @@ class RecoveryPolicy:
         raise ValueError(f"recover must be a bool, a RecoveryPolicy or a mapping of its fields, got {value!r}")
 
 
+class RollingQuantiles:
+    """The last ``size`` values, kept sorted too, so that quantiles cost a lookup (the guard reads
+    them at every optimizer step)."""
+
+    def __init__(self, size: int):
+        self.order: deque[float] = deque(maxlen=size)
+        self.sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.order)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.order
+
+    def append(self, value: float) -> None:
+        if len(self.order) == self.order.maxlen:
+            del self.sorted[bisect.bisect_left(self.sorted, self.order[0])]
+        self.order.append(value)
+        bisect.insort(self.sorted, value)
+
+    def clear(self) -> None:
+        self.order.clear()
+        self.sorted.clear()
+
+    def quantile(self, q: float) -> float:
+        """Linear interpolation between the closest ranks (numpy's default)."""
+        position = q * (len(self.sorted) - 1)
+        low = int(position)
+        high = min(low + 1, len(self.sorted) - 1)
+        return self.sorted[low] + (self.sorted[high] - self.sorted[low]) * (position - low)
+
+
 class SmoothedLevel:
     """One training signal: its recent values, its normal history, and the limit of its smoothed
     level (see :class:`RecoveryPolicy`)."""
@@ -167,7 +203,7 @@ class SmoothedLevel:
     def __init__(self, policy: RecoveryPolicy):
         self.policy = policy
         self.recent: deque[tuple[int, float]] = deque(maxlen=policy.smoothing)  # every value; non-finite as inf
-        self.normal: deque[float] = deque(maxlen=policy.history)
+        self.normal = RollingQuantiles(policy.history)
         self.held: deque[tuple[int, float]] = deque()  # high values not yet known to be harmless
         self.first: list[float] = []  # the first values, until the start level is known
         self.start: float | None = None
@@ -180,12 +216,12 @@ class SmoothedLevel:
 
     def level(self) -> float:
         """The median of the recent values (``inf`` counts as high)."""
-        return float(np.median([v for _, v in self.recent])) if self.recent else math.nan
+        return float(statistics.median(v for _, v in self.recent)) if self.recent else math.nan
 
     def baseline(self) -> tuple[float, float]:
         """The median of the normal history, and how far its 95th percentile lies above it."""
-        median, high = np.quantile(np.fromiter(self.normal, dtype=np.float64), [0.5, 0.95])
-        return float(median), float(high - median)
+        median = self.normal.quantile(0.5)
+        return median, self.normal.quantile(0.95) - median
 
     def reference(self) -> float:
         """The baseline the limit is measured from (``nan`` before any normal value)."""
@@ -234,7 +270,7 @@ class SmoothedLevel:
             if self.start is None:
                 self.first.append(value)
                 if len(self.first) >= max(self.policy.warmup, self.policy.smoothing):
-                    self.start, self.first = float(np.median(self.first)), []
+                    self.start, self.first = float(statistics.median(self.first)), []
 
     def rebase(self, values: Iterable[float]) -> None:
         """Make ``values`` the whole normal history (a new normal level)."""
@@ -263,7 +299,8 @@ class SmoothedLevel:
         self.held.clear()
         self.held.extend((int(s), float(v)) for s, v in state["held"])
         self.normal.clear()
-        self.normal.extend(float(v) for v in state["normal"])
+        for value in state["normal"]:
+            self.normal.append(float(value))
         self.first = [float(v) for v in state["first"]]
         self.start = None if state["start"] is None else float(state["start"])
         self.best = None if state["best"] is None else (float(state["best"][0]), float(state["best"][1]))
@@ -425,9 +462,10 @@ class SpikeGuard:
         trusted_before = (self.onset if self.onset is not None else 0) - 1
         if not any(s < trusted_before for s in self.window.steps):
             return True  # nothing to compare: restore() says so
-        current = evaluate()
-        with self.window.swapped(model, self.merge, self.alpha, before=trusted_before):
-            stable = evaluate()
+        with torch.no_grad():
+            current = evaluate()
+            with self.window.swapped(model, self.merge, self.alpha, before=trusted_before):
+                stable = evaluate()
         current, stable = all_ranks_mean([current, stable], self.window.process_group)
         self.checked = (current, stable)
         return stable < current - (self.limit - self.loss_level.reference()) or (math.isfinite(stable) and not math.isfinite(current))

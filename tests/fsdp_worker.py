@@ -48,7 +48,8 @@ for step in range(1, 12):
     loss = train_step(model, optimizer, torch.randn(4, 8, generator=generator))
     value = math.nan if (rank == 1 and step == 9) else float(loss)
     if guard.observe(step, value):  # the ranks agree: both restore at step 9
-        event = guard.restore(model, [optimizer], step)
+        event = guard.restore(model, [optimizer], step)  # the guard's (cpu) window drops the untrusted step 8
+        windows["disk"].discard_from(event.onset - 1)  # the mirror window does the same
         restored = {"step": event.step, "steps_merged": event.steps_merged, "weights": full_state()}
         continue
     for window in windows.values():

@@ -236,3 +236,22 @@ def test_sigkill_at_random_moments_leaves_a_reopenable_window(tmp_path):
         win.close()
         seen_steps.append(steps[-1])
     assert seen_steps == sorted(seen_steps)  # every restart continued the same window
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_discard_from_drops_the_newest_snapshots_and_continues(tmp_path, tiny_net, storage):
+    """A restore drops the snapshots taken after a divergence began: the manifest no longer lists
+    them (their files are gone), a reopened window holds the rest, and snapshots continue."""
+    states = perturbed_states(tiny_net, 6)
+    win = CheckpointWindow(window=4, storage=storage, dirpath=tmp_path / "win" if storage == "disk" else None)
+    for step, s in enumerate(states[:5], start=1):
+        assert win.snapshot(s, step=step)
+    win.discard_from(4)
+    assert win.steps == [2, 3]
+    assert_close_to_reference(win.merge("sma"), reference_merge(states[1:3], "sma"))
+    assert win.snapshot(states[5], step=6)
+    assert win.steps == [2, 3, 6]
+    if storage == "disk":
+        win.close()
+        assert [f.name for f in snapshot_files(tmp_path / "win")] == [f"snapshot-{s:012d}.safetensors" for s in (2, 3, 6)]
+        assert CheckpointWindow.open(tmp_path / "win").steps == [2, 3, 6]

@@ -29,7 +29,8 @@ def test_fsdp2_windows_are_shard_native_and_consistent(tmp_path):
     assert (sharding["kind"], sharding["rank"], sharding["world_size"]) == ("dtensor", 1, 2)
     assert sharding["placements"]["2.weight"] == {"shape": [5, 16], "offset": [3, 0]}
 
-    assert ranks[0]["steps"] == ranks[1]["steps"] == [8, 10, 11]
+    # Step 8 (the weights that the NaN loss of step 9 measured) left both windows at the restore.
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [7, 10, 11]
     reference = reference_merge(ranks[0]["full_states"], "ema")
     for rank in ranks:
         for tier in ("cpu", "disk"):

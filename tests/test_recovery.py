@@ -1,9 +1,11 @@
+import csv
 import math
 import random
 
 import lightning as L
 import pytest
 import torch
+import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
@@ -277,6 +279,57 @@ def test_healthy_classifier_whose_loss_goes_to_zero_is_never_restored(tmp_path, 
     trainer(tmp_path, [averager], max_epochs=25, limit_val_batches=0).fit(DigitsClassifier(), train)
     assert averager.recovery_events == []
     assert averager.guard.loss_level.seen == 25 * 45  # every optimizer step was judged
+
+
+class ScrambleWeights(Callback):
+    """Before the given step's forward pass, add large (finite) noise to every weight: the loss
+    jumps and stays high, the weights stay finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.add_(torch.randn_like(p))
+
+
+class CountingRegression(Regression):
+    """Updates a torchmetrics object and logs in training_step, and counts its calls."""
+
+    def __init__(self):
+        super().__init__(lr=0.005)  # slow enough that the scrambled weights stay finite and bad
+        self.train_mae = torchmetrics.MeanAbsoluteError()
+        self.examples_seen = torchmetrics.SumMetric()  # never reset: counts every update
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        prediction = self(x)
+        self.train_mae(prediction, y)
+        self.examples_seen.update(torch.tensor(float(len(x))))
+        self.log("train_mae", self.train_mae, on_step=True, on_epoch=False)
+        return torch.nn.functional.mse_loss(prediction, y)
+
+
+def test_restore_is_checked_on_the_current_batch_without_a_trace(tmp_path):
+    """Before restoring, the callback scores the current batch with the current weights and with the
+    stable point: the check logs nothing and leaves torchmetrics and the RNG as they were."""
+    L.seed_everything(0)
+    model = CountingRegression()
+    averager = CheckpointAverager(window=8, every_n_steps=4, preview=False, merge_at_end=False)
+    train, _ = data(shuffle=True)
+    trainer(tmp_path, [averager, ScrambleWeights(120)], max_epochs=12, limit_val_batches=0, log_every_n_steps=1).fit(model, train)
+    (event,) = averager.recovery_events
+    assert event.action == "restored" and event.onset == 120 and event.steps_merged[-1] == 116
+    assert event.stable_loss < event.batch_loss and math.isfinite(event.batch_loss)
+    # training_step ran twice more (the check), but its metric updates and logging left no trace.
+    assert model.training_steps == 192 + 2 and float(model.examples_seen.compute()) == 192 * 16
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train_mae")]
+    assert len(rows) == 192 and len({row["step"] for row in rows}) == 192
 
 
 def test_recover_false_has_no_guard(tmp_path):
