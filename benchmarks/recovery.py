@@ -31,7 +31,8 @@ was caught, the detection delay, restores, steps lost per restore, and the valid
 end-of-run merge with recovery, without it, and of the clean run.
 
     python benchmarks/recovery.py            # 30 healthy runs, 20 with trouble (+10 without recovery)
-    python benchmarks/recovery.py --quick    # fewer steps and seeds (the test suite's smoke run)
+    python benchmarks/recovery.py --quick    # fewer steps, one seed
+    python benchmarks/recovery.py --quick --tasks digits-b32   # the test suite's smoke run
 """
 
 from __future__ import annotations
@@ -310,6 +311,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs, one seed (a smoke test)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per healthy task")
     parser.add_argument("--trouble-seeds", type=int, default=2, help="seeds per kind of trouble and task")
+    parser.add_argument("--tasks", help="comma-separated task names to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     scale = 0.25 if args.quick else 1.0
@@ -328,6 +330,8 @@ def main() -> None:
         lm_task("lm-clip", n(800), clip=1.0),
         lm_task("lm-shift", n(800), shift=True),
     ]
+    if args.tasks:
+        healthy = [t for t in healthy if t.name in args.tasks.split(",")]
     rows, clean = [], {}
     for task in healthy:
         runs = [train(task, seed) for seed in range(seeds)]

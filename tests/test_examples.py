@@ -34,7 +34,7 @@ def test_plain_loop_example(tmp_path):
     "script, args",
     [
         ("window.py", ["--params", "3e5", "--repeats", "1", "--dtypes", "float32"]),
-        ("recovery.py", ["--steps", "60", "--spike-at", "40"]),
+        ("recovery.py", ["--quick", "--tasks", "digits-b32"]),
         ("anneal.py", ["--steps", "60", "--evals", "3"]),
         ("distributed.py", ["--params", "3e5", "--repeats", "1"]),
     ],
