@@ -103,6 +103,8 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
     trainer.loggers = []
     trainer.state.stage = RunningStage.VALIDATING
     try:
+        for metric, _ in saved_metric_states:
+            metric.reset()  # the nested run measures its own weights only (the raw run's updates are still held)
         yield loop
     finally:
         # The nested run's data fetcher is dropped, not torn down: tearing it down would reset the

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors import safe_open
 
@@ -67,7 +68,11 @@ class PreviewChecker(Callback):
         twin.load_state_dict(merged)
         expected = val_loss_of(twin, self.val)
         assert float(trainer.callback_metrics["merged/val_loss"]) == pytest.approx(expected, rel=1e-5)
-        assert "merged/val_mae" in trainer.callback_metrics
+        # A torchmetrics object logged by the module: its state from the raw run must not leak in.
+        with torch.no_grad():
+            twin.eval()
+            expected_mae = torch.cat([(twin(x) - y).abs().flatten() for x, y in self.val]).mean()
+        assert float(trainer.callback_metrics["merged/val_mae"]) == pytest.approx(float(expected_mae), rel=1e-5)
         self.checked.append(raw_step)
 
 
@@ -267,3 +272,81 @@ def test_two_averagers_keep_separate_state_through_a_checkpoint(tmp_path):
     ema2 = CheckpointAverager(window=3, every_n_steps=8, merge="ema", merge_at_end=False)
     trainer(tmp_path, [sma2, ema2], max_epochs=2, limit_val_batches=0).fit(Regression(), data()[0], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert (sma2.window.steps, ema2.window.steps) == ([28, 32], [16, 24, 32])
+
+
+class ManyWaysToLog(Regression):
+    """Logs validation metrics every way Lightning allows: a tensor with sync_dist, torchmetrics
+    objects, a MetricCollection, on_step and on_epoch, over two dataloaders."""
+
+    def __init__(self):
+        super().__init__()
+        self.mse = torch.nn.ModuleList([torchmetrics.MeanSquaredError() for _ in range(2)])
+        self.collections = torch.nn.ModuleList(
+            [torchmetrics.MetricCollection({"mae": torchmetrics.MeanAbsoluteError(), "mse": torchmetrics.MeanSquaredError()}, prefix="coll_") for _ in range(2)]
+        )
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        prediction = self(x)
+        loss = torch.nn.functional.mse_loss(prediction, y)
+        self.log("val_loss", loss, sync_dist=True)
+        self.mse[dataloader_idx](prediction, y)
+        self.log("val_mse", self.mse[dataloader_idx])
+        collection = self.collections[dataloader_idx]
+        collection(prediction, y)
+        self.log_dict(collection)
+        self.log("val_steps", loss, on_step=True, on_epoch=True)
+
+
+def expected_metrics(model: torch.nn.Module, loaders) -> dict[str, float]:
+    """What each key would read for ``model``'s weights, computed independently."""
+    out = {}
+    with torch.no_grad():
+        model.eval()
+        for k, loader in enumerate(loaders):
+            errors = [model(x) - y for x, y in loader]
+            batch_mse = [float(e.pow(2).mean()) for e in errors]
+            every = torch.cat([e.flatten() for e in errors])
+            suffix = f"/dataloader_idx_{k}"
+            out |= {
+                "val_loss" + suffix: sum(batch_mse) / len(batch_mse), "val_steps_epoch" + suffix: sum(batch_mse) / len(batch_mse),
+                "val_steps" + suffix: sum(batch_mse) / len(batch_mse), "val_mse" + suffix: float(every.pow(2).mean()),
+                "coll_mse" + suffix: float(every.pow(2).mean()), "coll_mae" + suffix: float(every.abs().mean()),
+            }  # fmt: skip
+    return out
+
+
+def test_merged_metrics_equal_an_independent_evaluation_however_they_are_logged(tmp_path):
+    """Issue 11: a torchmetrics object's state from the raw validation leaked into the merged one
+    (merged/val_mse was the mean of the raw and the merged runs)."""
+    L.seed_everything(0)
+    recorder = Recorder()
+    averager = CheckpointAverager(window=3, every_n_steps=4)
+    train, val = data()
+    _, second = data(seed=1)
+    loaders = [val, second]
+    seen = []
+
+    class Check(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking or "merged/val_loss/dataloader_idx_0" not in trainer.callback_metrics:
+                return
+            twin = copy.deepcopy(pl_module)
+            twin.load_state_dict(merge_state_dicts([recorder.states[s] for s in averager.window.steps]))
+            expected = expected_metrics(twin, loaders)
+            got = {k.removeprefix("merged/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("merged/")}
+            assert set(got) == set(expected)
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value, rel=1e-5), key
+            raw = expected_metrics(pl_module, loaders)  # the raw metrics are untouched
+            for key, value in raw.items():
+                assert float(trainer.callback_metrics[key]) == pytest.approx(value, rel=1e-5), key
+            seen.append(trainer.global_step)
+
+    model = ManyWaysToLog()
+    trainer(tmp_path, [recorder, averager, Check()], max_epochs=3, val_check_interval=0.5).fit(model, train, loaders)
+    assert seen == [8, 16, 24, 32, 40, 48]
+    # The end of the run: the module holds the merged weights; final/merged/... measured them.
+    expected = expected_metrics(model, loaders)
+    assert averager.final_metrics["merged"] == pytest.approx({k: expected[k] for k in averager.final_metrics["merged"]}, rel=1e-5)
+    assert set(averager.final_metrics["merged"]) == set(expected)
