@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).parents[1]
 
 
-def run(tmp_path: Path, *args: str, timeout: int = 300) -> str:
+def run(tmp_path: Path, *args: str) -> str:
     env = os.environ | {"CKPTAVG_BENCH_RESULTS": str(tmp_path / "results"), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
