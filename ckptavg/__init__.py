@@ -4,7 +4,7 @@ Every merge is a vector of coefficients over the stored snapshots, applied by on
 weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coefficients.
 """
 
-from .files import CkptavgWarning, CorruptSnapshotError
+from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .merges import coefficients, ema, sma, wma
 from .offline import consolidate, load_state_file, merge_state_dicts
@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointWindow",
     "CkptavgWarning",
     "CorruptSnapshotError",
+    "FolderLockedError",
     "Layout",
     "RecoveryError",
     "RecoveryEvent",

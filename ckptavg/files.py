@@ -60,7 +60,10 @@ def atomic_write_bytes(path: Path, chunks: list[memoryview | bytes]) -> int:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     crc = 0
     try:
-        with open(tmp, "wb") as f:
+        # A file (or a planted symlink) left at the temporary name is replaced, never written through.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 crc = zlib.crc32(chunk, crc)
                 f.write(chunk)
@@ -72,6 +75,47 @@ def atomic_write_bytes(path: Path, chunks: list[memoryview | bytes]) -> int:
         raise
     fsync_dir(path.parent)
     return crc
+
+
+class FolderLock:
+    """The one-writer lock of a window folder: an exclusive ``flock`` on ``dirpath/.lock``, held
+    while the writer lives and released by the kernel when its process ends (no stale lock to
+    clean up by hand). The file holds the holder's pid, for the error a second writer gets."""
+
+    NAME = ".lock"
+
+    def __init__(self, dirpath: Path):
+        self.path = dirpath / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock on this platform: one writer is on trust
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderLockedError(
+                f"{self.path.parent} is being written by another process (pid {holder}); a window folder has one "
+                "writer. Inspect it with CheckpointWindow.open(dirpath, readonly=True) or ckptavg.consolidate, or "
+                "give this run its own dirpath"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+class FolderLockedError(RuntimeError):
+    """A window folder already has a writer (another process, or another window in this one)."""
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -129,12 +173,13 @@ class SnapshotReader:
     whole group has been read in order (the merge reads groups front to back).
     """
 
-    def __init__(self, path: Path, layout: Layout, record: dict[str, Any], verify: bool = True):
+    def __init__(self, path: Path, layout: Layout, record: dict[str, Any], verify: bool = True, pinned: int | None = None):
         self.path = path
         self.record = record
         self.verify = verify
         try:
-            self._file = open(path, "rb", buffering=0)
+            # ``pinned``: a descriptor opened earlier (a reader's view survives the writer's eviction).
+            self._file = os.fdopen(os.dup(pinned), "rb", buffering=0) if pinned is not None else open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise CorruptSnapshotError(path, "the file is missing") from None
         try:

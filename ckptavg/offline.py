@@ -152,7 +152,7 @@ def consolidate(
 
     def rank_merges() -> Iterator[tuple[dict[str, Tensor], Mapping[str, Placement]]]:
         for folder, manifest in zip(folders, manifests):  # one rank's merge in memory at a time
-            with CheckpointWindow.open(folder) as window:
+            with CheckpointWindow.open(folder, readonly=True) as window:
                 merged = window.merge([chosen.get(step, 0.0) for step in window.steps])
             sharding = manifest.get("sharding")
             yield merged, sharding["placements"] if sharding else replicated_placements(merged)

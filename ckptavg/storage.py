@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .files import CkptavgWarning, CorruptSnapshotError, SnapshotReader, atomic_write_json, read_json, write_snapshot, TMP_SUFFIX
+from .files import TMP_SUFFIX, CkptavgWarning, CorruptSnapshotError, FolderLock, SnapshotReader, atomic_write_json, read_json, write_snapshot
 from .kernels import PendingCopy, copy_checked, merge_blocks
 from .layout import Layout, dtype_code, dtype_from_code
 
@@ -70,13 +70,39 @@ def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
     index = read_json(path) if path.is_file() else {}
     if index.get("format") != RANKS_FORMAT:
         return [Path(dirpath)]
-    folders = [Path(dirpath) / name for name in index["ranks"]]
+    try:
+        world = int(index["world_size"])
+        names = list(index["ranks"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the index {path} is malformed: {err!r}") from None
+    # Names are read from a file that may have been edited: only this index's own plain names.
+    if names != [f"rank{r}" for r in range(world)]:
+        raise ValueError(f"the index {path} field 'ranks' must be ['rank0', ..., 'rank{world - 1}'], got {names!r}")
+    folders = [Path(dirpath) / name for name in names]
     missing = [f.name for f in folders if not (f / MANIFEST).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{dirpath} is a window of {index['world_size']} processes, but the folders of {missing} are missing or hold no manifest"
         )
     return folders
+
+
+def _check_record(record: Any, i: int) -> None:
+    """One manifest entry: a plain snapshot file name inside the folder (never a path), matching its
+    step, and non-negative integer sizes and checksums."""
+    field = lambda key: f"field 'snapshots[{i}].{key}'"  # noqa: E731
+    if not isinstance(record, dict):
+        raise ValueError(f"field 'snapshots[{i}]' must be an object, got {record!r}")
+    for key in ("step", "nbytes", "header_bytes", "header_crc32"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{field(key)} must be a non-negative integer, got {value!r}")
+    name = record.get("file")
+    if not isinstance(name, str) or name != snapshot_filename(record["step"]):
+        raise ValueError(f"{field('file')} must be the plain file name {snapshot_filename(record['step'])!r}, got {name!r}")
+    crcs = record.get("group_crc32")
+    if not isinstance(crcs, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in crcs.values()):
+        raise ValueError(f"{field('group_crc32')} must map dtype names to integers, got {crcs!r}")
 
 
 class CpuRing:
@@ -204,6 +230,10 @@ class DiskStore:
     merged result plus a few blocks), verifying each file's size, header and checksums on the way.
     A file that fails is moved aside as ``*.corrupt`` and dropped from the window, and the error
     names it; the remaining snapshots stay usable.
+
+    A folder has one writer, enforced by :class:`ckptavg.files.FolderLock` (released when the
+    store closes or its process ends). A ``readonly`` store takes no lock and never changes the
+    folder: it merges and verifies what the last committed manifest lists, also while a writer runs.
     """
 
     def __init__(
@@ -213,8 +243,10 @@ class DiskStore:
         capacity: int,
         pin_memory: bool = False,
         sharding: dict[str, Any] | None = None,
+        readonly: bool = False,
     ):
         self.dirpath = Path(dirpath)
+        self.readonly = readonly
         self.layout = layout
         self.capacity = capacity
         self.sharding = sharding  # rank, world size and placements of a multi-process window
@@ -224,7 +256,11 @@ class DiskStore:
         self._staging: dict[torch.dtype, Tensor] | None = None
         self._pending: tuple[Future[dict[str, Any] | str], int] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self._lock = FolderLock(self.dirpath)
+        self._pinned: dict[str, int] = {}  # a reader's descriptors of the files it lists
+        if not readonly:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -251,32 +287,86 @@ class DiskStore:
                 raise ValueError(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
             if manifest.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
-            for record in manifest["snapshots"]:
-                for key in ("file", "step", "nbytes", "header_bytes", "header_crc32", "group_crc32"):
-                    record[key]  # noqa: B018 - presence check
-            int(manifest["window"])
+            if not isinstance(manifest.get("snapshots"), list):
+                raise ValueError("field 'snapshots' must be a list")
+            for i, record in enumerate(manifest["snapshots"]):
+                _check_record(record, i)
+            steps = [record["step"] for record in manifest["snapshots"]]
+            if steps != sorted(set(steps)):
+                raise ValueError(f"field 'snapshots': steps must increase, got {steps}")
+            window = manifest.get("window")
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise ValueError(f"field 'window' must be a positive integer, got {window!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"manifest {path} is malformed: {err}") from err
         return manifest
 
     @classmethod
-    def open(cls, dirpath: str | os.PathLike[str], capacity: int | None = None, pin_memory: bool = False) -> DiskStore:
-        """Reopen a window written earlier (by this process or one that crashed)."""
+    def open(
+        cls,
+        dirpath: str | os.PathLike[str],
+        capacity: int | None = None,
+        pin_memory: bool = False,
+        *,
+        readonly: bool = False,
+        evict: bool = False,
+    ) -> DiskStore:
+        """Reopen a window written earlier (by this process or one that crashed).
+
+        A writer (the default) takes the folder's lock and removes what a crashed writer left
+        behind. A ``capacity`` smaller than the snapshots held raises, naming them, unless
+        ``evict`` allows deleting the oldest. ``readonly`` changes nothing and takes no lock."""
         manifest = cls.read_manifest(dirpath)
         layout = Layout.from_json(manifest["layout"])
-        store = cls(dirpath, layout, capacity or int(manifest["window"]), pin_memory, manifest.get("sharding"))
-        store._records = list(manifest["snapshots"])
-        store._remove_orphans()
+        records = list(manifest["snapshots"])
+        capacity = capacity or int(manifest["window"])
+        if len(records) > capacity and not (evict or readonly):
+            raise ValueError(
+                f"{dirpath} holds {len(records)} snapshots (steps {[int(r['step']) for r in records]}); a window of "
+                f"{capacity} would delete the oldest {len(records) - capacity}. Pass evict=True to delete them, or "
+                "readonly=True to merge the newest without changing the folder"
+            )
+        store = cls(dirpath, layout, capacity, pin_memory, manifest.get("sharding"), readonly=readonly)
+        if readonly:
+            store._pin(records[-capacity:])
+            return store
+        store._records = records
+        store._remove_leftovers()
         if len(store._records) > store.capacity:
             store._replace_records(store._records[-store.capacity :])
         return store
 
-    def _remove_orphans(self) -> None:
-        """Delete what a crash or an interrupted eviction left behind: temporary files, and
-        snapshot files the manifest does not list."""
+    def _pin(self, records: list[dict[str, Any]], attempts: int = 5) -> None:
+        """A reader opens every listed file at once: its view is the manifest it read, even when the
+        writer evicts (deletes) files meanwhile. A file evicted between reading the manifest and
+        opening it means a newer manifest is committed: read that one."""
+        for _ in range(attempts):
+            pinned: dict[str, int] = {}
+            try:
+                for record in records:
+                    pinned[record["file"]] = os.open(self.dirpath / record["file"], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                for fd in pinned.values():
+                    os.close(fd)
+                records = list(self.read_manifest(self.dirpath)["snapshots"])[-self.capacity :]
+                continue
+            self._records, self._pinned = records, pinned
+            return
+        missing = next(r["file"] for r in records if not (self.dirpath / r["file"]).exists())
+        raise CorruptSnapshotError(self.dirpath / missing, f"listed by the manifest but missing ({attempts} attempts)")
+
+    def _reader(self, record: dict[str, Any]) -> SnapshotReader:
+        return SnapshotReader(self.dirpath / record["file"], self.layout, record, pinned=self._pinned.get(record["file"]))
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crashed writer of this folder left behind (the lock proves none is
+        running): its temporary files, and snapshot files the manifest does not list. Only
+        ckptavg's own names are touched; links are removed, never followed."""
         listed = {r["file"] for r in self._records}
         for path in self.dirpath.iterdir():
-            if path.name.endswith(TMP_SUFFIX) or (_SNAPSHOT_FILE.match(path.name) and path.name not in listed):
+            name = path.name
+            ours = (name.endswith(TMP_SUFFIX) and (name == MANIFEST + TMP_SUFFIX or _SNAPSHOT_FILE.match(name[: -len(TMP_SUFFIX)])))
+            if ours or (_SNAPSHOT_FILE.match(name) and name not in listed):
                 path.unlink(missing_ok=True)
 
     # -- writing ----------------------------------------------------------------------------------
@@ -291,9 +381,17 @@ class DiskStore:
     def __len__(self) -> int:
         return len(self.steps)
 
+    def _check_writable(self, action: str) -> None:
+        if self.readonly:
+            raise ValueError(
+                f"cannot {action}: {self.dirpath} was opened readonly (CheckpointWindow.open(..., readonly=True)); "
+                "only its writer changes it"
+            )
+
     def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
         """Copy a snapshot into the staging buffer (see :func:`copy_checked`). Nothing is written
         until :meth:`commit`. Waits only if the previous write still uses the buffer."""
+        self._check_writable("take a snapshot")
         self.flush()
         if self._staging is None:
             self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
@@ -353,6 +451,10 @@ class DiskStore:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._lock.release()
+            for fd in self._pinned.values():
+                os.close(fd)
+            self._pinned = {}
 
     def _write_manifest(self, records: list[dict[str, Any]]) -> None:
         atomic_write_json(
@@ -370,6 +472,7 @@ class DiskStore:
     def discard_from(self, step: int) -> None:
         """Drop the snapshots taken at or after ``step`` (always the newest): the manifest is
         committed first, then their files are deleted."""
+        self._check_writable("discard snapshots")
         self.flush()
         kept = [r for r in self._records if int(r["step"]) < step]
         if len(kept) != len(self._records):
@@ -393,7 +496,7 @@ class DiskStore:
 
         def reader(i: int) -> SnapshotReader:
             if i not in readers:
-                readers[i] = SnapshotReader(self.dirpath / records[i]["file"], self.layout, records[i])
+                readers[i] = self._reader(records[i])
             return readers[i]
 
         def read(i: int, dtype: torch.dtype, lo: int, hi: int) -> Tensor:
@@ -422,7 +525,11 @@ class DiskStore:
         return merged
 
     def _quarantine(self, name: str) -> None:
-        """Drop a bad file from the window, keeping it as ``*.corrupt`` for inspection."""
+        """Drop a bad file from the window, keeping it as ``*.corrupt`` for inspection (a reader
+        only drops it from its own view)."""
+        if self.readonly:
+            self._records = [r for r in self._records if r["file"] != name]
+            return
         path = self.dirpath / name
         if path.exists():
             path.replace(path.with_name(name + ".corrupt"))
@@ -434,7 +541,7 @@ class DiskStore:
         bad = []
         for record in list(self._records):
             try:
-                r = SnapshotReader(self.dirpath / record["file"], self.layout, record)
+                r = self._reader(record)
                 try:
                     for dtype, numel in self.layout.group_numel.items():
                         buffer = torch.empty(min(self.layout.block_numel, numel), dtype=dtype)
@@ -459,6 +566,7 @@ class DiskStore:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Return the files to the window a checkpoint recorded: snapshots taken after it (by a run
         that went on and crashed) are dropped; snapshots it lists that are gone are reported."""
+        self._check_writable("resume from a checkpoint")
         self.flush()
         wanted = [int(s) for s in state["steps"]]
         on_disk = {int(r["step"]): r for r in self._records}

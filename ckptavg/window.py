@@ -107,16 +107,30 @@ class CheckpointWindow:
         self._in_flight: PendingCopy | None = None
 
     @classmethod
-    def open(cls, dirpath: str | os.PathLike[str], *, window: int | None = None) -> CheckpointWindow:
+    def open(
+        cls, dirpath: str | os.PathLike[str], *, window: int | None = None, readonly: bool = False, evict: bool = False
+    ) -> CheckpointWindow:
         """Reopen a disk window, for example after a crash: it holds every snapshot whose write
-        completed. ``window`` overrides the stored size (keeping the newest snapshots).
+        completed.
+
+        Args:
+            dirpath: the window's folder.
+            window: the window size (default: the stored one). Smaller than the snapshots held is
+                refused, unless ``evict=True`` deletes the oldest (or ``readonly=True`` merges the
+                newest only).
+            readonly: inspect and merge without changing anything: no lock taken, nothing
+                deleted, no snapshot; works while the folder's writer runs (it sees the last
+                committed manifest). Without it, the window becomes the folder's one writer (a
+                second writer gets :class:`ckptavg.FolderLockedError` naming the holder's pid) and
+                removes what a crashed writer left behind.
+            evict: allow a smaller ``window`` to delete the oldest snapshots.
 
         In a multi-process run each rank reopens its own ``dirpath/rank<r>``; a rank folder can also
         be opened directly (offline), as a window of that rank's pieces."""
         rank, world = distributed_rank()
         path = rank_dirpath(dirpath, rank, world)
         in_run = world > 1 and (path / MANIFEST).is_file()
-        store = DiskStore.open(path if in_run else dirpath, capacity=window)
+        store = DiskStore.open(path if in_run else dirpath, capacity=window, readonly=readonly, evict=evict)
         win = cls(store.capacity, "disk", dirpath)
         win._store = store
         win._adopt_sharding(store.sharding, in_run=in_run)

@@ -148,9 +148,13 @@ def test_open_removes_what_a_crash_left_behind(tmp_path, tiny_net):
     (d / "snapshot-000000000900.safetensors.tmp").write_bytes(b"half a write")
     (d / "snapshot-000000000050.safetensors").write_bytes(b"evicted but not yet deleted")
     (d / "notes.txt").write_text("user file")
-    CheckpointWindow.open(d)
+    leftovers = sorted(p.name for p in d.iterdir())
+    with CheckpointWindow.open(d, readonly=True) as reader:  # a reader never deletes
+        assert reader.steps == [100, 200, 300, 400]
+    assert sorted(p.name for p in d.iterdir()) == leftovers
+    CheckpointWindow.open(d).close()  # the writer cleans up its own leftovers only
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["manifest.json", "notes.txt"] + [f"snapshot-{s:012d}.safetensors" for s in (100, 200, 300, 400)]
+        [".lock", "manifest.json", "notes.txt"] + [f"snapshot-{s:012d}.safetensors" for s in (100, 200, 300, 400)]
     )
 
 

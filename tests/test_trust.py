@@ -1,0 +1,145 @@
+"""Issue 11: a stored window is trustworthy. One writer per folder, readers that change nothing,
+and a manifest that is never trusted as a list of paths."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptavg import CheckpointWindow, FolderLockedError, consolidate
+from conftest import HANG_GUARD_S, perturbed_states
+
+HERE = Path(__file__).parent
+
+
+def writer_process(dirpath: Path, until_step: int) -> subprocess.Popen:
+    """The crash test's worker: writes snapshots (step s holds the value s) until it is killed.
+    Returns once it has committed ``until_step``."""
+    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "crash_worker.py"), str(dirpath)], stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.strip().isdigit() and int(line) >= until_step:
+            return proc
+    raise AssertionError(f"the writer exited early with {proc.wait(HANG_GUARD_S)}")
+
+
+def test_one_writer_per_folder_readers_see_the_last_committed_window(tmp_path):
+    d = tmp_path / "win"
+    writer = writer_process(d, until_step=6)
+    try:
+        with pytest.raises(FolderLockedError, match=rf"being written by another process \(pid {writer.pid}\).*readonly=True"):
+            CheckpointWindow.open(d)
+        listing = sorted(p.name for p in d.iterdir())
+        for _ in range(10):  # while the writer keeps writing and evicting
+            with CheckpointWindow.open(d, readonly=True) as reader:
+                steps = reader.steps
+                merged = reader.merge("sma")
+            assert len(steps) == 4 and steps == list(range(steps[0], steps[0] + 4))
+            assert torch.allclose(merged["big"], torch.full_like(merged["big"], sum(steps) / 4))
+            assert int(merged["count"]) == steps[-1]
+        assert listing  # the readers' own files: none (no lock, no leftovers removed)
+        assert not any(p.name.startswith(".lock") and p.stat().st_size == 0 for p in d.iterdir())
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(HANG_GUARD_S)
+    # The lock died with its process: a new writer opens the folder with no cleanup by hand.
+    with CheckpointWindow.open(d) as win:
+        assert len(win.steps) == 4 and win.merge("sma")["big"].isfinite().all()
+
+
+def test_a_second_writer_in_the_same_process_is_refused_until_the_first_closes(tmp_path, tiny_net):
+    states = perturbed_states(tiny_net, 3)
+    first = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "win")
+    first.snapshot(states[0], step=1)
+    first.flush()
+    with pytest.raises(FolderLockedError, match=f"pid {os.getpid()}"):
+        CheckpointWindow.open(tmp_path / "win")
+    first.close()
+    with CheckpointWindow.open(tmp_path / "win") as second:
+        assert second.snapshot(states[1], step=2) and second.steps == [1, 2]
+
+
+def test_readonly_windows_change_nothing_and_refuse_to_write(tmp_path, tiny_net):
+    states = perturbed_states(tiny_net, 5)
+    with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "win") as win:
+        for step, s in enumerate(states, start=1):
+            win.snapshot(s, step=step)
+    d = tmp_path / "win"
+    (d / "snapshot-000000000009.safetensors.tmp").write_bytes(b"a writer's file in flight")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with CheckpointWindow.open(d, readonly=True, window=2) as reader:
+        assert reader.steps == [4, 5]  # the newest, nothing evicted on disk
+        with pytest.raises(ValueError, match="opened readonly"):
+            reader.snapshot(states[0], step=6)
+        with pytest.raises(ValueError, match="opened readonly"):
+            reader.discard_from(5)
+    consolidate(d, "sma")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    # A smaller window deletes snapshots only when asked to.
+    with pytest.raises(ValueError, match=r"holds 4 snapshots.*would delete the oldest 2.*evict=True"):
+        CheckpointWindow.open(d, window=2)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    with CheckpointWindow.open(d, window=2, evict=True) as win:
+        assert win.steps == [4, 5]
+
+
+def edit_manifest(d: Path, edit) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    edit(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m["snapshots"][0].update(file="../outside.safetensors"), r"snapshots\[0\]\.file"),
+        (lambda m: m["snapshots"][1].update(file="/etc/passwd"), r"snapshots\[1\]\.file"),
+        (lambda m: m["snapshots"][0].update(file="snapshot-000000000003.safetensors"), r"snapshots\[0\]\.file"),
+        (lambda m: m["snapshots"][0].update(nbytes="big"), r"snapshots\[0\]\.nbytes"),
+        (lambda m: m["snapshots"][0].pop("header_crc32"), r"snapshots\[0\]\.header_crc32"),
+        (lambda m: m["snapshots"].reverse(), "steps must increase"),
+        (lambda m: m.update(window=-1), "'window' must be a positive integer"),
+        (lambda m: m.update(snapshots={"a": 1}), "'snapshots' must be a list"),
+    ],
+)
+def test_a_hand_edited_manifest_is_refused_before_anything_is_touched(tmp_path, tiny_net, edit, field):
+    states = perturbed_states(tiny_net, 3)
+    with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "win") as win:
+        for step, s in enumerate(states, start=1):
+            win.snapshot(s, step=step)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not the window's")
+    d = tmp_path / "win"
+    edit_manifest(d, edit)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for opening in (lambda: CheckpointWindow.open(d), lambda: CheckpointWindow.open(d, readonly=True), lambda: consolidate(d, "sma")):
+        with pytest.raises(ValueError, match=rf"manifest {d / 'manifest.json'} is malformed: .*{field}"):
+            opening()
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before and outside.read_bytes() == b"not the window's"
+
+
+def test_a_rank_index_naming_other_folders_is_refused(tmp_path, tiny_net):
+    d = tmp_path / "run"
+    (d / "rank0").mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"format": "ckptavg.ranks", "version": 1, "world_size": 1, "kind": "spread", "ranks": ["../elsewhere"]}))
+    with pytest.raises(ValueError, match=r"field 'ranks' must be \['rank0'.*got \['../elsewhere'\]"):
+        consolidate(d, "sma")
+
+
+def test_a_planted_temporary_symlink_is_never_written_through(tmp_path, tiny_net):
+    states = perturbed_states(tiny_net, 2)
+    d = tmp_path / "win"
+    d.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (d / "snapshot-000000000001.safetensors.tmp").symlink_to(target)
+    (d / "manifest.json.tmp").symlink_to(target)
+    with CheckpointWindow(window=4, storage="disk", dirpath=d) as win:
+        win.snapshot(states[0], step=1)
+    assert target.read_text() == "keep me"
+    assert not (d / "snapshot-000000000001.safetensors").is_symlink() and win.steps == [1]
