@@ -148,6 +148,41 @@ def snapshot_header(layout: Layout, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(body)) + body
 
 
+SNAPSHOT_FORMAT = "ckptavg.snapshot"
+
+
+def snapshot_metadata(step: int) -> dict[str, str]:
+    return {"format": SNAPSHOT_FORMAT, "step": str(step)}
+
+
+def check_against_file(path: Path, fd: int | None, layout: Layout, record: dict[str, Any], field: str) -> None:
+    """Before anything is allocated or merged: a manifest record's sizes follow from the layout, and
+    the file's own safetensors header describes exactly that layout. A readable header that
+    describes other tensors means the manifest is wrong (``ValueError`` naming ``field``); a file
+    that is missing, truncated or fails its header checksum is left to the merge, which drops it
+    (a damaged file, not a wrong manifest). ``field`` names the record, such as ``snapshots[0]``."""
+    expected = record["header_bytes"] + layout.nbytes
+    if record["nbytes"] != expected:
+        raise ValueError(f"field '{field}.nbytes' is {record['nbytes']}, but the layout and header_bytes make {expected}")
+    try:
+        opened = os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    try:
+        if os.fstat(opened).st_size != record["nbytes"]:
+            return
+        header = os.pread(opened, record["header_bytes"], 0)
+    finally:
+        os.close(opened)
+    if zlib.crc32(header) != record["header_crc32"]:
+        return
+    if header != snapshot_header(layout, snapshot_metadata(record["step"])):
+        raise ValueError(
+            f"field 'layout' (and '{field}') disagree with the header of {path}, which matches its checksum: the "
+            "manifest was edited or belongs to other files; nothing was changed"
+        )
+
+
 def write_snapshot(path: Path, layout: Layout, buffers: dict[torch.dtype, Tensor], metadata: dict[str, str]) -> dict[str, Any]:
     """Atomically write one snapshot; return its manifest record (sizes and checksums)."""
     header = snapshot_header(layout, metadata)

@@ -9,6 +9,8 @@ layout of the disk tier's safetensors files, so a block on disk is one contiguou
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -138,16 +140,25 @@ class Layout:
 
     def __init__(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], block_numel: int = BLOCK_NUMEL):
         self.block_numel = block_numel
+        self.__dict__.pop("blocks", None)  # a plan made for other entries
         self.entries: dict[str, Entry] = {}  # in the caller's order; offsets follow the groups
         order = sorted({dtype for _, dtype, _ in specs}, key=lambda d: (-d.itemsize, dtype_code(d)))
         self.group_numel: dict[torch.dtype, int] = dict.fromkeys(order, 0)
         for name, dtype, shape in specs:
             if name in self.entries:
                 raise ValueError(f"duplicate tensor name {name!r}")
-            entry = Entry(name, dtype, tuple(int(s) for s in shape), self.group_numel[dtype])
+            dims = tuple(int(s) for s in shape)
+            if any(d < 0 for d in dims):
+                raise ValueError(f"tensor {name!r} has a negative dimension in shape {dims}")
+            entry = Entry(name, dtype, dims, self.group_numel[dtype])
             self.entries[name] = entry
             self.group_numel[dtype] += entry.numel
-        self.blocks: dict[torch.dtype, list[Block]] = {d: self._plan_blocks(d) for d in self.group_numel}
+
+    @functools.cached_property
+    def blocks(self) -> dict[torch.dtype, list[Block]]:
+        """The block plan, made on first use: a layout read from a file is checked against the
+        file's size before anything proportional to its claimed size is built."""
+        return {d: self._plan_blocks(d) for d in self.group_numel}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], block_numel: int = BLOCK_NUMEL) -> Layout:

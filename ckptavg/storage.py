@@ -19,7 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .files import TMP_SUFFIX, CkptavgWarning, CorruptSnapshotError, FolderLock, SnapshotReader, atomic_write_json, read_json, write_snapshot
+from .files import (
+    TMP_SUFFIX,
+    CkptavgWarning,
+    CorruptSnapshotError,
+    FolderLock,
+    SnapshotReader,
+    atomic_write_json,
+    check_against_file,
+    read_json,
+    snapshot_metadata,
+    write_snapshot,
+)
 from .kernels import PendingCopy, copy_checked, merge_blocks
 from .layout import Layout, dtype_code, dtype_from_code
 
@@ -317,7 +328,10 @@ class DiskStore:
         behind. A ``capacity`` smaller than the snapshots held raises, naming them, unless
         ``evict`` allows deleting the oldest. ``readonly`` changes nothing and takes no lock."""
         manifest = cls.read_manifest(dirpath)
-        layout = Layout.from_json(manifest["layout"])
+        try:
+            layout = Layout.from_json(manifest["layout"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"manifest {Path(dirpath) / MANIFEST} is malformed: field 'layout': {err}") from None
         records = list(manifest["snapshots"])
         capacity = capacity or int(manifest["window"])
         if len(records) > capacity and not (evict or readonly):
@@ -327,8 +341,14 @@ class DiskStore:
                 "readonly=True to merge the newest without changing the folder"
             )
         store = cls(dirpath, layout, capacity, pin_memory, manifest.get("sharding"), readonly=readonly)
+        try:
+            if readonly:
+                store._pin(records[-capacity:])
+            store._check_files(manifest["snapshots"] if not readonly else store._records)
+        except BaseException:
+            store.close()
+            raise
         if readonly:
-            store._pin(records[-capacity:])
             return store
         store._records = records
         store._remove_leftovers()
@@ -354,6 +374,16 @@ class DiskStore:
             return
         missing = next(r["file"] for r in records if not (self.dirpath / r["file"]).exists())
         raise CorruptSnapshotError(self.dirpath / missing, f"listed by the manifest but missing ({attempts} attempts)")
+
+    def _check_files(self, records: list[dict[str, Any]]) -> None:
+        """Every listed file's own header must describe the manifest's layout (see
+        :func:`ckptavg.files.check_against_file`); raises ``ValueError`` naming the manifest."""
+        manifest = self.dirpath / MANIFEST
+        for i, record in enumerate(records):
+            try:
+                check_against_file(self.dirpath / record["file"], self._pinned.get(record["file"]), self.layout, record, f"snapshots[{i}]")
+            except ValueError as err:
+                raise ValueError(f"manifest {manifest} is malformed: {err}") from None
 
     def _reader(self, record: dict[str, Any]) -> SnapshotReader:
         return SnapshotReader(self.dirpath / record["file"], self.layout, record, pinned=self._pinned.get(record["file"]))
@@ -416,7 +446,7 @@ class DiskStore:
             return bad
         name = snapshot_filename(step)
         record = write_snapshot(
-            self.dirpath / name, self.layout, staging, {"format": "ckptavg.snapshot", "step": str(step)}
+            self.dirpath / name, self.layout, staging, snapshot_metadata(step)
         )
         record.update(file=name, step=step)
         window = (records + [record])[-self.capacity :]

@@ -105,6 +105,11 @@ def edit_manifest(d: Path, edit) -> None:
         (lambda m: m["snapshots"].reverse(), "steps must increase"),
         (lambda m: m.update(window=-1), "'window' must be a positive integer"),
         (lambda m: m.update(snapshots={"a": 1}), "'snapshots' must be a list"),
+        (lambda m: m["layout"][0].__setitem__(0, m["layout"][1][0]), "field 'layout'"),  # a duplicate name
+        (lambda m: m["layout"].__setitem__(slice(0, 2), m["layout"][1::-1]), "disagree with the header of"),  # swapped
+        (lambda m: m["layout"][0].__setitem__(2, [10**9, 10**9]), r"snapshots\[0\]\.nbytes' is"),  # would allocate 4 EB
+        (lambda m: m["snapshots"][0].update(header_bytes=50 << 30), r"snapshots\[0\]\.nbytes' is"),
+        (lambda m: m["layout"][0].__setitem__(1, "I32"), "disagree with the header of"),  # same size, other dtype
     ],
 )
 def test_a_hand_edited_manifest_is_refused_before_anything_is_touched(tmp_path, tiny_net, edit, field):
