@@ -147,6 +147,8 @@ class Layout:
         for name, dtype, shape in specs:
             if name in self.entries:
                 raise ValueError(f"duplicate tensor name {name!r}")
+            if name == "__metadata__":
+                raise ValueError("a tensor named '__metadata__' cannot be stored: safetensors reserves that key for metadata")
             dims = tuple(int(s) for s in shape)
             if any(d < 0 for d in dims):
                 raise ValueError(f"tensor {name!r} has a negative dimension in shape {dims}")
@@ -165,6 +167,9 @@ class Layout:
         specs = []
         for name, tensor in tensors.items():
             data = local_tensor(tensor)
+            if data.is_meta or data.layout != torch.strided:
+                kind = "on the meta device (it holds no data)" if data.is_meta else f"{data.layout} (not a dense tensor)"
+                raise ValueError(f"tensor {name!r} is {kind}; ckptavg stores dense tensors with data")
             if data.dtype not in _DTYPE_CODES:
                 raise ValueError(
                     f"tensor {name!r} has dtype {data.dtype}, which ckptavg cannot store; "
@@ -184,6 +189,8 @@ class Layout:
             if name not in tensors:
                 raise ValueError(f"{what} is missing key {name!r}, which the window holds")
             data = local_tensor(tensors[name])
+            if data.is_meta or data.layout != torch.strided:
+                raise ValueError(f"{what}: key {name!r} is {'on the meta device' if data.is_meta else data.layout}; ckptavg stores dense tensors with data")
             if tuple(data.shape) != entry.shape:
                 raise ValueError(
                     f"{what}: key {name!r} has shape {tuple(data.shape)}, the window holds {entry.shape}"

@@ -73,9 +73,17 @@ def normalize(weights: Sequence[float], n: int) -> list[float]:
         raise ValueError(f"weights must be numbers, got {weights!r}") from None
     if len(values) != n:
         raise ValueError(f"expected {n} weights (one per stored snapshot, oldest first), got {len(values)}")
-    total = math.fsum(values)
-    if not all(math.isfinite(v) for v in values) or not total > 0.0:
+    try:
+        total, magnitude = math.fsum(values), math.fsum(abs(v) for v in values)
+    except OverflowError:
+        raise ValueError(f"weights {values} overflow when summed; scale them down") from None
+    if not all(math.isfinite(v) for v in values) or not math.isfinite(total) or not total > 0.0:
         raise ValueError(f"weights must be finite and sum to a positive number, got {values} (sum {total})")
+    if total < 1e-6 * magnitude:
+        raise ValueError(
+            f"weights {values} nearly cancel (sum {total:.3g}, total magnitude {magnitude:.3g}): scaled to sum to 1 they "
+            "would amplify rounding errors beyond any precision; give weights whose sum is not tiny next to their size"
+        )
     return [v / total for v in values]
 
 

@@ -192,7 +192,7 @@ class CpuRing:
             return ((ring[slot, lo:hi], c) for slot, c in live)
 
         def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
-            return self._ring[dtype][self._slots[-1], lo:hi]
+            return self._ring[dtype][live[-1][0], lo:hi]  # the newest snapshot merged, not one excluded by before=
 
         return merge_blocks(self.layout, rows, newest, out)
 
@@ -540,7 +540,7 @@ class DiskStore:
             return ((read(i, dtype, lo, hi), c) for i, c in live)
 
         def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
-            return read(len(records) - 1, dtype, lo, hi)
+            return read(live[-1][0], dtype, lo, hi)  # the newest snapshot merged, not one excluded by before=
 
         try:
             merged = merge_blocks(self.layout, rows, newest, out)

@@ -59,3 +59,16 @@ def test_bad_merge_arguments(method, n, alpha, message):
 def test_normalize_length_error_names_expectation():
     with pytest.raises(ValueError, match="one per stored snapshot"):
         normalize([1.0], 2)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([1.0, -1.0 + 1e-9], "nearly cancel"),
+        ([1e308, 1e308], "overflow|sum to a positive"),
+        ([float("inf"), 1.0], "finite"),
+    ],
+)
+def test_weights_that_cannot_be_normalised_safely_are_refused(weights, message):
+    with pytest.raises(ValueError, match=message):
+        coefficients(weights, 2)

@@ -431,3 +431,32 @@ def test_cuda_snapshots_are_asynchronous_pinned_and_exact(make_window):
         win.flush()
     assert win.steps == [2, 3, 4]
     assert_close_to_reference(merged, reference_merge(states[-3:], "sma"))
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_before_takes_integer_tensors_from_the_newest_snapshot_it_merges(tmp_path, tiny_net, storage):
+    """merge(before=25) over steps 10..40 must not take BatchNorm's counter from step 40."""
+    states = perturbed_states(tiny_net, 4)
+    win = CheckpointWindow(window=4, storage=storage, dirpath=tmp_path / "w" if storage == "disk" else None)
+    for step, s in zip((10, 20, 30, 40), states, strict=True):
+        win.snapshot(s, step=step)
+    merged = win.merge("sma", before=25)
+    assert_close_to_reference(merged, reference_merge(states[:2], "sma"))
+    assert int(merged["bn.num_batches_tracked"]) == int(states[1]["bn.num_batches_tracked"])
+    win.close()
+
+
+def test_tensors_that_cannot_be_stored_are_named_before_anything_changes(tiny_net):
+    state = dict(tiny_net.state_dict())
+    win = CheckpointWindow(window=2)
+    with pytest.raises(ValueError, match="'__metadata__' cannot be stored"):
+        win.snapshot(state | {"__metadata__": torch.zeros(1)}, step=1)
+    with pytest.raises(ValueError, match="'fc1.weight' is on the meta device"):
+        win.snapshot(state | {"fc1.weight": torch.empty(16, 8, device="meta")}, step=1)
+    with pytest.raises(ValueError, match="'fc1.weight' is torch.sparse_coo"):
+        win.snapshot(state | {"fc1.weight": state["fc1.weight"].to_sparse()}, step=1)
+    assert win.layout is None and len(win) == 0  # nothing fixed by a refused first snapshot
+    assert win.snapshot(state, step=1)
+    with pytest.raises(ValueError, match="key 'fc2.weight' is on the meta device"):
+        win.snapshot(state | {"fc2.weight": torch.empty(4, 16, device="meta")}, step=2)
+    assert win.steps == [1]
