@@ -337,6 +337,10 @@ class CheckpointWindow:
         """
         weights = self.weights(method, alpha, before=before)
         assert self._store is not None and self.full_layout is not None
+        if any(w < 0 for w in weights) and out is None:
+            merged = self.merge(weights, out={e.name: torch.empty(e.shape, dtype=e.dtype) for e in self.full_layout})
+            _check_finite(merged, weights)
+            return merged
         if out is not None:
             self.full_layout.check(out, what="out")
             for name, t in out.items():
@@ -369,12 +373,17 @@ class CheckpointWindow:
         targets = self._targets(model)
         store = self._store
         assert store is not None  # _targets raised otherwise
+        extrapolating = any(w < 0 for w in weights)  # a convex combination of finite values stays finite
         if self._spread is not None:
-            copy_into(targets, self._spread.full_views(self._gathered(weights)))
-        elif isinstance(store, CpuRing) and _writable_in_place(targets, store.layout):
+            merged = self._spread.full_views(self._gathered(weights))
+        elif isinstance(store, CpuRing) and _writable_in_place(targets, store.layout) and not extrapolating:
             store.merge(weights, out=targets)  # cannot fail past this point: no I/O
+            return
         else:
-            copy_into(targets, store.merge(weights))
+            merged = store.merge(weights)
+        if extrapolating:
+            _check_finite(merged, weights)
+        copy_into(targets, merged)
 
     @contextmanager
     def swapped(
@@ -510,6 +519,17 @@ class CheckpointWindow:
                 raise ValueError(f"the ranks' {code} slices hold {rows.shape[1]} elements; the full layout has {numel}")
             snapshots[code] = rows
         return {**{k: v for k, v in states[0].items() if k != "sharding"}, "layout": full.to_json(), "snapshots": snapshots}
+
+
+def _check_finite(merged: Mapping[str, Tensor], weights: list[float]) -> None:
+    """An extrapolation (a negative weight) can leave a dtype's range: refuse it, naming the tensor,
+    before it reaches a model."""
+    for name, tensor in merged.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"the merge with weights {weights} overflows {tensor.dtype} in tensor {name!r} (an extrapolation past the "
+                "dtype's range); nothing was written. Use weights closer to a convex combination"
+            )
 
 
 def _agreed(bad: str | None, group: Any) -> str | None:

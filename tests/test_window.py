@@ -460,3 +460,20 @@ def test_tensors_that_cannot_be_stored_are_named_before_anything_changes(tiny_ne
     with pytest.raises(ValueError, match="key 'fc2.weight' is on the meta device"):
         win.snapshot(state | {"fc2.weight": torch.empty(4, 16, device="meta")}, step=2)
     assert win.steps == [1]
+
+
+def test_an_extrapolation_past_the_dtype_range_is_refused_before_the_model_changes():
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    win = CheckpointWindow(window=2)
+    with torch.no_grad():
+        model.weight.fill_(-3e38)
+        win.snapshot(model, step=1)
+        model.weight.fill_(3e38)
+        win.snapshot(model, step=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: win.load_into(model, [-1.0, 2.0]), lambda: win.merge([-1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"overflows torch.bfloat16 in tensor 'weight'"):
+            call()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    win.load_into(model, [0.5, 0.5])  # a convex merge is fine
+    assert torch.isfinite(model.weight).all()
