@@ -327,13 +327,15 @@ class DiskStore:
         A writer (the default) takes the folder's lock and removes what a crashed writer left
         behind. A ``capacity`` smaller than the snapshots held raises, naming them, unless
         ``evict`` allows deleting the oldest. ``readonly`` changes nothing and takes no lock."""
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"window must be a positive integer or None, got {capacity!r}")
         manifest = cls.read_manifest(dirpath)
         try:
             layout = Layout.from_json(manifest["layout"])
         except (KeyError, ValueError) as err:
             raise ValueError(f"manifest {Path(dirpath) / MANIFEST} is malformed: field 'layout': {err}") from None
         records = list(manifest["snapshots"])
-        capacity = capacity or int(manifest["window"])
+        capacity = capacity if capacity is not None else int(manifest["window"])
         if len(records) > capacity and not (evict or readonly):
             raise ValueError(
                 f"{dirpath} holds {len(records)} snapshots (steps {[int(r['step']) for r in records]}); a window of "

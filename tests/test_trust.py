@@ -84,6 +84,10 @@ def test_readonly_windows_change_nothing_and_refuse_to_write(tmp_path, tiny_net)
     with pytest.raises(ValueError, match=r"holds 4 snapshots.*would delete the oldest 2.*evict=True"):
         CheckpointWindow.open(d, window=2)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"window must be a positive integer or None, got {bad!r}"):
+            CheckpointWindow.open(d, window=bad, evict=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     with CheckpointWindow.open(d, window=2, evict=True) as win:
         assert win.steps == [4, 5]
 
