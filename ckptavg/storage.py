@@ -462,14 +462,15 @@ class DiskStore:
         if self._pending is None:
             return
         future, step = self._pending
-        self._pending = None
         try:
-            record = future.result()
+            record = future.result()  # an interrupt (Ctrl-C) here leaves the write pending: the next flush keeps it
         except Exception as err:
+            self._pending = None
             raise OSError(
                 f"writing the snapshot of step {step} to {self.dirpath / snapshot_filename(step)} failed: {err}; "
                 f"the window keeps its previous {len(self._records)} snapshots"
             ) from err
+        self._pending = None
         if isinstance(record, str):
             warn_rejected(step, record)
             return

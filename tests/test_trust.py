@@ -152,3 +152,20 @@ def test_a_planted_temporary_symlink_is_never_written_through(tmp_path, tiny_net
         win.snapshot(states[0], step=1)
     assert target.read_text() == "keep me"
     assert not (d / "snapshot-000000000001.safetensors").is_symlink() and win.steps == [1]
+
+
+def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path):
+    import signal
+    import threading
+
+    state = {"big": torch.ones(50_000_000)}  # 200 MB: the write takes a while
+    win = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "win")
+    win.snapshot(state, step=1)
+    threading.Timer(0.01, signal.raise_signal, (signal.SIGINT,)).start()
+    with pytest.raises(KeyboardInterrupt):
+        win.flush()
+        raise AssertionError("the write finished before the interrupt; nothing was tested")
+    win.close()  # the interrupted wait is resumed: the snapshot is committed and listed
+    assert win.steps == [1]
+    with CheckpointWindow.open(tmp_path / "win", readonly=True) as reader:
+        assert reader.steps == [1] and torch.equal(reader.merge()["big"], state["big"])
