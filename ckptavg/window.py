@@ -471,13 +471,13 @@ class CheckpointWindow:
                 "a spread window's states with CheckpointWindow.combine_states, or merge a disk window offline with "
                 "ckptavg.consolidate)"
             )
+        layout = _checked_state_layout(state)  # the whole state is checked before anything changes or is allocated
         if self._store is not None:
             self._store.close()
             self._store = None
         self._adopt_sharding(None if whole else sharding)
-        if state["layout"] is None:
+        if layout is None:
             return
-        layout = Layout.from_json(state["layout"])
         if whole and world > 1:
             # A whole window (saved by one process, a replica, or combined) joins this multi-process run.
             shapes = {e.name: torch.empty(e.shape, device="meta") for e in layout}
@@ -519,6 +519,42 @@ class CheckpointWindow:
                 raise ValueError(f"the ranks' {code} slices hold {rows.shape[1]} elements; the full layout has {numel}")
             snapshots[code] = rows
         return {**{k: v for k, v in states[0].items() if k != "sharding"}, "layout": full.to_json(), "snapshots": snapshots}
+
+
+def _checked_state_layout(state: Mapping[str, Any]) -> Layout | None:
+    """The layout of a window state (``None`` for an empty window), once every field of the state
+    is known to be consistent: a tampered or truncated state is a ``ValueError`` naming the field,
+    raised before anything is allocated."""
+    if "layout" not in state or "steps" not in state:
+        raise ValueError(f"the CheckpointWindow state lacks {sorted({'layout', 'steps'} - set(state))}")
+    steps = state["steps"]
+    if not isinstance(steps, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+        raise ValueError(f"the CheckpointWindow state's field 'steps' must be a list of non-negative integers, got {steps!r}")
+    if list(steps) != sorted(set(steps)):
+        raise ValueError(f"the CheckpointWindow state's field 'steps' must increase, got {list(steps)}")
+    if state["layout"] is None:
+        if steps:
+            raise ValueError("the CheckpointWindow state lists steps but no layout")
+        return None
+    try:
+        layout = Layout.from_json(state["layout"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the CheckpointWindow state's field 'layout' is malformed: {err}") from None
+    if state.get("storage") == "cpu" and "snapshots" in state:
+        snapshots = state["snapshots"]
+        if not isinstance(snapshots, Mapping):
+            raise ValueError("the CheckpointWindow state's field 'snapshots' must map dtype names to tensors")
+        expected = {dtype_code(d): n for d, n in layout.group_numel.items()}
+        if sorted(snapshots) != sorted(expected):
+            raise ValueError(f"the CheckpointWindow state's field 'snapshots' holds groups {sorted(snapshots)}; its layout has {sorted(expected)}")
+        for code, rows in snapshots.items():
+            if not isinstance(rows, Tensor) or tuple(rows.shape) != (len(steps), expected[code]):
+                shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+                raise ValueError(
+                    f"the CheckpointWindow state's field 'snapshots[{code!r}]' is {shape}; its layout and steps make "
+                    f"({len(steps)}, {expected[code]})"
+                )
+    return layout
 
 
 def _check_finite(merged: Mapping[str, Tensor], weights: list[float]) -> None:

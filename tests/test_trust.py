@@ -169,3 +169,29 @@ def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path):
     assert win.steps == [1]
     with CheckpointWindow.open(tmp_path / "win", readonly=True) as reader:
         assert reader.steps == [1] and torch.equal(reader.merge()["big"], state["big"])
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda s: s.pop("steps"), r"lacks \['steps'\]"),
+        (lambda s: s.update(steps=[3, 2, 1]), "'steps' must increase"),
+        (lambda s: s.update(steps=[1, "2", 3]), "'steps' must be a list of non-negative integers"),
+        (lambda s: s["layout"][0].__setitem__(2, [2_000_000_000]), r"'snapshots\['F32'\]' is \(3, \d+\); its layout and steps make \(3, 2000"),
+        (lambda s: s.update(steps=[1, 2]), r"'snapshots\['\w+'\]' is \(3, \d+\); its layout and steps make \(2,"),
+        (lambda s: s["snapshots"].pop("I64"), "holds groups"),
+        (lambda s: s.update(layout=[["a", "F99", [2]]]), "field 'layout' is malformed"),
+    ],
+)
+def test_a_tampered_window_state_is_refused_before_anything_changes(tiny_net, tamper, message):
+    states = perturbed_states(tiny_net, 3)
+    source = CheckpointWindow(window=4)
+    for step, s in enumerate(states, start=1):
+        source.snapshot(s, step=step)
+    state = source.state_dict()
+    tamper(state)
+    target = CheckpointWindow(window=4)
+    target.snapshot(states[0], step=7)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    assert target.steps == [7] and torch.equal(target.merge()["fc1.weight"], states[0]["fc1.weight"])
