@@ -124,6 +124,7 @@ class CheckpointAverager(Callback):
         self._restored_at = -1
         self._pending_state: dict[str, Any] | None = None
         self._default_dirpath: Path | None = None
+        self._dirpath_in_use: Path | None = None  # the folder of the window built in this fit
         self._rank, self._world_size = 0, 1
         self._spread = False
         self._last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, float]] | None = None
@@ -148,6 +149,8 @@ class CheckpointAverager(Callback):
     def _resolved_dirpath(self) -> Path:
         if self.dirpath is not None:
             return self.dirpath
+        if self._dirpath_in_use is not None:
+            return self._dirpath_in_use  # a resumed window keeps its folder for the rest of the run (and the next resume)
         if self._pending_state is not None and self._pending_state.get("dirpath"):
             return Path(self._pending_state["dirpath"])  # a resumed run reuses the original folder
         if self._default_dirpath is not None:
@@ -171,6 +174,7 @@ class CheckpointAverager(Callback):
         return [] if self.guard is None else list(self.guard.events)
 
     def _build_window(self) -> CheckpointWindow:
+        self._dirpath_in_use = self._resolved_dirpath()
         dirpath = self._window_dirpath() if self.storage == "disk" else None
         win = CheckpointWindow(self.window_size, storage=self.storage, dirpath=dirpath, spread=self._spread)
         state = self._pending_state or {}
@@ -214,7 +218,7 @@ class CheckpointAverager(Callback):
                 f"starts at step {trainer.global_step}; starting a new window"
             )
             self._window.close()
-            self._window, self._guard = None, None
+            self._window, self._guard, self._dirpath_in_use = None, None, None
 
     # -- snapshots ----------------------------------------------------------------------------------
 
@@ -424,6 +428,7 @@ class CheckpointAverager(Callback):
         if self._window is not None:
             self._window.close()
             self._window, self._guard = None, None
+        self._dirpath_in_use = None
         self._pending_state = dict(state_dict)  # applied when the window is first used
 
 

@@ -170,6 +170,29 @@ def test_stop_and_resume_is_bit_identical(tmp_path, storage):
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_a_chain_of_resumes_ends_like_an_uninterrupted_run(tmp_path, storage):
+    """Issue 11: with the disk tier and Lightning's versioned log dirs, the second resume failed
+    (the first resume recorded its own new log dir, not the folder holding the files)."""
+
+    def run(root: Path, max_epochs: int, ckpt_path=None, name="ckpt"):
+        L.seed_everything(7)
+        model = Regression()
+        train, val = data()
+        averager = CheckpointAverager(window=8, every_n_steps=5, storage=storage)
+        checkpoint = ModelCheckpoint(dirpath=root / name, save_last=True)
+        trainer(root, [averager, checkpoint], max_epochs=max_epochs, enable_checkpointing=True).fit(model, train, val, ckpt_path=ckpt_path)
+        return model, averager
+
+    uninterrupted, whole = run(tmp_path / "a", max_epochs=4)
+    run(tmp_path / "b", max_epochs=2, name="ckpt1")
+    run(tmp_path / "b", max_epochs=3, ckpt_path=tmp_path / "b" / "ckpt1" / "last.ckpt", name="ckpt2")
+    resumed, last = run(tmp_path / "b", max_epochs=4, ckpt_path=tmp_path / "b" / "ckpt2" / "last.ckpt", name="ckpt3")
+    assert last.window.steps == whole.window.steps == [25, 30, 35, 40, 45, 50, 55, 60]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
 def test_exception_inside_the_preview_leaves_raw_weights_intact(tmp_path):
     L.seed_everything(0)
     recorder = Recorder()
