@@ -208,6 +208,12 @@ class CheckpointAverager(Callback):
         if stage == "fit" and self._window is not None:
             self._window.close()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown when fit raises: finish the writes and free the folder here, so a
+        # new run (or a notebook's next attempt) can open it. The window stays readable.
+        if self._window is not None:
+            self._window.close()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_watched_step = trainer.global_step
         self._loss_sum, self._loss_count = None, 0

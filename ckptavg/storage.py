@@ -419,6 +419,8 @@ class DiskStore:
                 f"cannot {action}: {self.dirpath} was opened readonly (CheckpointWindow.open(..., readonly=True)); "
                 "only its writer changes it"
             )
+        if not self._lock.held:
+            self._lock.acquire()  # writing again after close(): the folder must still be ours alone
 
     def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
         """Copy a snapshot into the staging buffer (see :func:`copy_checked`). Nothing is written
@@ -563,6 +565,7 @@ class DiskStore:
         if self.readonly:
             self._records = [r for r in self._records if r["file"] != name]
             return
+        self._check_writable("drop an unusable file")
         path = self.dirpath / name
         if path.exists():
             path.replace(path.with_name(name + ".corrupt"))

@@ -10,7 +10,7 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors import safe_open
 
-from ckptavg import CheckpointAverager, merge_state_dicts
+from ckptavg import CheckpointAverager, CheckpointWindow, merge_state_dicts
 from conftest import assert_close_to_reference, reference_merge, run_ranks
 from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 
@@ -191,6 +191,18 @@ def test_a_chain_of_resumes_ends_like_an_uninterrupted_run(tmp_path, storage):
     assert last.window.steps == whole.window.steps == [25, 30, 35, 40, 45, 50, 55, 60]
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_failed_fit_frees_its_disk_window_for_the_next_run(tmp_path):
+    """Lightning skips teardown when fit raises: the folder's writer lock must not outlive the run."""
+    L.seed_everything(0)
+    averager = CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out", preview=False)
+    train, val = data()
+    with pytest.raises(RuntimeError, match="validation failed on purpose"):
+        trainer(tmp_path, [averager], max_epochs=2).fit(Regression(fail_after_val_calls=4), train, val)
+    assert averager.window.steps == [10, 12, 14, 16]  # still readable
+    with CheckpointWindow.open(tmp_path / "out" / "window") as reopened:  # a new writer is welcome
+        assert reopened.steps == [10, 12, 14, 16]
 
 
 def test_exception_inside_the_preview_leaves_raw_weights_intact(tmp_path):
