@@ -225,6 +225,23 @@ class CheckpointAverager(Callback):
             )
             self._window.close()
             self._window, self._guard, self._dirpath_in_use = None, None, None
+        if self._pending_state is not None:
+            self._check_resumed_model(pl_module)
+
+    def _check_resumed_model(self, pl_module: pl.LightningModule) -> None:
+        """On resume, before any step: the checkpoint's window must fit this model (a buffer added
+        or removed under ``strict_loading=False`` would otherwise fail at the first snapshot)."""
+        layout = self.window.full_layout  # builds the window from the checkpoint's state
+        if layout is None:
+            return
+        try:
+            layout.check(state_tensors(pl_module), what="the model being resumed")
+        except ValueError as err:
+            raise ValueError(
+                f"CheckpointAverager: {err}. The checkpoint's window holds snapshots of the model as it was saved. "
+                "Resume with that model, or start a new window for the changed one (a new dirpath, and "
+                "drop the averager's state from the checkpoint)"
+            ) from None
 
     # -- snapshots ----------------------------------------------------------------------------------
 

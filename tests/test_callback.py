@@ -193,6 +193,34 @@ def test_a_chain_of_resumes_ends_like_an_uninterrupted_run(tmp_path, storage):
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
+class WithBuffer(Regression):
+    def __init__(self):
+        super().__init__()
+        self.strict_loading = False
+        self.register_buffer("extra", torch.zeros(3))
+
+
+@pytest.mark.parametrize("before, after", [(Regression, WithBuffer), (WithBuffer, Regression)], ids=["added", "removed"])
+def test_a_model_that_changed_is_reported_at_resume_not_steps_later(tmp_path, before, after):
+    train, val = data()
+    L.seed_everything(0)
+    first = CheckpointAverager(window=4, every_n_steps=2)
+    trainer(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=1, enable_checkpointing=True).fit(before(), train, val)
+    steps = []
+
+    class Steps(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    resumed = after()
+    resumed.strict_loading = False
+    with pytest.raises(ValueError, match=r"the model being resumed .*key 'extra'.*Resume with that model, or start a new window"):
+        trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=2), Steps()], max_epochs=2).fit(
+            resumed, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert steps == []  # reported before any training step
+
+
 def test_a_failed_fit_frees_its_disk_window_for_the_next_run(tmp_path):
     """Lightning skips teardown when fit raises: the folder's writer lock must not outlive the run."""
     L.seed_everything(0)
