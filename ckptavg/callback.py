@@ -20,6 +20,7 @@ from .layout import state_tensors
 from .merges import DEFAULT_ALPHA, check_alpha, coefficients
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .sharding import distributed_rank, is_dtensor
+from .storage import MANIFEST
 from .window import CheckpointWindow
 
 MERGED_PREFIX = "merged/"
@@ -227,6 +228,17 @@ class CheckpointAverager(Callback):
             self._window, self._guard, self._dirpath_in_use = None, None, None
         if self._pending_state is not None:
             self._check_resumed_model(pl_module)
+        elif self.storage == "disk" and self._window is None:
+            self._check_folder_is_free()
+
+    def _check_folder_is_free(self) -> None:
+        """A new disk window needs a folder of its own: say so at the start, not at the first snapshot."""
+        folder = self._window_dirpath()
+        if (folder / MANIFEST).exists():
+            raise FileExistsError(
+                f"CheckpointAverager: {folder} already holds a checkpoint window from an earlier run. Resume that run "
+                "with trainer.fit(..., ckpt_path=...), give this run its own dirpath, or remove the folder"
+            )
 
     def _check_resumed_model(self, pl_module: pl.LightningModule) -> None:
         """On resume, before any step: the checkpoint's window must fit this model (a buffer added

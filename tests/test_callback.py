@@ -221,6 +221,22 @@ def test_a_model_that_changed_is_reported_at_resume_not_steps_later(tmp_path, be
     assert steps == []  # reported before any training step
 
 
+def test_a_rerun_into_an_occupied_folder_is_refused_at_fit_start(tmp_path):
+    train, val = data()
+    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out")], max_epochs=1).fit(Regression(), train, val)
+    steps = []
+
+    class Steps(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    with pytest.raises(FileExistsError, match=r"already holds a checkpoint window from an earlier run. Resume that run"):
+        again = CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out")
+        trainer(tmp_path, [again, Steps()], max_epochs=1).fit(Regression(), train, val)
+    assert steps == []
+    assert CheckpointWindow.open(tmp_path / "out" / "window", readonly=True).steps == [10, 12, 14, 16]  # untouched
+
+
 def test_a_failed_fit_frees_its_disk_window_for_the_next_run(tmp_path):
     """Lightning skips teardown when fit raises: the folder's writer lock must not outlive the run."""
     L.seed_everything(0)
