@@ -10,7 +10,6 @@ layout of the disk tier's safetensors files, so a block on disk is one contiguou
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +130,13 @@ class Block:
     pieces: tuple[Piece, ...]
 
 
+def _check_dense(data: Tensor, what: str) -> None:
+    """Only dense tensors with data can be stored (meta tensors hold none; sparse ones are not flat)."""
+    if data.is_meta or data.layout != torch.strided:
+        kind = "on the meta device (it holds no data)" if data.is_meta else f"{data.layout} (not a dense tensor)"
+        raise ValueError(f"{what} is {kind}; ckptavg stores dense tensors with data")
+
+
 class Layout:
     """The names, dtypes and shapes a window holds, and where each lives in the flat buffers.
 
@@ -167,9 +173,7 @@ class Layout:
         specs = []
         for name, tensor in tensors.items():
             data = local_tensor(tensor)
-            if data.is_meta or data.layout != torch.strided:
-                kind = "on the meta device (it holds no data)" if data.is_meta else f"{data.layout} (not a dense tensor)"
-                raise ValueError(f"tensor {name!r} is {kind}; ckptavg stores dense tensors with data")
+            _check_dense(data, f"tensor {name!r}")
             if data.dtype not in _DTYPE_CODES:
                 raise ValueError(
                     f"tensor {name!r} has dtype {data.dtype}, which ckptavg cannot store; "
@@ -189,8 +193,7 @@ class Layout:
             if name not in tensors:
                 raise ValueError(f"{what} is missing key {name!r}, which the window holds")
             data = local_tensor(tensors[name])
-            if data.is_meta or data.layout != torch.strided:
-                raise ValueError(f"{what}: key {name!r} is {'on the meta device' if data.is_meta else data.layout}; ckptavg stores dense tensors with data")
+            _check_dense(data, f"{what}: key {name!r}")
             if tuple(data.shape) != entry.shape:
                 raise ValueError(
                     f"{what}: key {name!r} has shape {tuple(data.shape)}, the window holds {entry.shape}"

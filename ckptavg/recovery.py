@@ -275,12 +275,18 @@ class SmoothedLevel:
     def rebase(self, values: Iterable[float]) -> None:
         """Make ``values`` the whole normal history (a new normal level)."""
         self.normal.clear()
+        self.held.clear()
         self.best = None
         self.accept(values)
 
-    def first_above(self, limit: float) -> int | None:
-        """The first recent step whose value is above ``limit``."""
-        return next((s for s, v in self.recent if v > limit), None)
+    def start_stretch(self, step: int, limit: float) -> tuple[int, list[float]]:
+        """An abnormal stretch opens at ``step``: it began with the first recent value above
+        ``limit`` (not when the level crossed it). Returns that onset and the values since, before
+        ``step``; the held high values were its start, so they never join the baseline."""
+        first = next((s for s, v in self.recent if v > limit), None)
+        onset = step if first is None else min(first, step)
+        self.held.clear()
+        return onset, [v for s, v in self.recent if onset <= s < step]
 
     def forget_recent(self) -> None:
         """After a restore: the level is judged on the restored weights' losses only."""
@@ -459,8 +465,8 @@ class SpikeGuard:
     def _restoring_helps(self, model: nn.Module, evaluate: Callable[[], float]) -> bool:
         """Whether the stable point beats the current weights on the current batch by at least the
         alarm margin (the ranks agree on the mean)."""
-        trusted_before = (self.onset if self.onset is not None else 0) - 1
-        if not any(s < trusted_before for s in self.window.steps):
+        trusted_before, snapshots = self._stable_snapshots(self.onset if self.onset is not None else 0)
+        if not snapshots:
             return True  # nothing to compare: restore() says so
         with torch.no_grad():
             current = evaluate()
@@ -481,12 +487,7 @@ class SpikeGuard:
 
     def _open_stretch(self, step: int, reason: str, loss: float) -> None:
         if self.onset is None:
-            # The trouble began with the first high loss the smoothed level has seen, not when the
-            # level crossed the limit.
-            first = self.loss_level.first_above(self.limit)
-            self.onset = step if first is None else min(first, step)
-            self.stretch = [v for s, v in self.loss_level.recent if self.onset <= s < step]
-            self.loss_level.held.clear()  # those high losses were the start of this stretch
+            self.onset, self.stretch = self.loss_level.start_stretch(step, self.limit)
         self.stretch.append(loss)
         self.abnormal_steps += 1
         self.reason = reason
@@ -511,7 +512,6 @@ class SpikeGuard:
         event = self._event(step, action)
         recent = [v for _, v in self.loss_level.recent]
         self.loss_level.rebase(self.stretch + recent)
-        self.loss_level.held.clear()
         self.onset, self.abnormal_steps, self.stretch = None, 0, []
         self.recovered_since_restore = True
         return event
@@ -537,10 +537,7 @@ class SpikeGuard:
                 )
             self.paused_until = recent[0].step + self.policy.restore_span
             return self._new_normal(step, "gave up")
-        # The loss of step t is computed with the weights left by step t - 1, so the first abnormal
-        # loss (at the onset) condemns the snapshot of step onset - 1 too: it was never vouched for.
-        trusted_before = onset - 1
-        stable = [s for s in self.window.steps if s < trusted_before]
+        trusted_before, stable = self._stable_snapshots(onset)
         if not stable and self.policy.on_exhausted == "warn":
             self.reason += f"; no snapshot predates step {trusted_before}, so there is nothing to restore"
             return self._new_normal(step, "gave up")
@@ -563,6 +560,13 @@ class SpikeGuard:
         self.recovered_since_restore = False
         self.lr_scaled_until = step + self.policy.lr_scale_steps
         return event
+
+    def _stable_snapshots(self, onset: int) -> tuple[int, list[int]]:
+        """The step before which snapshots are trusted, and the held steps before it. The loss of
+        step t is computed with the weights left by step t - 1, so the first abnormal loss (at the
+        onset) condemns the snapshot of step onset - 1 too: it was never vouched for."""
+        trusted_before = onset - 1
+        return trusted_before, [s for s in self.window.steps if s < trusted_before]
 
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier to apply at ``step`` (1.0 outside a post-restore stretch)."""

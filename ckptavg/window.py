@@ -337,22 +337,23 @@ class CheckpointWindow:
         """
         weights = self.weights(method, alpha, before=before)
         assert self._store is not None and self.full_layout is not None
-        if any(w < 0 for w in weights) and out is None:
-            merged = self.merge(weights, out={e.name: torch.empty(e.shape, dtype=e.dtype) for e in self.full_layout})
-            _check_finite(merged, weights)
-            return merged
         if out is not None:
             self.full_layout.check(out, what="out")
             for name, t in out.items():
                 if t.device.type != "cpu" or not t.is_contiguous():
                     raise ValueError(f"out[{name!r}] must be a contiguous CPU tensor")
         if self._spread is None:
-            return self._store.merge(weights, out)
-        gathered = self._spread.full_views(self._gathered(weights))
-        if out is None:
-            return {name: t.to("cpu", copy=True) for name, t in gathered.items()}
-        copy_into(out, gathered)
-        return dict(out)
+            merged = self._store.merge(weights, out)
+        else:
+            gathered = self._spread.full_views(self._gathered(weights))
+            if out is None:
+                merged = {name: t.to("cpu", copy=True) for name, t in gathered.items()}
+            else:
+                copy_into(out, gathered)
+                merged = dict(out)
+        if out is None and any(w < 0 for w in weights):
+            _check_finite(merged, weights)
+        return merged
 
     def _gathered(self, weights: list[float]) -> dict[torch.dtype, Tensor]:
         """Spread window: merge this rank's slices, then gather every rank's (collective)."""
