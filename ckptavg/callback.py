@@ -43,8 +43,10 @@ class CheckpointAverager(Callback):
         storage: ``"cpu"`` (host memory; saved inside Lightning checkpoints) or ``"disk"``
             (safetensors files in ``dirpath``, reopened on resume).
         dirpath: where the disk window and ``merged.safetensors`` go; by default
-            ``<trainer.log_dir or default_root_dir>/ckptavg``. On a resumed run without an explicit
-            ``dirpath``, the folder recorded in the checkpoint is reused.
+            ``<trainer.log_dir or default_root_dir>/ckptavg``. A run resumed (or forked) into
+            another folder than the checkpoint's starts its disk window there from hard links to
+            the snapshots it inherits; the checkpoint's folder is only read. Resumed in the same
+            folder, the window goes on in place (a finished run's folder refuses a fork).
         preview: in each validation run, once the window holds two snapshots, evaluate the merged
             weights on the same data and log every validation metric again as ``merged/<name>``.
         merge_at_end: when training ends, load the merged weights into the module and write them
@@ -151,9 +153,9 @@ class CheckpointAverager(Callback):
         if self.dirpath is not None:
             return self.dirpath
         if self._dirpath_in_use is not None:
-            return self._dirpath_in_use  # a resumed window keeps its folder for the rest of the run (and the next resume)
-        if self._pending_state is not None and self._pending_state.get("dirpath"):
-            return Path(self._pending_state["dirpath"])  # a resumed run reuses the original folder
+            return self._dirpath_in_use  # the window's folder for the rest of this fit
+        # A resumed run gets its own folder too (its log dir's): the window starts there from links
+        # to the snapshots it inherits, and the checkpoint's folder, maybe another run's, is only read.
         if self._default_dirpath is not None:
             return self._default_dirpath
         return Path("ckptavg")
@@ -366,6 +368,8 @@ class CheckpointAverager(Callback):
     # -- end of the run -----------------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._window is not None:
+            self._window.finish(trainer.global_step)  # a later fork pointed at this folder is refused, not trimming it
         if not self.merge_at_end:
             return
         if len(self.window) == 0:
@@ -440,7 +444,6 @@ class CheckpointAverager(Callback):
         return {
             "window": window,
             "guard": self._guard.state_dict() if self._guard is not None else None,
-            "dirpath": str(self._resolved_dirpath()),
         }
 
     def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:

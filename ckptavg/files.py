@@ -8,10 +8,12 @@ instant leaves either the old file or the new one, never a torn one. Nothing her
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, chunks: list[memoryview | bytes]) -> int:
+def atomic_write_bytes(path: Path, chunks: Iterable[memoryview | bytes]) -> int:
     """Write ``chunks`` to ``path`` atomically; return the crc32 of everything written."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     crc = 0
@@ -75,6 +77,27 @@ def atomic_write_bytes(path: Path, chunks: list[memoryview | bytes]) -> int:
         raise
     fsync_dir(path.parent)
     return crc
+
+
+def link_or_copy(source: Path, source_fd: int, target: Path) -> None:
+    """Give ``target`` the content of the open file ``source_fd`` (found at ``source``): a hard
+    link to it when the file system allows, else an atomic copy read from the descriptor (the
+    name may already be gone: another writer may have evicted it since it was opened)."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+        if os.stat(target, follow_symlinks=False).st_ino == os.fstat(source_fd).st_ino:
+            return
+        target.unlink()  # the name now points at another file than the one that was opened
+    except OSError as err:
+        if err.errno == errno.EEXIST:
+            raise
+    size = os.fstat(source_fd).st_size
+    atomic_write_bytes(target, _chunks_of(source_fd, size))
+
+
+def _chunks_of(fd: int, size: int) -> Iterator[bytes]:
+    for offset in range(0, size, _WRITE_CHUNK):
+        yield os.pread(fd, min(_WRITE_CHUNK, size - offset), offset)
 
 
 class FolderLock:

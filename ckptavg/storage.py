@@ -27,6 +27,7 @@ from .files import (
     SnapshotReader,
     atomic_write_json,
     check_against_file,
+    link_or_copy,
     read_json,
     snapshot_metadata,
     write_snapshot,
@@ -96,6 +97,21 @@ def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
             f"{dirpath} is a window of {index['world_size']} processes, but the folders of {missing} are missing or hold no manifest"
         )
     return folders
+
+
+def _wanted_records(store: DiskStore | None, steps: list[int], dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``store`` (the window in ``dirpath``, ``None`` if there is none) for ``steps``
+    (a checkpoint's window); steps whose files are gone are reported."""
+    on_disk = {int(r["step"]): r for r in store._records} if store is not None else {}
+    missing = [int(s) for s in steps if int(s) not in on_disk]
+    if missing:
+        warnings.warn(
+            f"the checkpoint's window lists steps {missing}, whose files are no longer in {dirpath}; "
+            f"continuing with the {len(steps) - len(missing)} that are",
+            CkptavgWarning,
+            stacklevel=5,  # the caller of CheckpointWindow.load_state_dict
+        )
+    return [on_disk[int(s)] for s in steps if int(s) in on_disk]
 
 
 def _check_record(record: Any, i: int) -> None:
@@ -269,6 +285,7 @@ class DiskStore:
         self._executor: ThreadPoolExecutor | None = None
         self._lock = FolderLock(self.dirpath)
         self._pinned: dict[str, int] = {}  # a reader's descriptors of the files it lists
+        self.finished_at: int | None = None  # set by finish(): the run that wrote the folder completed
         if not readonly:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
@@ -350,12 +367,57 @@ class DiskStore:
         except BaseException:
             store.close()
             raise
+        store.finished_at = manifest.get("finished_at") if isinstance(manifest.get("finished_at"), int) else None
         if readonly:
             return store
         store._records = records
         store._remove_leftovers()
         if len(store._records) > store.capacity:
             store._replace_records(store._records[-store.capacity :])
+        return store
+
+    @classmethod
+    def inherit(
+        cls,
+        source: str | os.PathLike[str],
+        target: str | os.PathLike[str],
+        steps: list[int],
+        layout: Layout,
+        capacity: int,
+        pin_memory: bool = False,
+        sharding: dict[str, Any] | None = None,
+    ) -> DiskStore:
+        """A new window in ``target`` that starts with the snapshots of ``steps`` held by the window
+        in ``source`` (a run resumed or forked from a checkpoint of another folder). ``source`` is
+        only read, as by a ``readonly`` reader: it may belong to a run that is still writing. Each
+        file is hard-linked (no space used; files are never changed in place, so the two windows
+        cannot disturb each other) or, across file systems, copied. Snapshots that are gone
+        (evicted since, or a folder deleted or not copied along with the checkpoint) are reported,
+        and the window goes on without them."""
+        target = Path(target)
+        if (target / MANIFEST).exists():
+            raise FileExistsError(
+                f"{target} already holds a checkpoint window, so it cannot start from the snapshots of {source}. "
+                "Choose another dirpath for this run, or remove that folder"
+            )
+        reader = cls.open(source, readonly=True) if (Path(source) / MANIFEST).is_file() else None
+        try:
+            if reader is not None and reader.layout != layout:
+                raise ValueError(f"the files in {source} hold a different layout from the checkpoint's window")
+            records = _wanted_records(reader, steps, source)[-capacity:]
+            store = cls(target, layout, capacity, pin_memory, sharding)
+            try:
+                store._remove_leftovers()  # of an earlier attempt that crashed: the folder had no manifest
+                for record in records:
+                    assert reader is not None
+                    link_or_copy(reader.dirpath / record["file"], reader._pinned[record["file"]], target / record["file"])
+                store._replace_records(records)
+            except BaseException:
+                store.close()
+                raise
+        finally:
+            if reader is not None:
+                reader.close()
         return store
 
     def _pin(self, records: list[dict[str, Any]], attempts: int = 5) -> None:
@@ -491,7 +553,8 @@ class DiskStore:
                 os.close(fd)
             self._pinned = {}
 
-    def _write_manifest(self, records: list[dict[str, Any]]) -> None:
+    def _write_manifest(self, records: list[dict[str, Any]], finished_at: int | None = None) -> None:
+        """Commit ``records``. Any change but :meth:`finish` makes the folder a run in progress again."""
         atomic_write_json(
             self.dirpath / MANIFEST,
             {
@@ -500,9 +563,18 @@ class DiskStore:
                 "window": self.capacity,
                 "layout": self.layout.to_json(),
                 **({"sharding": self.sharding} if self.sharding is not None else {}),
+                **({"finished_at": finished_at} if finished_at is not None else {}),
                 "snapshots": records,
             },
         )
+        self.finished_at = finished_at
+
+    def finish(self, step: int) -> None:
+        """Record that the run writing this folder completed at ``step``: a later resume in this
+        folder from an earlier checkpoint (a fork) is refused instead of deleting what it kept."""
+        self._check_writable("mark the window finished")
+        self.flush()
+        self._write_manifest(self._records, finished_at=step)
 
     def discard_from(self, step: int) -> None:
         """Drop the snapshots taken at or after ``step`` (always the newest): the manifest is
@@ -604,14 +676,19 @@ class DiskStore:
         that went on and crashed) are dropped; snapshots it lists that are gone are reported."""
         self._check_writable("resume from a checkpoint")
         self.flush()
-        wanted = [int(s) for s in state["steps"]]
-        on_disk = {int(r["step"]): r for r in self._records}
-        missing = [s for s in wanted if s not in on_disk]
-        if missing:
-            warnings.warn(
-                f"the checkpoint's window lists steps {missing}, whose files are no longer in {self.dirpath}; "
-                f"continuing with the {len(wanted) - len(missing)} that are",
-                CkptavgWarning,
-                stacklevel=3,
+        newest = max(state["steps"], default=-1)
+        later = [int(r["step"]) for r in self._records if int(r["step"]) > newest]
+        if later and self.finished_at is not None:
+            raise ValueError(
+                f"{self.dirpath} holds the window of a run that finished at step {self.finished_at}; resuming here from "
+                f"a checkpoint whose window ends at step {newest} would delete its snapshots of steps {later}. Give this "
+                "run its own dirpath: it starts from links to the snapshots it inherits, and the finished run keeps its window"
             )
-        self._replace_records([on_disk[s] for s in wanted if s in on_disk][-self.capacity :])
+        if later:
+            warnings.warn(
+                f"{self.dirpath}: dropping the snapshots of steps {later} taken after the checkpoint (by the run that "
+                "stopped); the window goes on from the checkpoint's",
+                CkptavgWarning,
+                stacklevel=4,
+            )
+        self._replace_records(_wanted_records(self, state["steps"], self.dirpath)[-self.capacity :])

@@ -455,7 +455,11 @@ class CheckpointWindow:
         """Restore the window from :meth:`state_dict` (for example when a run resumes).
 
         A disk window reopens the files in its own ``dirpath`` and returns them to the recorded
-        window: snapshots taken after the checkpoint are dropped."""
+        window: snapshots taken after the checkpoint are dropped (refused when the folder's run
+        finished, see :meth:`finish`). When the state was saved by a window in another folder (a
+        fork, or a run resumed into a new log dir), this window starts its own folder from hard
+        links to the snapshots the state lists (copies across file systems); the other folder is
+        only read, and may still be written by its own run."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a CheckpointWindow state dict (its 'format' entry is missing or different)")
         if state.get("version") != STATE_VERSION:
@@ -487,12 +491,44 @@ class CheckpointWindow:
                 state = self._spread.local_state(state)
         if self.storage == "cpu":
             store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
+            store.load_state_dict(state)
         else:
-            store = DiskStore.open(self._files_dirpath(), capacity=self.window)
-            if store.layout != layout:
-                raise ValueError(f"the files in {store.dirpath} hold a different layout from the checkpoint's window")
-        store.load_state_dict(state)
+            store = self._reopen(state, layout)
         self._store = store
+
+    def _reopen(self, state: Mapping[str, Any], layout: Layout) -> DiskStore:
+        """The disk store of a loaded state: the files in this window's own folder, returned to the
+        state's steps; or, when the state's files live in another folder (a fork, or a resume into a
+        new log dir), a new window here that links the snapshots it inherits from that folder."""
+        target = self._files_dirpath()
+        recorded = state.get("dirpath")  # the folder of the files themselves (a rank's own, in a multi-process run)
+        source = Path(recorded) if recorded is not None else target
+        if _same_folder(source, target):
+            store = DiskStore.open(target, capacity=self.window)
+            if store.layout != layout:
+                store.close()
+                raise ValueError(f"the files in {store.dirpath} hold a different layout from the checkpoint's window")
+            try:
+                store.load_state_dict(state)
+            except BaseException:
+                store.close()
+                raise
+            return store
+        store = DiskStore.inherit(
+            source, target, list(state["steps"]), layout, self.window, pin_memory=bool(self.pin_memory), sharding=self._sharding
+        )
+        if self._sharding is not None and self._sharding["rank"] == 0:
+            assert self.dirpath is not None
+            write_ranks_manifest(self.dirpath, self._sharding)
+        return store
+
+    def finish(self, step: int | None = None) -> None:
+        """Record that the run completed (disk windows; default: at the newest snapshot's step). A
+        later resume in this folder from an earlier state, which would delete the snapshots kept
+        after it, is then refused: a fork of a finished run needs its own ``dirpath``."""
+        if isinstance(self._store, DiskStore):
+            steps = self._store.steps
+            self._store.finish(step if step is not None else (steps[-1] if steps else 0))
 
     @staticmethod
     def combine_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -556,6 +592,13 @@ def _checked_state_layout(state: Mapping[str, Any]) -> Layout | None:
                     f"({len(steps)}, {expected[code]})"
                 )
     return layout
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return a.resolve() == b.resolve()
 
 
 def _check_finite(merged: Mapping[str, Tensor], weights: list[float]) -> None:

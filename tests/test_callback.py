@@ -221,6 +221,64 @@ def test_a_model_that_changed_is_reported_at_resume_not_steps_later(tmp_path, be
     assert steps == []  # reported before any training step
 
 
+def test_forks_from_one_checkpoint_each_keep_their_own_window(tmp_path):
+    """Issue 11: two runs forked from one checkpoint (Lightning's versioned log dirs) wrote into the
+    base run's folder under the same names. Each fork now starts its own folder from hard links to
+    the snapshots it inherits; the base window is only read, also while its writer still runs."""
+    train, val = data()
+    L.seed_everything(0)
+    base_recorder = Recorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    base = CheckpointAverager(window=6, every_n_steps=8, storage="disk")
+    trainer(tmp_path, [base_recorder, base, checkpoints], max_epochs=3, enable_checkpointing=True).fit(Regression(), train, val)
+    base_folder = tmp_path / "lightning_logs" / "version_0" / "ckptavg" / "window"
+    files_of = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.name != ".lock"}  # noqa: E731
+    before = files_of(base_folder)
+    assert CheckpointWindow.open(base_folder, readonly=True).steps == [8, 16, 24, 32, 40, 48]
+
+    still_writing = CheckpointWindow.open(base_folder)  # the base run's writer, still alive
+    try:
+        for version, lr in ((1, 0.01), (2, 0.02)):
+            L.seed_everything(0)
+            recorder, fork = Recorder(), CheckpointAverager(window=6, every_n_steps=8, storage="disk")
+            model = Regression(lr=lr)
+            trainer(tmp_path, [recorder, fork], max_epochs=3).fit(model, train, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=16.ckpt")
+            folder = tmp_path / "lightning_logs" / f"version_{version}" / "ckptavg" / "window"
+            assert fork.window.dirpath == folder and fork.window.steps == [8, 16, 24, 32, 40, 48]
+            for step in (8, 16):
+                name = f"snapshot-{step:012d}.safetensors"
+                assert (folder / name).stat().st_ino == (base_folder / name).stat().st_ino  # linked, not copied
+            snapshots = [base_recorder.states[8], base_recorder.states[16]] + [recorder.states[s] for s in (24, 32, 40, 48)]
+            assert_close_to_reference(model.state_dict(), reference_merge(snapshots, "sma"))
+    finally:
+        still_writing.close()
+    assert files_of(base_folder) == before
+
+
+def test_a_fork_pointed_at_a_finished_runs_folder_is_refused_at_fit_start(tmp_path):
+    train, val = data()
+    out = tmp_path / "out"
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    averager = CheckpointAverager(window=6, every_n_steps=8, storage="disk", dirpath=out)
+    trainer(tmp_path, [averager, checkpoints], max_epochs=3, enable_checkpointing=True).fit(Regression(), train, val)
+    before = {p.name: p.read_bytes() for p in (out / "window").iterdir() if p.name != ".lock"}
+    steps = []
+
+    class Steps(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    fork = CheckpointAverager(window=6, every_n_steps=8, storage="disk", dirpath=out)
+    with pytest.raises(ValueError, match=r"finished at step 48.*would delete its snapshots of steps \[24, 32, 40, 48\].*own dirpath"):
+        trainer(tmp_path, [fork, Steps()], max_epochs=3).fit(Regression(lr=0.01), train, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=16.ckpt")
+    assert steps == []
+    assert {p.name: p.read_bytes() for p in (out / "window").iterdir() if p.name != ".lock"} == before
+    # Training on from the finished run's last checkpoint continues its window in place.
+    more = CheckpointAverager(window=6, every_n_steps=8, storage="disk", dirpath=out)
+    trainer(tmp_path, [more], max_epochs=4).fit(Regression(), train, val, ckpt_path=tmp_path / "ckpt" / "epoch=2-step=48.ckpt")
+    assert more.window.steps == [24, 32, 40, 48, 56, 64]
+
+
 def test_a_rerun_into_an_occupied_folder_is_refused_at_fit_start(tmp_path):
     train, val = data()
     trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out")], max_epochs=1).fit(Regression(), train, val)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptavg import CheckpointWindow, FolderLockedError, consolidate
-from conftest import HANG_GUARD_S, perturbed_states
+from ckptavg import CheckpointWindow, CkptavgWarning, FolderLockedError, consolidate
+from conftest import HANG_GUARD_S, assert_close_to_reference, perturbed_states, reference_merge
 
 HERE = Path(__file__).parent
 
@@ -195,3 +195,145 @@ def test_a_tampered_window_state_is_refused_before_anything_changes(tiny_net, ta
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(state)
     assert target.steps == [7] and torch.equal(target.merge()["fc1.weight"], states[0]["fc1.weight"])
+
+
+# -- forks: a window started from another run's state owns its folder -----------------------------
+
+
+def inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def test_a_window_loaded_from_another_folders_state_links_what_it_inherits(tmp_path, tiny_net):
+    """Issue 11: two runs forked from one checkpoint wrote into the base run's folder (the later
+    fork's resume trimmed it). A state loaded into a window with another dirpath now starts that
+    window from hard links to the snapshots it lists; the base folder is only read."""
+    states = perturbed_states(tiny_net, 6)
+    base = tmp_path / "base"
+    with CheckpointWindow(window=5, storage="disk", dirpath=base) as win:
+        for step in (1, 2, 3):
+            win.snapshot(states[step - 1], step=step)
+        forked_at = win.state_dict()
+        for step in (4, 5):  # the base run goes on after the checkpoint
+            win.snapshot(states[step - 1], step=step)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    forks = []
+    for name in ("fork-a", "fork-b"):
+        fork = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / name)
+        fork.load_state_dict(forked_at)
+        assert fork.steps == [1, 2, 3]
+        fork.snapshot(states[5], step=4)
+        forks.append(fork)
+    for fork in forks:
+        fork.close()
+        files = {p.name for p in fork.dirpath.iterdir()} - {".lock"}
+        assert files == {"manifest.json"} | {f"snapshot-{s:012d}.safetensors" for s in (1, 2, 3, 4)}
+        for s in (1, 2, 3):  # linked, not copied
+            name = f"snapshot-{s:012d}.safetensors"
+            assert inode(fork.dirpath / name) == inode(base / name)
+        merged = CheckpointWindow.open(fork.dirpath, readonly=True).merge("sma")
+        assert_close_to_reference(merged, reference_merge([states[i] for i in (0, 1, 2, 5)], "sma"))
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.name != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert CheckpointWindow.open(base, readonly=True).steps == [1, 2, 3, 4, 5]
+
+
+def test_a_fork_inherits_from_a_folder_whose_writer_is_still_running(tmp_path):
+    d = tmp_path / "base"
+    writer = writer_process(d, until_step=3)
+    try:
+        with CheckpointWindow.open(d, readonly=True) as reader:
+            state = reader.state_dict()
+        fork = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "fork")
+        fork.load_state_dict(state)  # no lock taken on the base folder; its writer keeps evicting
+        steps = fork.steps
+        merged = fork.merge("sma")
+        fork.close()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(HANG_GUARD_S)
+    assert steps and steps == state["steps"][-len(steps) :]
+    assert torch.allclose(merged["big"], torch.full_like(merged["big"], sum(steps) / len(steps)))
+
+
+@pytest.mark.skipif(os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev if os.path.isdir("/dev/shm") else True, reason="needs a second file system")
+def test_a_fork_on_another_file_system_copies_what_it_inherits(tmp_path, tiny_net):
+    import shutil
+    import tempfile
+
+    states = perturbed_states(tiny_net, 3)
+    base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ckptavg-test-"))
+    try:
+        with CheckpointWindow(window=4, storage="disk", dirpath=base) as win:
+            for step, s in enumerate(states, start=1):
+                win.snapshot(s, step=step)
+            state = win.state_dict()
+        with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "fork") as fork:
+            fork.load_state_dict(state)
+            assert fork.steps == [1, 2, 3]
+            assert fork.verify() == []
+            torch.testing.assert_close(fork.merge("sma")["fc1.weight"], win.merge("sma")["fc1.weight"], rtol=0, atol=0)
+        assert not list((tmp_path / "fork").glob("*.tmp"))
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_fork_into_a_folder_that_holds_another_window_is_refused(tmp_path, tiny_net):
+    states = perturbed_states(tiny_net, 3)
+    with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "base") as win:
+        win.snapshot(states[0], step=1)
+        state = win.state_dict()
+    with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "other") as other:
+        other.snapshot(states[1], step=5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()}
+    fork = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "other")
+    with pytest.raises(FileExistsError, match=rf"{tmp_path / 'other'} already holds a checkpoint window.*another dirpath"):
+        fork.load_state_dict(state)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()} == before
+
+
+def test_resuming_in_place_never_deletes_what_a_finished_run_kept(tmp_path, tiny_net):
+    """A fixed folder: resuming a crashed run from its checkpoint drops the snapshots it took after
+    the checkpoint (that run is gone); a finished run's snapshots are not dropped by a fork that
+    was pointed at the same folder: it is refused, with what to do."""
+    states = perturbed_states(tiny_net, 5)
+    d = tmp_path / "win"
+    win = CheckpointWindow(window=4, storage="disk", dirpath=d)
+    for step in (1, 2, 3):
+        win.snapshot(states[step - 1], step=step)
+    state = win.state_dict()
+    for step in (4, 5):
+        win.snapshot(states[step - 1], step=step)
+    win.finish()  # the run completed
+    win.close()
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    again = CheckpointWindow(window=4, storage="disk", dirpath=d)
+    with pytest.raises(ValueError, match=r"finished at step 5.*would delete its snapshots of steps \[4, 5\].*own dirpath"):
+        again.load_state_dict(state)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    # Resuming from the finished run's own last state (training on from its end) is fine.
+    with CheckpointWindow.open(d, readonly=True) as reader:
+        end = reader.state_dict()
+    with CheckpointWindow(window=4, storage="disk", dirpath=d) as resumed:
+        resumed.load_state_dict(end)
+        assert resumed.snapshot(states[0], step=6) and resumed.steps == [3, 4, 5, 6]
+    # A crashed (unfinished) run's later snapshots are dropped, with a warning naming them.
+    with CheckpointWindow(window=4, storage="disk", dirpath=d) as crashed:
+        with pytest.warns(CkptavgWarning, match=r"dropping the snapshots of steps \[4, 5, 6\] taken after the checkpoint"):
+            with pytest.warns(CkptavgWarning, match=r"lists steps \[1, 2\], whose files are no longer"):
+                crashed.load_state_dict(state)  # steps 1 and 2 were evicted meanwhile
+        assert crashed.steps == [3]
+
+
+def test_a_resume_whose_snapshot_folder_is_gone_goes_on_with_an_empty_window(tmp_path, tiny_net):
+    """A checkpoint copied to another machine without its disk window: say so, train on."""
+    import shutil
+
+    states = perturbed_states(tiny_net, 3)
+    with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "base") as win:
+        win.snapshot(states[0], step=1)
+        state = win.state_dict()
+    shutil.rmtree(tmp_path / "base")
+    with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "new") as resumed:
+        with pytest.warns(CkptavgWarning, match=rf"lists steps \[1\], whose files are no longer in {tmp_path / 'base'}"):
+            resumed.load_state_dict(state)
+        assert resumed.steps == [] and resumed.snapshot(states[1], step=2) and resumed.steps == [2]
