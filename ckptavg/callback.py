@@ -415,8 +415,12 @@ class CheckpointAverager(Callback):
         path = self._resolved_dirpath() / MERGED_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(merged, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        try:
+            save_file(merged, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written model
+            raise
         rank_zero_info(f"CheckpointAverager: wrote {self.merge.upper()} of steps {steps[0]}..{steps[-1]} to {path}")
         return path
 

@@ -8,6 +8,7 @@ in :mod:`ckptavg.kernels`.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import warnings
@@ -359,7 +360,18 @@ class DiskStore:
                 f"{capacity} would delete the oldest {len(records) - capacity}. Pass evict=True to delete them, or "
                 "readonly=True to merge the newest without changing the folder"
             )
-        store = cls(dirpath, layout, capacity, pin_memory, manifest.get("sharding"), readonly=readonly)
+        try:
+            store = cls(dirpath, layout, capacity, pin_memory, manifest.get("sharding"), readonly=readonly)
+        except OSError as err:
+            if readonly or err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # A downloaded or archived copy, a read-only mount: there is nothing to clean up or lock.
+            warnings.warn(
+                f"{dirpath} is not writable ({err.strerror}): opened readonly; merge and verify work, snapshots are refused",
+                CkptavgWarning,
+                stacklevel=3,
+            )
+            return cls.open(dirpath, capacity, pin_memory, readonly=True)
         try:
             if readonly:
                 store._pin(records[-capacity:])
@@ -516,7 +528,11 @@ class DiskStore:
         )
         record.update(file=name, step=step)
         window = (records + [record])[-self.capacity :]
-        self._write_manifest(window)
+        try:
+            self._write_manifest(window)
+        except BaseException:
+            (self.dirpath / name).unlink(missing_ok=True)  # never committed: leave no orphan (on a full disk, the space)
+            raise
         for old in records[: len(records) + 1 - len(window)]:
             (self.dirpath / old["file"]).unlink(missing_ok=True)
         return record
@@ -638,10 +654,12 @@ class DiskStore:
             self._records = [r for r in self._records if r["file"] != name]
             return
         self._check_writable("drop an unusable file")
+        kept = [r for r in self._records if r["file"] != name]
+        self._write_manifest(kept)  # first: a crash in between leaves an unlisted file, never a listed one missing
+        self._records = kept
         path = self.dirpath / name
         if path.exists():
             path.replace(path.with_name(name + ".corrupt"))
-        self._replace_records([r for r in self._records if r["file"] != name])
 
     def verify(self) -> list[str]:
         """Read every file in full; drop the unusable ones. Return the names of those dropped."""

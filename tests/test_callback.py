@@ -487,3 +487,19 @@ def test_merged_metrics_equal_an_independent_evaluation_however_they_are_logged(
     expected = expected_metrics(model, loaders)
     assert averager.final_metrics["merged"] == pytest.approx({k: expected[k] for k in averager.final_metrics["merged"]}, rel=1e-5)
     assert set(averager.final_metrics["merged"]) == set(expected)
+
+
+def test_the_end_of_run_export_never_writes_through_a_planted_link(tmp_path):
+    """The neighbour of issue 11's planted *.tmp symlinks: merged.safetensors is written through a
+    temporary name too."""
+    out = tmp_path / "out"
+    out.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (out / "merged.safetensors.tmp").symlink_to(precious)
+    train, val = data()
+    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=4, dirpath=out)], max_epochs=1).fit(Regression(), train, val)
+    assert precious.read_text() == "keep me"
+    assert not (out / "merged.safetensors").is_symlink() and not (out / "merged.safetensors.tmp").exists()
+    with safe_open(str(out / "merged.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["steps"]) == [4, 8, 12, 16]

@@ -337,3 +337,94 @@ def test_a_resume_whose_snapshot_folder_is_gone_goes_on_with_an_empty_window(tmp
         with pytest.warns(CkptavgWarning, match=rf"lists steps \[1\], whose files are no longer in {tmp_path / 'base'}"):
             resumed.load_state_dict(state)
         assert resumed.steps == [] and resumed.snapshot(states[1], step=2) and resumed.steps == [2]
+
+
+def read_only_command(folder: Path) -> list[str] | None:
+    """A command prefix under which ``folder`` is read-only: a read-only bind mount in a private
+    mount namespace (root ignores permissions), or permissions (everyone else). ``None``: neither."""
+    if os.geteuid() != 0:
+        for path in [folder, *folder.iterdir()]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        return []
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", script, str(folder), "true"], capture_output=True)
+    return ["unshare", "-m", "sh", "-c", script, str(folder)] if probe.returncode == 0 else None
+
+
+def test_a_read_only_copy_of_a_folder_opens_for_merging(tmp_path, tiny_net):
+    """Issue 11: open() on a read-only copy (a download, an archive, a read-only mount) failed,
+    trying to lock it and delete leftovers. It now opens readonly, with a warning; nothing else
+    changes: merge, verify and consolidate work, a snapshot is refused with a clear error."""
+    states = perturbed_states(tiny_net, 3)
+    d = tmp_path / "win"
+    with CheckpointWindow(window=4, storage="disk", dirpath=d) as win:
+        for step, s in enumerate(states, start=1):
+            win.snapshot(s, step=step)
+        expected = win.merge("wma")
+    (d / ".lock").unlink()  # a copy holds only the window's own files
+    torch.save(expected, tmp_path / "expected.pt")
+    prefix = read_only_command(d)
+    if prefix is None:
+        pytest.skip("cannot make a folder read-only here (root without mount namespaces)")
+    code = f"""
+import warnings, torch
+from ckptavg import CheckpointWindow, consolidate
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    win = CheckpointWindow.open({str(d)!r})
+print("WARNED", [str(w.message) for w in caught])
+expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+assert win.steps == [1, 2, 3] and win.verify() == []
+for key, value in win.merge("wma").items():
+    assert torch.equal(value, expected[key]), key
+assert all(torch.equal(v, expected[k]) for k, v in consolidate({str(d)!r}, "wma").items())
+try:
+    win.snapshot(win.merge("sma"), step=4)
+except ValueError as err:
+    print("REFUSED", err)
+"""
+    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    assert f"{d} is not writable" in done.stdout and "opened readonly" in done.stdout
+    assert "REFUSED cannot take a snapshot" in done.stdout
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json"] + [f"snapshot-{s:012d}.safetensors" for s in (1, 2, 3)]
+
+
+def test_a_snapshot_whose_manifest_does_not_fit_is_not_left_behind(tmp_path):
+    """Issue 11: on a full disk, a snapshot file that fits while its manifest does not stayed in the
+    folder, uncommitted. The write is undone, the error names the file, the window is unchanged,
+    and the next snapshot, once there is room, is written as usual. (A file-size limit stands in
+    for the full disk: writes past it fail with EFBIG, as they fail with ENOSPC on a full disk.)"""
+    code = f"""
+import os, resource, signal, torch
+from pathlib import Path
+from ckptavg import CheckpointWindow
+d = Path({str(tmp_path / "win")!r})
+win = CheckpointWindow(window=64, storage="disk", dirpath=d)
+state = {{"w": torch.zeros(4)}}
+for step in range(1, 41):  # forty records: the manifest outgrows one snapshot file
+    win.snapshot(state, step=step)
+win.flush()
+snapshot_size = (d / "snapshot-000000000040.safetensors").stat().st_size
+assert (d / "manifest.json").stat().st_size > 2 * snapshot_size
+before = {{p.name: p.read_bytes() for p in d.iterdir()}}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2 * snapshot_size, resource.RLIM_INFINITY))
+win.snapshot(state, step=41)
+try:
+    win.flush()
+except OSError as err:
+    print("ERROR", err)
+assert {{p.name: p.read_bytes() for p in d.iterdir()}} == before, sorted(set(p.name for p in d.iterdir()) ^ set(before))
+assert win.steps[-1] == 40
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+win.snapshot(state, step=42)
+win.close()
+print("STEPS", CheckpointWindow.open(d, readonly=True).steps[-2:])
+"""
+    env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    assert "ERROR writing the snapshot of step 41 to" in done.stdout and "the window keeps its previous 40 snapshots" in done.stdout
+    assert "STEPS [40, 42]" in done.stdout
