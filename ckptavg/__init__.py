@@ -7,7 +7,7 @@ weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coeffic
 from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .merges import coefficients, ema, sma, wma
-from .offline import consolidate, load_state_file, merge_state_dicts
+from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .window import CheckpointWindow, load_state
 
@@ -25,6 +25,7 @@ __all__ = [
     "coefficients",
     "consolidate",
     "ema",
+    "load_merged_weights",
     "load_state",
     "load_state_file",
     "merge_state_dicts",

@@ -139,6 +139,14 @@ def collected_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
     }
 
 
+def last_validation_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
+    """What the validation run that just ended logged (read in ``on_validation_end``), in the form
+    of :func:`collected_metrics`."""
+    results = trainer.fit_loop.epoch_loop.val_loop._results  # type: ignore[attr-defined]
+    metrics = results.metrics(False)  # the epoch-level values, as the connector received them
+    return {"callback": dict(metrics["callback"]), "log": dict(metrics["log"]), "pbar": dict(metrics["pbar"])}
+
+
 def has_validation(trainer: pl.Trainer) -> bool:
     """Whether fitting runs a validation loop with at least one batch."""
     from lightning.pytorch.utilities.model_helpers import is_overridden

@@ -61,8 +61,12 @@ class CheckpointAverager(Callback):
             replica. ``False`` keeps a full window on every rank. (FSDP2 shards, under
             ``ModelParallelStrategy``, are always kept apart: each rank snapshots, merges and
             restores its own shards.)
-        **recovery_options: any :class:`ckptavg.RecoveryPolicy` field as a plain keyword argument,
-            for example ``max_restores=5`` or ``lr_scale=0.5, lr_scale_steps=100``.
+        decay: the EMA decay in the spelling of timm's ModelEma, ema-pytorch and Lightning's
+            EMAWeightAveraging: ``alpha = 1 - decay``. Give ``alpha`` or ``decay``, not both.
+            Note that the EMA here runs over the window's snapshots, not over every step, and is
+            seeded with the oldest snapshot, which keeps the weight of the whole tail
+            (``(1 - alpha)^(N-1)``): a decay close to 1 puts almost all weight on the oldest
+            snapshot (``decay=0.999`` over 8 snapshots: 99.3%), unlike a per-step EMA.
 
     Example::
 
@@ -88,7 +92,7 @@ class CheckpointAverager(Callback):
         merge_at_end: bool = True,
         recover: bool | RecoveryPolicy | dict[str, Any] = True,
         spread: bool = True,
-        **recovery_options: Any,
+        decay: float | None = None,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -99,9 +103,18 @@ class CheckpointAverager(Callback):
             raise ValueError("give every_n_steps or every_n_epochs, not both")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
-        coefficients(merge, 1, alpha)  # validates the method name
         if not isinstance(merge, str):
-            raise ValueError(f"merge must be 'sma', 'wma' or 'ema', got {merge!r}")
+            raise ValueError(
+                f"merge must be 'sma', 'wma' or 'ema', got {merge!r}. Explicit weights depend on how many snapshots "
+                "the window holds, which changes during a run: merge them offline with CheckpointWindow.merge(weights)"
+            )
+        if decay is not None:
+            if alpha != DEFAULT_ALPHA:
+                raise ValueError(f"give alpha or decay, not both (alpha={alpha!r}, decay={decay!r}); alpha = 1 - decay")
+            if not 0.0 <= float(decay) < 1.0:  # also rejects NaN
+                raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+            alpha = 1.0 - float(decay)
+        coefficients(merge, 1, alpha)  # validates the method name and alpha
         if storage not in ("cpu", "disk"):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
         self.window_size = window
@@ -114,7 +127,7 @@ class CheckpointAverager(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.preview = preview
         self.merge_at_end = merge_at_end
-        self.recovery = RecoveryPolicy.from_value(recover, **recovery_options)
+        self.recovery = RecoveryPolicy.from_value(recover)
         self.spread = spread
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._window: CheckpointWindow | None = None
@@ -206,6 +219,16 @@ class CheckpointAverager(Callback):
         self._spread = self.spread and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
         root = trainer.log_dir or trainer.default_root_dir  # log_dir is broadcast from rank 0
         self._default_dirpath = Path(root) / "ckptavg"
+        self._run_before_merged_monitors(trainer)
+
+    def _run_before_merged_monitors(self, trainer: pl.Trainer) -> None:
+        """Callbacks that monitor ``merged/<metric>`` (EarlyStopping, ModelCheckpoint, ...) read it in
+        their own ``on_validation_end``: this callback must publish it first, whatever the list order."""
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        mine = callbacks.index(self)
+        monitors = [i for i, cb in enumerate(callbacks[:mine]) if str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX)]
+        if monitors:
+            callbacks.insert(monitors[0], callbacks.pop(mine))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._window is not None:
@@ -266,8 +289,15 @@ class CheckpointAverager(Callback):
             self._watch(trainer, pl_module, outputs, batch, batch_idx)  # first: an abnormal step is never snapshotted
         if self.every_n_steps is not None and step > self.start_step and step % self.every_n_steps == 0:
             self._snapshot(pl_module, step)
+        elif trainer.is_last_batch:
+            # The epoch's snapshot is taken before its validation, so that the preview measures the
+            # window that ModelCheckpoint then saves (it saves at on_train_epoch_end).
+            self._epoch_snapshot(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_snapshot(trainer, pl_module)  # already taken at the last batch, unless the epoch was cut short
+
+    def _epoch_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             if trainer.global_step > self.start_step:
                 self._snapshot(pl_module, trainer.global_step)
@@ -337,9 +367,17 @@ class CheckpointAverager(Callback):
             return
         raw = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith(MERGED_PREFIX)}
         merged_metrics: dict[str, float] = {}
-        # Every rank must take the same decision: the preview runs collective operations.
-        if self.preview and trainer.strategy.reduce_boolean_decision(len(self.window) >= 2, all=True):
-            collected = self._evaluate(trainer, pl_module, swap_in_merge=True)
+        if self.preview:
+            # Published at every validation, so that monitoring merged/<metric> never finds it
+            # missing. Before the first snapshot (or with one taken at this very step) the merge
+            # is the current model: the raw run's numbers measured it already.
+            steps = self.window.steps
+            same = not steps or steps == [trainer.global_step]
+            # Every rank must take the same decision: the preview runs collective operations.
+            if trainer.strategy.reduce_boolean_decision(same, all=True):
+                collected = _evaluation.last_validation_metrics(trainer)
+            else:
+                collected = self._evaluate(trainer, pl_module, swap_in_merge=True)
             self._publish(trainer, collected)
             merged_metrics = self._scalars(collected)
             raw = {k: v for k, v in raw.items() if k in merged_metrics}
@@ -448,6 +486,8 @@ class CheckpointAverager(Callback):
         return {
             "window": window,
             "guard": self._guard.state_dict() if self._guard is not None else None,
+            "merge": self.merge,  # what the merged weights of this checkpoint are (see ckptavg.load_merged_weights)
+            "alpha": self.alpha,
         }
 
     def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -151,10 +151,85 @@ def consolidate(
     chosen = dict(zip(common, coefficients(method, len(common), alpha)))
 
     def rank_merges() -> Iterator[tuple[dict[str, Tensor], Mapping[str, Placement]]]:
-        for folder, manifest in zip(folders, manifests):  # one rank's merge in memory at a time
+        for folder, manifest in zip(folders, manifests, strict=True):  # one rank's merge in memory at a time
             with CheckpointWindow.open(folder, readonly=True) as window:
                 merged = window.merge([chosen.get(step, 0.0) for step in window.steps])
             sharding = manifest.get("sharding")
             yield merged, sharding["placements"] if sharding else replicated_placements(merged)
 
     return assemble(rank_merges(), where=str(dirpath))
+
+
+def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | None = None) -> dict[str, Tensor]:
+    """The merged weights of a Lightning checkpoint saved by a run with a ``CheckpointAverager``:
+    the merge of the window it recorded, which is what ``merged/<metric>`` measured when it was
+    saved (so the "best" checkpoint of ``ModelCheckpoint(monitor="merged/val_loss")`` gives the
+    weights that earned its score). A state dict, loadable into the LightningModule.
+
+    Args:
+        checkpoint: a Lightning ``.ckpt`` file, read with ``weights_only=True``.
+        averager: a part of the averager's state key, when the run had several averagers.
+
+    A checkpoint saved before the first snapshot gives its own weights (what the averager would
+    have left in place). A disk window is read from its folder, which must still hold the
+    snapshots the checkpoint lists (``ValueError`` naming the missing steps otherwise).
+
+    Example::
+
+        model.load_state_dict(ckptavg.load_merged_weights(checkpoint_callback.best_model_path))
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises a variety of types for bad files
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' entry")
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt.get("callbacks"), Mapping) else {}
+    states = {str(k): v for k, v in callbacks.items() if str(k).startswith("CheckpointAverager")}
+    if averager is not None:
+        states = {k: v for k, v in states.items() if averager in k}
+    if not states:
+        raise ValueError(f"{path} holds no CheckpointAverager state{'' if averager is None else f' matching {averager!r}'} (callbacks: {sorted(map(str, callbacks))})")
+    if len(states) > 1:
+        raise ValueError(f"{path} holds the states of {len(states)} CheckpointAveragers: pass averager= with a part of one of {sorted(states)}")
+    (state,) = states.values()
+    weights = dict(ckpt["state_dict"])
+    window = state.get("window") if isinstance(state, Mapping) else None
+    if window is None:
+        return weights
+    method, alpha = state.get("merge", "sma"), state.get("alpha", DEFAULT_ALPHA)
+    weights.update(_merge_window_state(window, method, alpha, where=path))
+    return weights
+
+
+def _merge_window_state(state: Mapping[str, Any], method: Method, alpha: float, where: Path) -> dict[str, Tensor]:
+    """The merge of a window recorded by a ``CheckpointAverager`` state (see its ``state_dict``)."""
+    from .window import CheckpointWindow
+
+    if "ranks" in state:  # a multi-process run: every rank's part, gathered on rank 0
+        parts = list(state["ranks"])
+        kinds = {(p.get("sharding") or {}).get("kind") for p in parts}
+        if any(p.get("storage") != "cpu" for p in parts) or kinds - {"spread", "replicated"}:
+            raise ValueError(
+                f"{where} records a multi-process {parts[0].get('storage')} window; merge its folder with ckptavg.consolidate"
+            )
+        state = CheckpointWindow.combine_states(parts) if kinds == {"spread"} else parts[0]
+    steps = [int(s) for s in state.get("steps", [])]
+    if not steps:
+        return {}
+    if state.get("storage") == "cpu":
+        window = CheckpointWindow(window=max(len(steps), 1), storage="cpu")
+        window.load_state_dict(state)
+        return window.merge(method, alpha)
+    chosen = dict(zip(steps, coefficients(method, len(steps), alpha), strict=True))
+    with CheckpointWindow.open(state["dirpath"], readonly=True) as window:
+        missing = sorted(set(steps) - set(window.steps))
+        if missing:
+            raise ValueError(
+                f"{where} records a disk window of steps {steps}; {state['dirpath']} no longer holds steps {missing} "
+                "(evicted since). Its merged weights can no longer be rebuilt"
+            )
+        return window.merge([chosen.get(step, 0.0) for step in window.steps])

@@ -139,3 +139,17 @@ def digits(batch_size: int = 32):
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
     train = DataLoader(TensorDataset(x[:1437], y[:1437]), batch_size=batch_size, shuffle=True)
     return train, DataLoader(TensorDataset(x[1437:], y[1437:]), batch_size=120)
+
+
+class RegressionData(L.LightningDataModule):
+    """:func:`data` as a datamodule (for LightningCLI)."""
+
+    def __init__(self, batch_size: int = 16):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return data(batch_size=self.batch_size)[0]
+
+    def val_dataloader(self):
+        return data(batch_size=self.batch_size)[1]

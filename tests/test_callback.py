@@ -503,3 +503,65 @@ def test_the_end_of_run_export_never_writes_through_a_planted_link(tmp_path):
     assert not (out / "merged.safetensors").is_symlink() and not (out / "merged.safetensors.tmp").exists()
     with safe_open(str(out / "merged.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["steps"]) == [4, 8, 12, 16]
+
+
+@pytest.mark.parametrize("averager_first", [True, False], ids=["averager-first", "averager-last"])
+def test_stock_callbacks_monitor_merged_metrics_in_any_order(tmp_path, averager_first):
+    """Issue 12: ModelCheckpoint/EarlyStopping(monitor="merged/val_loss") crashed on any validation
+    before the window held two snapshots (the defaults: epoch 0), and EarlyStopping listed before
+    the averager read the previous validation's value. The best checkpoint's merged weights come
+    out in one call and score what the checkpoint was ranked by."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from ckptavg import load_merged_weights
+
+    L.seed_everything(0)
+    train, val = data()
+    averager = CheckpointAverager(window=3, every_n_epochs=1)
+    stopping = EarlyStopping(monitor="merged/val_loss", patience=100, strict=True)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="merged/val_loss", save_top_k=1, filename="best")
+    callbacks = [averager, stopping, best] if averager_first else [stopping, best, averager]
+    trainer(tmp_path, callbacks, max_epochs=5, num_sanity_val_steps=0, enable_checkpointing=True).fit(Regression(), train, val)
+
+    merged = [float(r["merged/val_loss"]) for r in csv_rows(tmp_path) if r.get("merged/val_loss")]
+    raw = [float(r["val_loss"]) for r in csv_rows(tmp_path) if r.get("val_loss")]
+    assert len(merged) == len(raw) == 5
+    assert merged[0] == raw[0]  # before the first snapshot the averager would leave the weights as they are
+    assert float(stopping.best_score) == pytest.approx(min(merged), rel=1e-6)  # the current validation's value
+    assert float(best.best_model_score) == pytest.approx(min(merged), rel=1e-6)
+    twin = Regression()
+    twin.load_state_dict(load_merged_weights(best.best_model_path))
+    assert val_loss_of(twin, val) == pytest.approx(float(best.best_model_score), rel=1e-5)
+
+
+def test_merged_weights_of_a_disk_window_checkpoint_and_of_one_before_any_snapshot(tmp_path):
+    from ckptavg import load_merged_weights
+
+    L.seed_everything(0)
+    train, val = data()
+    recorder = Recorder()
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=8)
+    averager = CheckpointAverager(window=8, every_n_steps=10, storage="disk")
+    trainer(tmp_path, [recorder, averager, every], max_steps=40, enable_checkpointing=True, limit_val_batches=0).fit(Regression(), train)
+    # At step 8 the window was empty: the merged weights are the checkpoint's own.
+    early = torch.load(tmp_path / "ckpt" / "epoch=0-step=8.ckpt", weights_only=True)["state_dict"]
+    for key, value in load_merged_weights(tmp_path / "ckpt" / "epoch=0-step=8.ckpt").items():
+        assert torch.equal(value, early[key]), key
+    # At step 32 the window held steps 10, 20, 30 (the disk window has since moved on to 40).
+    assert_close_to_reference(
+        load_merged_weights(tmp_path / "ckpt" / "epoch=1-step=32.ckpt"), reference_merge([recorder.states[s] for s in (10, 20, 30)], "sma")
+    )
+    with pytest.raises(ValueError, match=r"holds no CheckpointAverager state"):
+        torch.save({"state_dict": early, "callbacks": {}}, tmp_path / "plain.ckpt")
+        load_merged_weights(tmp_path / "plain.ckpt")
+
+
+def test_merge_and_decay_arguments_are_checked_at_construction():
+    with pytest.raises(ValueError, match=r"merge must be 'sma', 'wma' or 'ema', got \[1, 2, 3, 4\]\. Explicit weights.*CheckpointWindow.merge"):
+        CheckpointAverager(merge=[1, 2, 3, 4])
+    assert CheckpointAverager(merge="ema", decay=0.75).alpha == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="give alpha or decay, not both"):
+        CheckpointAverager(merge="ema", alpha=0.3, decay=0.7)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="decay must be in"):
+            CheckpointAverager(merge="ema", decay=bad)

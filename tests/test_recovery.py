@@ -345,11 +345,12 @@ def test_ddp_spike_on_one_rank_restores_both_together(tmp_path):
         assert torch.isfinite(value).all()
 
 
-def test_policy_fields_as_plain_keyword_arguments():
-    averager = CheckpointAverager(recover=True, max_restores=1, lr_scale=0.5, lr_scale_steps=10)
+def test_policy_fields_go_in_recover():
+    """One spelling (issue 12): the plain keyword arguments became top-level defaults under
+    LightningCLI that silently overrode the recover mapping."""
+    averager = CheckpointAverager(recover={"max_restores": 1, "lr_scale": 0.5, "lr_scale_steps": 10})
     assert (averager.recovery.max_restores, averager.recovery.lr_scale, averager.recovery.lr_scale_steps) == (1, 0.5, 10)
-    assert CheckpointAverager(recover={"patience": 4}, threshold=9.0).recovery.threshold == 9.0
     with pytest.raises(ValueError, match=r"unknown RecoveryPolicy fields \['max_restore'\]"):
-        CheckpointAverager(max_restore=2)
-    with pytest.raises(ValueError, match="recover is off"):
-        CheckpointAverager(recover=False, max_restores=2)
+        CheckpointAverager(recover={"max_restore": 2})
+    with pytest.raises(TypeError, match="max_restores"):
+        CheckpointAverager(max_restores=2)
