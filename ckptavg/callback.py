@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
-from .layout import state_tensors
+from .layout import local_tensor, state_tensors
 from .merges import DEFAULT_ALPHA, check_alpha, coefficients
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .sharding import distributed_rank, is_dtensor
@@ -36,7 +37,10 @@ class CheckpointAverager(Callback):
         every_n_steps: snapshot at every optimizer step (``trainer.global_step``, so gradient
             accumulation is accounted for) that is a multiple of this.
         every_n_epochs: snapshot at the end of every this many training epochs. When neither
-            cadence is given, a snapshot is taken at the end of every epoch.
+            cadence is given, it is chosen at ``fit`` start from the run's length (the trainer's
+            ``estimated_stepping_batches``): a snapshot every ``steps // (4 x window)`` optimizer
+            steps, so that the full window spans the last quarter of the run, in step-based and
+            epoch-based runs alike (a run of unknown length: every epoch). The choice is logged.
         start_step: no snapshot at or before this optimizer step (skip the warm-up).
         merge: ``"sma"``, ``"wma"`` or ``"ema"``: the merge used for previews and at the end.
         alpha: the EMA coefficient, in (0, 1].
@@ -61,6 +65,15 @@ class CheckpointAverager(Callback):
             replica. ``False`` keeps a full window on every rank. (FSDP2 shards, under
             ``ModelParallelStrategy``, are always kept apart: each rank snapshots, merges and
             restores its own shards.)
+        keep: what the module holds after fit: ``"merged"`` (the merged weights, always) or
+            ``"best"`` (the merged weights unless they score worse than the raw ones on
+            ``monitor``; then the raw weights, and ``merged.safetensors`` is still written). In
+            both cases, merged weights that score worse are reported in a warning.
+        monitor: the validation metric that judges raw against merged at the end; by default the
+            ``monitor`` of the trainer's ModelCheckpoint or EarlyStopping (``merged/`` removed),
+            else ``val_loss``.
+        mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better (by
+            default taken from the callback whose monitor is used).
         decay: the EMA decay in the spelling of timm's ModelEma, ema-pytorch and Lightning's
             EMAWeightAveraging: ``alpha = 1 - decay``. Give ``alpha`` or ``decay``, not both.
             Note that the EMA here runs over the window's snapshots, not over every step, and is
@@ -93,6 +106,9 @@ class CheckpointAverager(Callback):
         recover: bool | RecoveryPolicy | dict[str, Any] = True,
         spread: bool = True,
         decay: float | None = None,
+        keep: Literal["merged", "best"] = "merged",
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -119,7 +135,8 @@ class CheckpointAverager(Callback):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
         self.window_size = window
         self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs if every_n_steps is not None or every_n_epochs is not None else 1
+        self.every_n_epochs = every_n_epochs
+        self._cadence: tuple[int | None, int | None] = (every_n_steps, every_n_epochs)  # (steps, epochs) in effect
         self.start_step = start_step
         self.merge = merge.lower()
         self.alpha = check_alpha(alpha)
@@ -127,6 +144,13 @@ class CheckpointAverager(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.preview = preview
         self.merge_at_end = merge_at_end
+        if keep not in ("merged", "best"):
+            raise ValueError(f"keep must be 'merged' or 'best', got {keep!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.keep, self.monitor, self.mode = keep, monitor, mode
+        self.merged_path: Path | None = None  # where the end of the run wrote merged.safetensors (rank 0)
+        self._trained = False  # whether this fit ran the training loop (on_train_end)
         self.recovery = RecoveryPolicy.from_value(recover)
         self.spread = spread
         self.final_metrics: dict[str, dict[str, float]] = {}
@@ -241,6 +265,9 @@ class CheckpointAverager(Callback):
             self._window.close()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._choose_cadence(trainer)
+        if self._window is None or len(self._window) == 0:
+            self._check_cost(trainer, pl_module)
         self._last_watched_step = trainer.global_step
         self._loss_sum, self._loss_count = None, 0
         if self._window is not None and self._window.steps and self._window.steps[-1] > trainer.global_step:
@@ -255,6 +282,50 @@ class CheckpointAverager(Callback):
             self._check_resumed_model(pl_module)
         elif self.storage == "disk" and self._window is None:
             self._check_folder_is_free()
+
+    def _choose_cadence(self, trainer: pl.Trainer) -> None:
+        """Without an explicit cadence: a snapshot every ``steps // (4 x window)`` steps, so that a
+        full window spans the last quarter of the run, whatever its epochs are."""
+        if self.every_n_steps is not None or self.every_n_epochs is not None:
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            self._cadence = (None, 1)
+            rank_zero_warn(
+                "CheckpointAverager: the run's length is unknown, so a snapshot is taken at the end of every epoch; "
+                "set every_n_steps (or every_n_epochs) to choose"
+            )
+            return
+        every = max(1, int(total) // (4 * self.window_size))
+        self._cadence = (every, None)
+        rank_zero_info(
+            f"CheckpointAverager: a snapshot every {every} optimizer steps: the window of {self.window_size} spans the last "
+            f"{every * self.window_size} of {int(total)} steps (set every_n_steps or every_n_epochs to choose)"
+        )
+
+    def _check_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say what the window will cost, and refuse, before the first step, a window that cannot fit."""
+        snapshot = sum(local_tensor(t).numel() * t.element_size() for t in state_tensors(pl_module).values())
+        if self._spread:
+            snapshot //= self._world_size
+        held = self.window_size * snapshot + (snapshot if self.storage == "disk" else 0)  # + the disk tier's staging buffer
+        if self.storage == "cpu":
+            where, room = "host memory", _available_memory()
+            extra = "; each Lightning checkpoint carries it (storage='disk' keeps checkpoints small)" if trainer.checkpoint_callbacks else ""
+        else:
+            folder = self._window_dirpath()
+            where, room, extra = f"disk in {folder}", shutil.disk_usage(_existing_parent(folder)).free, f", and {_size(snapshot)} of host memory"
+        if room is not None and held > room:
+            raise ValueError(
+                f"CheckpointAverager: a window of {self.window_size} snapshots of {_size(snapshot)} needs {_size(held)} of "
+                f"{where}, and {_size(room)} is available. Choose a smaller window"
+                + (", or storage='disk'" if self.storage == "cpu" else ", or another dirpath")
+            )
+        message = f"CheckpointAverager: a window of {self.window_size} snapshots of {_size(snapshot)}: {_size(held)} of {where}{extra}"
+        if room is not None and held > room / 2:
+            rank_zero_warn(message + f"; that is more than half of the {_size(room)} available")
+        else:
+            rank_zero_info(message)
 
     def _check_folder_is_free(self) -> None:
         """A new disk window needs a folder of its own: say so at the start, not at the first snapshot."""
@@ -287,7 +358,8 @@ class CheckpointAverager(Callback):
         step = trainer.global_step
         if self.guard is not None:
             self._watch(trainer, pl_module, outputs, batch, batch_idx)  # first: an abnormal step is never snapshotted
-        if self.every_n_steps is not None and step > self.start_step and step % self.every_n_steps == 0:
+        every_steps = self._cadence[0]
+        if every_steps is not None and step > self.start_step and step % every_steps == 0:
             self._snapshot(pl_module, step)
         elif trainer.is_last_batch:
             # The epoch's snapshot is taken before its validation, so that the preview measures the
@@ -298,7 +370,8 @@ class CheckpointAverager(Callback):
         self._epoch_snapshot(trainer, pl_module)  # already taken at the last batch, unless the epoch was cut short
 
     def _epoch_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        every_epochs = self._cadence[1]
+        if every_epochs is not None and (trainer.current_epoch + 1) % every_epochs == 0:
             if trainer.global_step > self.start_step:
                 self._snapshot(pl_module, trainer.global_step)
 
@@ -406,6 +479,7 @@ class CheckpointAverager(Callback):
     # -- end of the run -----------------------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         if self._window is not None:
             self._window.finish(trainer.global_step)  # a later fork pointed at this folder is refused, not trimming it
         if not self.merge_at_end:
@@ -417,15 +491,59 @@ class CheckpointAverager(Callback):
         last = self._last_validation
         # The last validation already measured this exact window at this step: reuse its numbers.
         reuse = last if last is not None and last[:2] == (trainer.global_step, tuple(self.window.steps)) and last[3] else None
-        raw = reuse[2] if reuse else (self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False)) if validate else {})
-
-        self.window.load_into(pl_module, self.merge, self.alpha)  # spread windows gather; shards stay local
-        if (self.window.sharding or {}).get("kind") == "replicated":
-            _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
-        self._export(pl_module)
+        raw, merged_metrics = (reuse[2], reuse[3]) if reuse else ({}, {})
+        if validate and not reuse:
+            raw = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
+            merged_metrics = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=True))
+        keep_raw = self._judge(trainer, raw, merged_metrics)
+        if keep_raw:
+            with self.window.swapped(pl_module, self.merge, self.alpha):
+                self._export(pl_module)
+        else:
+            self.window.load_into(pl_module, self.merge, self.alpha)  # spread windows gather; shards stay local
+            if (self.window.sharding or {}).get("kind") == "replicated":
+                _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
+            self._export(pl_module)
         if validate:
-            merged_metrics = reuse[3] if reuse else self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
             self._report_final(trainer, raw, merged_metrics)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # fit() from a checkpoint taken at max_steps runs no training loop (no on_train_end): the
+        # module must still end with the merged weights.
+        if not self._trained and self.merge_at_end and len(self.window) > 0:
+            self.window.load_into(pl_module, self.merge, self.alpha)
+            if (self.window.sharding or {}).get("kind") == "replicated":
+                _broadcast_module(pl_module)
+            self._export(pl_module)
+        self._trained = False
+
+    def _judge(self, trainer: pl.Trainer, raw: dict[str, float], merged: dict[str, float]) -> bool:
+        """Compare raw and merged on the monitored metric (every dataloader's); warn when the merged
+        weights score worse. Returns whether to keep the raw weights."""
+        monitor, mode = self._monitored(trainer)
+        keys = [k for k in merged if k in raw and (k == monitor or k.startswith(monitor + "/dataloader_idx_"))]
+        sign = 1.0 if mode == "min" else -1.0
+        worse = [k for k in keys if sign * (merged[k] - raw[k]) > 0]
+        if not worse:
+            return False
+        keep_raw = self.keep == "best" and sum(sign * (merged[k] - raw[k]) for k in keys) > 0
+        details = ", ".join(f"{k} {merged[k]:.6g} vs {raw[k]:.6g} ({(merged[k] - raw[k]) / abs(raw[k]) * 100 if raw[k] else math.nan:+.1f}%)" for k in worse)
+        action = (
+            "the module keeps its raw weights (keep='best'); merged.safetensors still holds the merged ones"
+            if keep_raw
+            else "the module holds the merged weights" + ("" if self.keep == "best" else " (keep='best' would keep the raw ones)")
+        )
+        rank_zero_warn(f"CheckpointAverager: the merged weights score worse than the raw ones on {details}: {action}")
+        return keep_raw
+
+    def _monitored(self, trainer: pl.Trainer) -> tuple[str, str]:
+        if self.monitor is not None:
+            return self.monitor.removeprefix(MERGED_PREFIX), self.mode
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            monitor = getattr(cb, "monitor", None)
+            if isinstance(monitor, str) and monitor and cb is not self:
+                return monitor.removeprefix(MERGED_PREFIX), str(getattr(cb, "mode", self.mode))
+        return "val_loss", self.mode
 
     @staticmethod
     def _scalars(collected: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -459,6 +577,7 @@ class CheckpointAverager(Callback):
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk keeps no half-written model
             raise
+        self.merged_path = path
         rank_zero_info(f"CheckpointAverager: wrote {self.merge.upper()} of steps {steps[0]}..{steps[-1]} to {path}")
         return path
 
@@ -512,6 +631,36 @@ class CheckpointAverager(Callback):
             self._window, self._guard = None, None
         self._dirpath_in_use = None
         self._pending_state = dict(state_dict)  # applied when the window is first used
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _available_memory() -> int | None:
+    """Host memory available to new allocations (Linux: MemAvailable), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _scalar(value: Any) -> float:

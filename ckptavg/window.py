@@ -379,6 +379,7 @@ class CheckpointWindow:
             merged = self._spread.full_views(self._gathered(weights))
         elif isinstance(store, CpuRing) and _writable_in_place(targets, store.layout) and not extrapolating:
             store.merge(weights, out=targets)  # cannot fail past this point: no I/O
+            _forget_autocast_casts()
             return
         else:
             merged = store.merge(weights)
@@ -651,6 +652,14 @@ def copy_into(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> No
         torch._foreach_copy_([targets[n] for n in same], [values[n] for n in same])
     for name in targets.keys() - set(same):
         targets[name].copy_(values[name])  # host <-> device; blocking, so the source may be freed
+    _forget_autocast_casts()
+
+
+def _forget_autocast_casts() -> None:
+    """Inside ``torch.autocast``, the low-precision copies of the weights are cached until the
+    region ends: weights written in place would be ignored by the next forward without this."""
+    if torch.is_autocast_cache_enabled():
+        torch.clear_autocast_cache()
 
 
 def load_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:

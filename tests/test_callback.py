@@ -60,9 +60,6 @@ class PreviewChecker(Callback):
         raw_step, raw_state = self.recorder.at_validation[-1]
         for key, value in pl_module.state_dict().items():
             assert torch.equal(value, raw_state[key]), key
-        if "merged/val_loss" not in trainer.callback_metrics:
-            assert len(self.averager.window) < 2
-            return
         merged = merge_state_dicts([self.recorder.states[s] for s in self.averager.window.steps])
         twin = copy.deepcopy(pl_module)
         twin.load_state_dict(merged)
@@ -83,12 +80,12 @@ def test_preview_logs_the_merged_models_metrics(tmp_path):
     train, val = data()
     checker = PreviewChecker(recorder, averager, val)
     trainer(tmp_path, [recorder, averager, checker], max_epochs=4, val_check_interval=8).fit(Regression(), train, val)
-    # Validation every 8 steps; the first one (step 8) sees one snapshot only: no preview.
-    assert checker.checked == [16, 24, 32, 40, 48, 56, 64]
+    # Validation every 8 steps; the first one (step 8) sees one snapshot (step 6): its "merge".
+    assert checker.checked == [8, 16, 24, 32, 40, 48, 56, 64]
     rows = csv_rows(tmp_path)
     raw_steps = [r["step"] for r in rows if r.get("val_loss")]
     merged_steps = [r["step"] for r in rows if r.get("merged/val_loss")]
-    assert merged_steps == raw_steps[1:]  # logged at the very step of the raw metrics
+    assert merged_steps == raw_steps  # logged at the very step of the raw metrics
     assert all(r.get("merged/val_mae") for r in rows if r.get("merged/val_loss"))
 
 
@@ -139,10 +136,30 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert_close_to_reference(model.state_dict(), reference_merge([recorder.states[s] for s in (4, 6, 8)], "sma"))
 
 
-def test_default_cadence_is_one_snapshot_per_epoch(tmp_path):
-    averager = CheckpointAverager(window=5)
-    trainer(tmp_path, [averager], max_epochs=3, limit_val_batches=0).fit(Regression(), data()[0])
-    assert averager.window.steps == [16, 32, 48]
+def test_default_cadence_fills_the_window_over_the_last_quarter_of_the_run(tmp_path):
+    """Issue 12: the old default (every epoch) took one snapshot in a step-based run (max_steps,
+    one long epoch), never previewed, and "merged" one snapshot, silently."""
+    averager = CheckpointAverager(window=8)
+    train, val = data(n_train=6400)  # 400 batches: one epoch
+    trainer(tmp_path / "steps", [averager], max_steps=400).fit(Regression(), train, val)
+    assert averager.window.steps == list(range(312, 397, 12))  # every 400 // 32 steps
+    assert any(r.get("merged/val_loss") for r in csv_rows(tmp_path / "steps"))
+    epochs = CheckpointAverager(window=5)
+    trainer(tmp_path / "epochs", [epochs], max_epochs=3, limit_val_batches=0).fit(Regression(), data()[0])
+    assert epochs.window.steps == [40, 42, 44, 46, 48]  # 48 steps: every 48 // 20
+
+
+def test_a_window_that_cannot_fit_is_refused_at_fit_start(tmp_path):
+    steps = []
+
+    class Steps(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    # 321 float32 weights: 1.3 KiB a snapshot; 10^8 of them do not fit in this machine's memory.
+    with pytest.raises(ValueError, match=r"a window of 100000000 snapshots of 1.3 KiB needs 119.6 GiB of host memory.*storage='disk'"):
+        trainer(tmp_path, [CheckpointAverager(window=100_000_000, every_n_steps=1), Steps()], max_steps=4).fit(Regression(), data()[0])
+    assert steps == []
 
 
 @pytest.mark.parametrize("storage", ["cpu", "disk"])
@@ -565,3 +582,42 @@ def test_merge_and_decay_arguments_are_checked_at_construction():
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="decay must be in"):
             CheckpointAverager(merge="ema", decay=bad)
+
+
+def test_resuming_a_checkpoint_taken_at_max_steps_still_ends_with_the_merged_model(tmp_path):
+    """Issue 12: fit() from a checkpoint at max_steps runs no training loop, and skipped the
+    end-of-run merge silently (the model stayed raw)."""
+    L.seed_everything(0)
+    train, val = data()
+    first = Regression()
+    averager = CheckpointAverager(window=4, every_n_steps=4)
+    trainer(tmp_path, [averager, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_steps=32, enable_checkpointing=True).fit(first, train, val)
+    again = Regression()
+    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=4)], max_steps=32).fit(again, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for key, value in first.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def merged_is_worse_run(tmp_path, keep):
+    L.seed_everything(0)
+    train, val = data()
+    recorder, model = Recorder(), Regression(lr=0.02)
+    # A window over every step from the start: its average includes the untrained weights.
+    averager = CheckpointAverager(window=48, every_n_steps=1, keep=keep, recover=False)
+    trainer(tmp_path, [recorder, averager], max_epochs=3).fit(model, train, val)
+    return recorder, averager, model, val
+
+
+def test_merged_weights_that_score_worse_are_reported_and_keep_best_keeps_the_raw_ones(tmp_path):
+    with pytest.warns(UserWarning, match=r"the merged weights score worse than the raw ones on val_loss .*keep='best'"):
+        recorder, averager, model, val = merged_is_worse_run(tmp_path / "merged", keep="merged")
+    assert averager.final_metrics["merged"]["val_loss"] > averager.final_metrics["raw"]["val_loss"]
+    assert val_loss_of(model, val) == pytest.approx(averager.final_metrics["merged"]["val_loss"], rel=1e-5)
+
+    with pytest.warns(UserWarning, match=r"score worse than the raw ones on val_loss .*the module keeps its raw weights"):
+        recorder, averager, model, val = merged_is_worse_run(tmp_path / "best", keep="best")
+    for key, value in recorder.states[48].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert averager.merged_path is not None and averager.merged_path.name == "merged.safetensors"
+    with safe_open(str(averager.merged_path), framework="pt") as f:
+        assert json.loads(f.metadata()["steps"]) == list(range(1, 49))  # the merged model is still written

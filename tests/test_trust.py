@@ -154,17 +154,40 @@ def test_a_planted_temporary_symlink_is_never_written_through(tmp_path, tiny_net
     assert not (d / "snapshot-000000000001.safetensors").is_symlink() and win.steps == [1]
 
 
-def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path):
+def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path, monkeypatch):
+    """The real writer thread sends the SIGINT itself, once the main thread is waiting in flush(),
+    and writes only after the interrupt has landed: the order is fixed, not left to timing."""
     import signal
     import threading
 
-    state = {"big": torch.ones(50_000_000)}  # 200 MB: the write takes a while
+    from ckptavg import storage
+
+    main = threading.main_thread()
+    interrupted = threading.Event()
+    write_snapshot = storage.write_snapshot
+
+    def waiting_in_flush() -> bool:
+        frame = sys._current_frames().get(main.ident)
+        while frame is not None:
+            if frame.f_code.co_name == "flush" and frame.f_code.co_filename == storage.__file__:
+                return True
+            frame = frame.f_back
+        return False
+
+    def write_after_an_interrupt(*args, **kwargs):
+        while not waiting_in_flush():
+            threading.Event().wait(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+        interrupted.wait(HANG_GUARD_S)
+        return write_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "write_snapshot", write_after_an_interrupt)
+    state = {"big": torch.arange(1000.0)}
     win = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "win")
     win.snapshot(state, step=1)
-    threading.Timer(0.01, signal.raise_signal, (signal.SIGINT,)).start()
     with pytest.raises(KeyboardInterrupt):
         win.flush()
-        raise AssertionError("the write finished before the interrupt; nothing was tested")
+    interrupted.set()
     win.close()  # the interrupted wait is resumed: the snapshot is committed and listed
     assert win.steps == [1]
     with CheckpointWindow.open(tmp_path / "win", readonly=True) as reader:

@@ -477,3 +477,25 @@ def test_an_extrapolation_past_the_dtype_range_is_refused_before_the_model_chang
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     win.load_into(model, [0.5, 0.5])  # a convex merge is fine
     assert torch.isfinite(model.weight).all()
+
+
+def test_swapped_inside_autocast_evaluates_the_merged_weights():
+    """Issue 12: autocast caches its low-precision copies of the weights for the whole region, so
+    weights swapped in place were ignored: the "merged" forward ran the raw weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    win = CheckpointWindow(window=2)
+    for _ in range(2):
+        win.snapshot(model)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+    twin = torch.nn.Linear(8, 4)
+    twin.load_state_dict(win.merge("sma"))
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model(x)  # fills the cache with the raw weights' bf16 copy
+        with win.swapped(model, "sma"):
+            merged = model(x)
+        back = model(x)
+        expected = twin(x)
+    assert torch.equal(merged, expected) and torch.equal(back, raw)
