@@ -495,7 +495,7 @@ class CheckpointAverager(Callback):
         if validate and not reuse:
             raw = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
             merged_metrics = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=True))
-        keep_raw = self._judge(trainer, raw, merged_metrics)
+        keep_raw = bool(trainer.strategy.broadcast(self._judge(trainer, raw, merged_metrics), src=0))  # ranks must agree: collectives follow
         if keep_raw:
             with self.window.swapped(pl_module, self.merge, self.alpha):
                 self._export(pl_module)
@@ -506,6 +506,13 @@ class CheckpointAverager(Callback):
             self._export(pl_module)
         if validate:
             self._report_final(trainer, raw, merged_metrics)
+        if self.storage == "disk":
+            folder = self._window_dirpath()
+            size = sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
+            rank_zero_info(
+                f"CheckpointAverager: the disk window ({len(self.window)} snapshots, {_size(size)}) stays in {folder} for "
+                "offline merges (ckptavg.consolidate); delete the folder when you no longer need it"
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # fit() from a checkpoint taken at max_steps runs no training loop (no on_train_end): the

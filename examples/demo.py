@@ -71,30 +71,49 @@ class ByteLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-def plot(metrics_csv: Path, out: Path, restores: list[int]) -> Path:
+def plot(metrics_csv: Path, out: Path, restores: list[int], spike_at: int) -> Path:
+    """Left: validation loss of the raw and the merged weights (the preview), on a scale that shows
+    their gap. Right: the training loss, with the injected spike and the restore."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    raw, merged = [], []
+    raw, merged, train = [], [], []
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):
             if row.get("val_loss"):
                 raw.append((int(row["step"]), float(row["val_loss"])))
             if row.get("merged/val_loss"):
                 merged.append((int(row["step"]), float(row["merged/val_loss"])))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(*zip(*raw), "o-", color="tab:gray", label="val_loss (raw weights)")
+            if row.get("train_loss"):
+                train.append((int(row["step"]), float(row["train_loss"])))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.plot(*zip(*raw), "o-", color="tab:gray", label="val_loss (raw weights)")
     if merged:
-        ax.plot(*zip(*merged), "o-", color="tab:blue", label="merged/val_loss (preview)")
+        left.plot(*zip(*merged), "o-", color="tab:blue", label="merged/val_loss (preview, SMA of the window)")
+    values = sorted(v for _, v in raw[len(raw) // 3 :] + merged[len(merged) // 3 :] if v == v)
+    if values:  # the last two thirds of the run decide the scale: the first steps would flatten the gap
+        span = values[-1] - values[0]
+        left.set_ylim(values[0] - 0.1 * span, values[-1] + 0.4 * span)
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("validation loss (nats/byte)")
+    left.set_title("performance preview: raw vs merged weights")
+    left.legend()
+    left.grid(alpha=0.3)
+    finite = [(s, v) for s, v in train if v == v and v != float("inf")]
+    if finite:
+        right.plot(*zip(*finite), color="tab:gray", lw=0.8, label="train_loss")
+    right.axvline(spike_at, color="tab:red", ls="--", label=f"NaN batch injected at step {spike_at}")
     for step in restores:
-        ax.axvline(step, color="tab:red", ls=":", label=f"spike recovered at step {step}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("ckptavg demo: ByteGPT on the Python standard library, constant LR")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        right.axvline(step, color="tab:green", ls=":", label=f"merged stable point restored at step {step}")
+    right.set_yscale("log")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("training loss (log scale)")
+    right.set_title("crash recovery: training goes on")
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.suptitle("ckptavg demo: ByteGPT on the Python standard library, constant learning rate")
     fig.tight_layout()
     path = out / "demo_curves.png"
     fig.savefig(path, dpi=110)
@@ -106,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small model on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the callback's own lines stay
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.INFO)
     started = time.perf_counter()
@@ -122,6 +143,7 @@ def main() -> None:
     trainer = L.Trainer(
         max_steps=steps,
         val_check_interval=max(1, steps // 10),
+        log_every_n_steps=1,
         callbacks=[averager, InjectDivergence({spike_at})],  # a NaN at one step, on purpose
         logger=logger,
         default_root_dir=out,
@@ -137,10 +159,10 @@ def main() -> None:
     trainer.fit(module, DataLoader(StepBatches(train, steps, 16, 128), batch_size=None), val)
 
     restores = [e.step for e in averager.recovery_events]
-    figure = plot(Path(logger.log_dir) / "metrics.csv", out, restores)
+    figure = plot(Path(logger.log_dir) / "metrics.csv", out, restores, spike_at)
     final = averager.final_metrics
     raw, merged = final["raw"]["val_loss"], final["merged"]["val_loss"]
-    merged_file = averager._resolved_dirpath() / "merged.safetensors"
+    merged_file = averager.merged_path
     rows = [
         ("final val_loss, raw weights", f"{raw:.4f}"),
         ("final val_loss, SMA of the window", f"{merged:.4f}"),
