@@ -147,6 +147,17 @@ def last_validation_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
     return {"callback": dict(metrics["callback"]), "log": dict(metrics["log"]), "pbar": dict(metrics["pbar"])}
 
 
+def publish(trainer: pl.Trainer, metrics: Mapping[str, Mapping[str, Any]]) -> None:
+    """Add metrics the way a logged validation metric arrives: ``metrics["callback"]`` to
+    ``trainer.callback_metrics``, ``["pbar"]`` to the progress bar, ``["log"]`` to every logger
+    (at the current step)."""
+    connector = trainer._logger_connector
+    connector._callback_metrics.update(metrics.get("callback", {}))
+    connector._progress_bar_metrics.update(metrics.get("pbar", {}))
+    if metrics.get("log"):
+        connector.log_metrics(dict(metrics["log"]))
+
+
 def has_validation(trainer: pl.Trainer) -> bool:
     """Whether fitting runs a validation loop with at least one batch."""
     from lightning.pytorch.utilities.model_helpers import is_overridden

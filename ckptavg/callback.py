@@ -469,12 +469,7 @@ class CheckpointAverager(Callback):
 
     def _publish(self, trainer: pl.Trainer, collected: dict[str, dict[str, Any]]) -> None:
         """Add the preview's metrics as ``merged/<name>``: callback metrics, progress bar, loggers."""
-        connector = trainer._logger_connector
-        connector._callback_metrics.update({MERGED_PREFIX + k: v for k, v in collected["callback"].items()})
-        connector._progress_bar_metrics.update({MERGED_PREFIX + k: v for k, v in collected["pbar"].items()})
-        logged = {MERGED_PREFIX + k: v for k, v in collected["log"].items()}
-        if logged:
-            connector.log_metrics(logged)  # the same step the raw validation metrics were logged at
+        _evaluation.publish(trainer, {kind: {MERGED_PREFIX + k: v for k, v in values.items()} for kind, values in collected.items()})
 
     # -- end of the run -----------------------------------------------------------------------------
 
@@ -594,7 +589,7 @@ class CheckpointAverager(Callback):
         if not names:
             return
         logged = {f"final/raw/{k}": raw[k] for k in names} | {f"final/merged/{k}": merged[k] for k in names}
-        trainer._logger_connector.log_metrics({k: torch.tensor(v) for k, v in logged.items()})
+        _evaluation.publish(trainer, {"log": {k: torch.tensor(v) for k, v in logged.items()}})
         width = max(len(k) for k in names)
         lines = [f"{'metric':<{width}}  {'raw':>12}  {'merged':>12}  {'change':>8}"]
         for k in names:

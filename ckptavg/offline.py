@@ -187,7 +187,8 @@ def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | N
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' entry")
-    callbacks = ckpt.get("callbacks") if isinstance(ckpt.get("callbacks"), Mapping) else {}
+    found = ckpt.get("callbacks")
+    callbacks: Mapping[Any, Any] = found if isinstance(found, Mapping) else {}
     states = {str(k): v for k, v in callbacks.items() if str(k).startswith("CheckpointAverager")}
     if averager is not None:
         states = {k: v for k, v in states.items() if averager in k}
