@@ -74,6 +74,11 @@ class CheckpointAverager(Callback):
             else ``val_loss``.
         mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better (by
             default taken from the callback whose monitor is used).
+        export_module: the submodule whose merged weights ``merged.safetensors`` holds, by its
+            attribute path in the LightningModule (``"model"``), so that the file loads into that
+            model on its own: names without the prefix, a ``torch.compile`` wrapper unwrapped,
+            tied weights stored once (load with ``safetensors.torch.load_model``). By default
+            the whole LightningModule.
         decay: the EMA decay in the spelling of timm's ModelEma, ema-pytorch and Lightning's
             EMAWeightAveraging: ``alpha = 1 - decay``. Give ``alpha`` or ``decay``, not both.
             Note that the EMA here runs over the window's snapshots, not over every step, and is
@@ -109,6 +114,7 @@ class CheckpointAverager(Callback):
         keep: Literal["merged", "best"] = "merged",
         monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
+        export_module: str | None = None,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -149,6 +155,7 @@ class CheckpointAverager(Callback):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.keep, self.monitor, self.mode = keep, monitor, mode
+        self.export_module = export_module
         self.merged_path: Path | None = None  # where the end of the run wrote merged.safetensors (rank 0)
         self._trained = False  # whether this fit ran the training loop (on_train_end)
         self.recovery = RecoveryPolicy.from_value(recover)
@@ -265,6 +272,12 @@ class CheckpointAverager(Callback):
             self._window.close()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_module:
+            try:
+                pl_module.get_submodule(self.export_module)
+            except AttributeError:
+                children = [name for name, _ in pl_module.named_children()]
+                raise ValueError(f"export_module={self.export_module!r} is not a submodule of {type(pl_module).__name__} (its children: {children})") from None
         self._choose_cadence(trainer)
         if self._window is None or len(self._window) == 0:
             self._check_cost(trainer, pl_module)
@@ -552,14 +565,19 @@ class CheckpointAverager(Callback):
         return {k: _scalar(v) for k, v in collected["callback"].items()}
 
     def _export(self, pl_module: pl.LightningModule) -> Path | None:
-        """Rank 0 writes the module's (merged) weights; sharded tensors are gathered one at a time."""
-        from safetensors.torch import save_file
+        """Rank 0 writes the module's (merged) weights (see ``export_module``); sharded tensors are
+        gathered one at a time."""
+        from safetensors.torch import save_file, save_model
 
-        merged = {}
-        for name, tensor in state_tensors(pl_module).items():
-            full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]  # collective
-            if self._rank == 0:
-                merged[name] = full.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # tied weights too
+        module: torch.nn.Module = pl_module.get_submodule(self.export_module) if self.export_module else pl_module
+        module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: export the model's own names
+        sharded = any(is_dtensor(t) for t in state_tensors(module).values())
+        gathered = {}
+        if sharded:
+            for name, tensor in state_tensors(module).items():
+                full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]  # collective
+                if self._rank == 0:
+                    gathered[name] = full.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         if self._rank != 0:
             return None
         steps = self.window.steps
@@ -570,11 +588,17 @@ class CheckpointAverager(Callback):
             "steps": json.dumps(steps),
             "coefficients": json.dumps(self.window.weights(self.merge, self.alpha)),
         }
+        if self.export_module:
+            metadata["module"] = self.export_module
         path = self._resolved_dirpath() / MERGED_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            save_file(merged, str(tmp), metadata=metadata)
+            tmp.unlink(missing_ok=True)  # a file or link planted there is replaced, never written through
+            if sharded:
+                save_file(gathered, str(tmp), metadata=metadata)
+            else:
+                save_model(module, str(tmp), metadata=metadata)  # tied weights once, as load_model expects
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk keeps no half-written model

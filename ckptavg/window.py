@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -386,6 +387,16 @@ class CheckpointWindow:
         if extrapolating:
             _check_finite(merged, weights)
         copy_into(targets, merged)
+
+    def merged_model(
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
+    ) -> nn.Module:
+        """A copy of ``model`` that holds the merged weights, as a model of its own (``model``
+        keeps its weights). For a LightningModule, pass the network inside it (``module.model``)
+        and a window of that network's snapshots, or use ``swapped``."""
+        twin = copy.deepcopy(model)
+        self.load_into(twin, method, alpha, before=before)
+        return twin
 
     @contextmanager
     def swapped(

@@ -621,3 +621,49 @@ def test_merged_weights_that_score_worse_are_reported_and_keep_best_keeps_the_ra
     assert averager.merged_path is not None and averager.merged_path.name == "merged.safetensors"
     with safe_open(str(averager.merged_path), framework="pt") as f:
         assert json.loads(f.metadata()["steps"]) == list(range(1, 49))  # the merged model is still written
+
+
+class TiedLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+class TiedModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = torch.compile(TiedLM(), backend="eager")  # names gain "_orig_mod."
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return torch.nn.functional.cross_entropy(self.model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_export_module_gives_a_file_that_loads_into_the_bare_model(tmp_path):
+    """Issue 12: the export kept the LightningModule's prefixes (and torch.compile's _orig_mod.)
+    and stored tied weights twice; it now loads into the model on its own."""
+    from safetensors.torch import load_model
+    from torch.utils.data import DataLoader, TensorDataset
+
+    tokens = torch.randint(0, 16, (64, 9), generator=torch.Generator().manual_seed(0))
+    recorder, module = Recorder(), TiedModule()
+    averager = CheckpointAverager(window=4, every_n_steps=2, export_module="model", recover=False)
+    trainer(tmp_path, [recorder, averager], max_steps=8).fit(module, DataLoader(TensorDataset(tokens), batch_size=8))
+    with safe_open(str(averager.merged_path), framework="pt") as f:
+        assert sorted(f.keys()) in (["embed.weight"], ["head.weight"]) and f.metadata()["module"] == "model"
+    bare = TiedLM()
+    load_model(bare, str(averager.merged_path))
+    reference = reference_merge([recorder.states[s] for s in (2, 4, 6, 8)], "sma")
+    assert_close_to_reference({"embed.weight": bare.embed.weight.detach()}, {"embed.weight": reference["model._orig_mod.embed.weight"]})
+    assert bare.head.weight is bare.embed.weight
+    with pytest.raises(ValueError, match=r"export_module='modle' is not a submodule of TiedModule \(its children: \['model'\]\)"):
+        trainer(tmp_path, [CheckpointAverager(export_module="modle")], max_steps=2).fit(TiedModule(), DataLoader(TensorDataset(tokens), batch_size=8))

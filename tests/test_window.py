@@ -499,3 +499,16 @@ def test_swapped_inside_autocast_evaluates_the_merged_weights():
         back = model(x)
         expected = twin(x)
     assert torch.equal(merged, expected) and torch.equal(back, raw)
+
+
+def test_merged_model_is_a_copy_holding_the_merge(tiny_net):
+    states = perturbed_states(tiny_net, 3)
+    win = CheckpointWindow(window=3)
+    for step, state in enumerate(states, start=1):
+        win.snapshot(state, step=step)
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    merged = win.merged_model(tiny_net, "wma")
+    assert merged is not tiny_net and type(merged) is type(tiny_net)
+    assert_close_to_reference(merged.state_dict(), reference_merge(states, "wma"))
+    for key, value in tiny_net.state_dict().items():
+        assert torch.equal(value, before[key]), key
