@@ -136,17 +136,17 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert_close_to_reference(model.state_dict(), reference_merge([recorder.states[s] for s in (4, 6, 8)], "sma"))
 
 
-def test_default_cadence_fills_the_window_over_the_last_quarter_of_the_run(tmp_path):
+def test_default_cadence_fills_the_window_over_the_last_tenth_of_the_run(tmp_path):
     """Issue 12: the old default (every epoch) took one snapshot in a step-based run (max_steps,
     one long epoch), never previewed, and "merged" one snapshot, silently."""
     averager = CheckpointAverager(window=8)
     train, val = data(n_train=6400)  # 400 batches: one epoch
     trainer(tmp_path / "steps", [averager], max_steps=400).fit(Regression(), train, val)
-    assert averager.window.steps == list(range(312, 397, 12))  # every 400 // 32 steps
+    assert averager.window.steps == list(range(365, 401, 5))  # every 400 // 80 steps
     assert any(r.get("merged/val_loss") for r in csv_rows(tmp_path / "steps"))
     epochs = CheckpointAverager(window=5)
     trainer(tmp_path / "epochs", [epochs], max_epochs=3, limit_val_batches=0).fit(Regression(), data()[0])
-    assert epochs.window.steps == [40, 42, 44, 46, 48]  # 48 steps: every 48 // 20
+    assert epochs.window.steps == [44, 45, 46, 47, 48]  # 48 steps, a window of 5: every step
 
 
 def test_a_window_that_cannot_fit_is_refused_at_fit_start(tmp_path):
