@@ -6,7 +6,7 @@ weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coeffic
 
 from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
-from .merges import coefficients, ema, sma, wma
+from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .window import CheckpointWindow, load_state
@@ -28,7 +28,9 @@ __all__ = [
     "load_merged_weights",
     "load_state",
     "load_state_file",
+    "merge_method",
     "merge_state_dicts",
+    "method_names",
     "sma",
     "wma",
 ]

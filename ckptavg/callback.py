@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
 from .layout import local_tensor, state_tensors
-from .merges import DEFAULT_ALPHA, check_alpha, coefficients
+from .methods import DEFAULT_ALPHA, check_alpha, coefficients, method_names
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .sharding import distributed_rank, is_dtensor
 from .storage import MANIFEST
@@ -45,7 +46,11 @@ class CheckpointAverager(Callback):
             (In ``benchmarks/anneal.py``, windows spanning 6% to 13% of the run came closest to
             a planned cooldown; 26% was clearly worse.)
         start_step: no snapshot at or before this optimizer step (skip the warm-up).
-        merge: ``"sma"``, ``"wma"`` or ``"ema"``: the merge used for previews and at the end.
+        merge: the merge method used for previews, restores and at the end: ``"sma"``,
+            ``"wma"``, ``"ema"``, ``"decay"`` or any registered name
+            (:func:`ckptavg.methods.method_names`).
+        merge_options: the method's options by name, for example ``{"shape": "1-sqrt"}`` for
+            ``merge="decay"`` (checked at construction).
         alpha: the EMA coefficient, in (0, 1].
         storage: ``"cpu"`` (host memory; saved inside Lightning checkpoints) or ``"disk"``
             (safetensors files in ``dirpath``, reopened on resume).
@@ -105,7 +110,7 @@ class CheckpointAverager(Callback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         start_step: int = 0,
-        merge: Literal["sma", "wma", "ema"] = "sma",
+        merge: str = "sma",
         alpha: float = DEFAULT_ALPHA,
         storage: Literal["cpu", "disk"] = "cpu",
         dirpath: str | os.PathLike[str] | None = None,
@@ -118,6 +123,7 @@ class CheckpointAverager(Callback):
         monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
         export_module: str | None = None,
+        merge_options: dict[str, Any] | None = None,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -130,16 +136,21 @@ class CheckpointAverager(Callback):
             raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
         if not isinstance(merge, str):
             raise ValueError(
-                f"merge must be 'sma', 'wma' or 'ema', got {merge!r}. Explicit weights depend on how many snapshots "
-                "the window holds, which changes during a run: merge them offline with CheckpointWindow.merge(weights)"
+                f"merge must be a merge method's name ({method_names()}), got {merge!r}. Explicit weights depend on how "
+                "many snapshots the window holds, which changes during a run: merge them offline with CheckpointWindow.merge(weights)"
             )
+        if merge_options is not None and not isinstance(merge_options, Mapping):
+            raise ValueError(f"merge_options must be a mapping of option names to values, got {merge_options!r}")
+        merge_options = dict(merge_options or {})
+        if "alpha" in merge_options:
+            raise ValueError("merge_options: give alpha (or decay) as its own argument")
         if decay is not None:
             if alpha != DEFAULT_ALPHA:
                 raise ValueError(f"give alpha or decay, not both (alpha={alpha!r}, decay={decay!r}); alpha = 1 - decay")
             if not 0.0 <= float(decay) < 1.0:  # also rejects NaN
                 raise ValueError(f"decay must be in [0, 1), got {decay!r}")
             alpha = 1.0 - float(decay)
-        coefficients(merge, 1, alpha)  # validates the method name and alpha
+        coefficients(merge, 1, alpha, **merge_options)  # validates the method, its options and alpha before anything runs
         if storage not in ("cpu", "disk"):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
         self.window_size = window
@@ -148,6 +159,7 @@ class CheckpointAverager(Callback):
         self._cadence: tuple[int | None, int | None] = (every_n_steps, every_n_epochs)  # (steps, epochs) in effect
         self.start_step = start_step
         self.merge = merge.lower()
+        self.merge_options = merge_options
         self.alpha = check_alpha(alpha)
         self.storage = storage
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -231,7 +243,7 @@ class CheckpointAverager(Callback):
         if state.get("window") is not None:
             win.load_state_dict(self._own_part(state["window"]))
         if self.recovery is not None:
-            self._guard = SpikeGuard(win, self.recovery, self.merge, self.alpha)
+            self._guard = SpikeGuard(win, self.recovery, self.merge, self.alpha, self.merge_options)
             if state.get("guard") is not None:
                 self._guard.load_state_dict(state["guard"])
         self._pending_state = None
@@ -477,7 +489,7 @@ class CheckpointAverager(Callback):
         weights, and return what it logged."""
         with _evaluation.isolated_validation(trainer) as loop:
             if swap_in_merge:
-                with self.window.swapped(pl_module, self.merge, self.alpha):
+                with self.window.swapped(pl_module, self.merge, self.alpha, **self.merge_options):
                     loop.run()
             else:
                 loop.run()
@@ -513,10 +525,10 @@ class CheckpointAverager(Callback):
             merged_metrics = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=True))
         keep_raw = bool(trainer.strategy.broadcast(self._judge(trainer, raw, merged_metrics), src=0))  # ranks must agree: collectives follow
         if keep_raw:
-            with self.window.swapped(pl_module, self.merge, self.alpha):
+            with self.window.swapped(pl_module, self.merge, self.alpha, **self.merge_options):
                 self._export(pl_module)
         else:
-            self.window.load_into(pl_module, self.merge, self.alpha)  # spread windows gather; shards stay local
+            self.window.load_into(pl_module, self.merge, self.alpha, **self.merge_options)  # spread windows gather; shards stay local
             if (self.window.sharding or {}).get("kind") == "replicated":
                 _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
             self._export(pl_module)
@@ -534,7 +546,7 @@ class CheckpointAverager(Callback):
         # fit() from a checkpoint taken at max_steps runs no training loop (no on_train_end): the
         # module must still end with the merged weights.
         if not self._trained and self.merge_at_end and len(self.window) > 0:
-            self.window.load_into(pl_module, self.merge, self.alpha)
+            self.window.load_into(pl_module, self.merge, self.alpha, **self.merge_options)
             if (self.window.sharding or {}).get("kind") == "replicated":
                 _broadcast_module(pl_module)
             self._export(pl_module)
@@ -594,7 +606,8 @@ class CheckpointAverager(Callback):
             "method": self.merge,
             "alpha": repr(self.alpha),
             "steps": json.dumps(steps),
-            "coefficients": json.dumps(self.window.weights(self.merge, self.alpha)),
+            "coefficients": json.dumps(self.window.weights(self.merge, self.alpha, **self.merge_options)),
+            "options": json.dumps({k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in self.merge_options.items()}),
         }
         if self.export_module:
             metadata["module"] = self.export_module
@@ -641,6 +654,7 @@ class CheckpointAverager(Callback):
             "guard": self._guard.state_dict() if self._guard is not None else None,
             "merge": self.merge,  # what the merged weights of this checkpoint are (see ckptavg.load_merged_weights)
             "alpha": self.alpha,
+            "merge_options": {k: v for k, v in self.merge_options.items() if isinstance(v, (int, float, str, bool))},
         }
 
     def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:

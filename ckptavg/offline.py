@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .kernels import weighted_sum_
 from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, flat_local, is_averaged, local_tensor, state_tensors
-from .merges import DEFAULT_ALPHA, Method, coefficients
+from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Placement, assemble, replicated_placements
 from .storage import DiskStore, rank_dirpaths
 
@@ -71,12 +71,14 @@ def merge_state_dicts(
     weights: Method | None = None,
     *,
     alpha: float = DEFAULT_ALPHA,
+    **options: Any,
 ) -> dict[str, Tensor]:
     """Merge separately saved checkpoints, oldest first, with the same kernel as the window.
 
     Each item is a state dict, a model, or a file path (safetensors, or a torch/Lightning
-    checkpoint loaded with ``weights_only=True``). ``weights`` is ``None`` (uniform), a method name
-    (``"sma"``, ``"wma"``, ``"ema"``) or one number per checkpoint (scaled to sum to 1). Floats are
+    checkpoint loaded with ``weights_only=True``). ``weights`` is ``None`` (uniform), a merge method's
+    name with its ``options`` (see :mod:`ckptavg.methods`; the checkpoints count as evenly spaced)
+    or one number per checkpoint (scaled to sum to 1). Floats are
     accumulated in fp32 (fp64 in fp64) and cast back once; integer and bool tensors come from the
     last checkpoint. Tensors are paired by name; any difference in names, shapes or dtypes raises
     ``ValueError`` naming the key and the checkpoint.
@@ -90,14 +92,14 @@ def merge_state_dicts(
     if isinstance(state_dicts, (str, os.PathLike, Mapping)):
         raise TypeError("merge_state_dicts takes a sequence of checkpoints")
     sources = list(state_dicts)
-    coeffs = coefficients("sma" if weights is None else weights, len(sources), alpha)
+    coeffs = coefficients("sma" if weights is None else weights, len(sources), alpha, **options)
     loaded = [load_state_file(s) if isinstance(s, (str, os.PathLike)) else s for s in sources]
     dicts = [state_tensors(d) for d in loaded]
     layout = Layout.from_tensors(dicts[0])
-    for index, (source, tensors) in enumerate(zip(sources, dicts)):
+    for index, (source, tensors) in enumerate(zip(sources, dicts, strict=True)):
         layout.check(tensors, what=_describe(source, index))
 
-    live = [(d, c) for d, c in zip(dicts, coeffs) if c != 0.0]
+    live = [(d, c) for d, c in zip(dicts, coeffs, strict=True) if c != 0.0]
     merged: dict[str, Tensor] = {}
     for entry in layout:
         out = torch.empty(entry.shape, dtype=entry.dtype)
@@ -120,6 +122,7 @@ def consolidate(
     alpha: float = DEFAULT_ALPHA,
     *,
     before: int | None = None,
+    **options: Any,
 ) -> dict[str, Tensor]:
     """The full merged state dict of a disk window written by a multi-process run, in one process.
 
@@ -148,7 +151,7 @@ def consolidate(
         common = [s for s in common if s < before]
     if not common:
         raise ValueError(f"{dirpath}: no snapshot step is held by every rank (held: {held})")
-    chosen = dict(zip(common, coefficients(method, len(common), alpha)))
+    chosen = dict(zip(common, coefficients(method, common, alpha, **options), strict=True))
 
     def rank_merges() -> Iterator[tuple[dict[str, Tensor], Mapping[str, Placement]]]:
         for folder, manifest in zip(folders, manifests, strict=True):  # one rank's merge in memory at a time
@@ -202,11 +205,11 @@ def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | N
     if window is None:
         return weights
     method, alpha = state.get("merge", "sma"), state.get("alpha", DEFAULT_ALPHA)
-    weights.update(_merge_window_state(window, method, alpha, where=path))
+    weights.update(_merge_window_state(window, method, alpha, dict(state.get("merge_options") or {}), where=path))
     return weights
 
 
-def _merge_window_state(state: Mapping[str, Any], method: Method, alpha: float, where: Path) -> dict[str, Tensor]:
+def _merge_window_state(state: Mapping[str, Any], method: Method, alpha: float, options: dict[str, Any], where: Path) -> dict[str, Tensor]:
     """The merge of a window recorded by a ``CheckpointAverager`` state (see its ``state_dict``)."""
     from .window import CheckpointWindow
 
@@ -224,8 +227,8 @@ def _merge_window_state(state: Mapping[str, Any], method: Method, alpha: float, 
     if state.get("storage") == "cpu":
         window = CheckpointWindow(window=max(len(steps), 1), storage="cpu")
         window.load_state_dict(state)
-        return window.merge(method, alpha)
-    chosen = dict(zip(steps, coefficients(method, len(steps), alpha), strict=True))
+        return window.merge(method, alpha, **options)
+    chosen = dict(zip(steps, coefficients(method, steps, alpha, **options), strict=True))
     with CheckpointWindow.open(state["dirpath"], readonly=True) as window:
         missing = sorted(set(steps) - set(window.steps))
         if missing:

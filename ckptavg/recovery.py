@@ -43,7 +43,7 @@ from torch import nn
 
 from .files import CkptavgWarning
 from .layout import local_tensor, state_tensors
-from .merges import DEFAULT_ALPHA, Method
+from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import all_ranks_max, all_ranks_mean, distributed_rank
 from .window import CheckpointWindow
 
@@ -89,7 +89,8 @@ class RecoveryPolicy:
     ``grad_norm_threshold`` (off by default) adds a second rule: the median of the last
     ``smoothing`` gradient norms above this many times their baseline median.
 
-    **The action.** Load the merge (``merge``; default: the caller's) of the snapshots taken
+    **The action.** Load the merge (``merge`` with ``merge_options``, any registered method;
+    default: the caller's) of the snapshots taken
     before the trouble began, reset the optimizer state (``reset_optimizer``), and scale the
     learning rate by ``lr_scale`` for ``lr_scale_steps`` steps. At most ``max_restores`` restores
     within ``restore_span`` steps: past that, ``on_exhausted="warn"`` gives up with a warning,
@@ -113,6 +114,7 @@ class RecoveryPolicy:
     restore_span: int = 1000
     on_exhausted: Literal["warn", "raise"] = "warn"
     merge: str | None = None
+    merge_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -138,6 +140,13 @@ class RecoveryPolicy:
             raise ValueError(f"RecoveryPolicy.lr_scale must be in (0, 1], got {self.lr_scale}")
         if self.on_exhausted not in ("warn", "raise"):
             raise ValueError(f"RecoveryPolicy.on_exhausted must be 'warn' or 'raise', got {self.on_exhausted!r}")
+        if self.merge_options is not None and self.merge is None:
+            raise ValueError("RecoveryPolicy.merge_options needs RecoveryPolicy.merge (the caller's merge brings its own options)")
+        if self.merge is not None:
+            try:
+                coefficients(self.merge, 1, **(self.merge_options or {}))
+            except ValueError as err:
+                raise ValueError(f"RecoveryPolicy.merge: {err}") from None
 
     @classmethod
     def from_value(cls, value: bool | RecoveryPolicy | Mapping[str, Any] | None, **overrides: Any) -> RecoveryPolicy | None:
@@ -361,17 +370,26 @@ class SpikeGuard:
     Args:
         window: the snapshots to restore from.
         policy: the rule and the action (:class:`RecoveryPolicy`).
-        merge, alpha: the merge used for a restore unless ``policy.merge`` names one.
+        merge, alpha, merge_options: the merge used for a restore unless ``policy.merge`` names
+            one (then with ``policy.merge_options``).
 
     Each decision is kept in :attr:`events` (a :class:`RecoveryEvent`, with the losses that
     triggered it) and warned about once (rank 0 of a multi-process run).
     """
 
-    def __init__(self, window: CheckpointWindow, policy: RecoveryPolicy | None = None, merge: Method = "sma", alpha: float = DEFAULT_ALPHA):
+    def __init__(
+        self,
+        window: CheckpointWindow,
+        policy: RecoveryPolicy | None = None,
+        merge: Method = "sma",
+        alpha: float = DEFAULT_ALPHA,
+        merge_options: Mapping[str, Any] | None = None,
+    ):
         self.window = window
         self.policy = policy or RecoveryPolicy()
         self.merge: Method = self.policy.merge or merge
         self.alpha = alpha
+        self.merge_options = dict(merge_options or {}) if self.policy.merge is None else dict(self.policy.merge_options or {})
         self.loss_level = SmoothedLevel(self.policy)
         self.grad_level = SmoothedLevel(self.policy)
         self.onset: int | None = None  # first step of the current abnormal stretch
@@ -470,7 +488,7 @@ class SpikeGuard:
             return True  # nothing to compare: restore() says so
         with torch.no_grad():
             current = evaluate()
-            with self.window.swapped(model, self.merge, self.alpha, before=trusted_before):
+            with self.window.swapped(model, self.merge, self.alpha, before=trusted_before, **self.merge_options):
                 stable = evaluate()
         current, stable = all_ranks_mean([current, stable], self.window.process_group)
         self.checked = (current, stable)
@@ -547,7 +565,7 @@ class SpikeGuard:
                 f"predates step {trusted_before} (held: {self.window.steps}). Take snapshots earlier (a lower "
                 "start_step or a shorter interval) so that a stable point exists."
             )
-        self.window.load_into(model, self.merge, self.alpha, before=trusted_before)
+        self.window.load_into(model, self.merge, self.alpha, before=trusted_before, **self.merge_options)
         self.window.discard_from(trusted_before)  # taken after the trouble began: never merge them
         for optimizer in optimizers:
             if self.policy.reset_optimizer:

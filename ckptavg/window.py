@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .files import CkptavgWarning
 from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
-from .merges import DEFAULT_ALPHA, Method, coefficients
+from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, replicated_placements, shard_placements, with_rank0_buffers
 from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected, write_ranks_manifest
 
@@ -307,19 +307,24 @@ class CheckpointWindow:
 
     # -- merging ----------------------------------------------------------------------------------
 
-    def weights(self, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None) -> list[float]:
+    def weights(
+        self, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
+    ) -> list[float]:
         """The coefficient vector of ``method`` over the held snapshots, oldest first; sums to 1.
 
-        With ``before``, only snapshots taken at steps ``< before`` are merged (the others get
-        coefficient 0): for example the stable point before a loss spike. An explicit weight list
-        then gives one weight per selected snapshot."""
+        ``method`` is a registered method's name (:func:`ckptavg.methods.method_names`: ``"sma"``,
+        ``"wma"``, ``"ema"`` with ``alpha``, ``"decay"`` with ``shape``, ...), its ``options`` by
+        name, or a list of weights. With ``before``, only snapshots taken at steps ``< before``
+        are merged (the others get coefficient 0): for example the stable point before a loss
+        spike. An explicit weight list then gives one weight per selected snapshot."""
         self.flush()  # a snapshot still being copied or written counts only once it is kept
+        steps = self.steps
         if before is None:
-            return coefficients(method, len(self), alpha)
-        selected = sum(1 for s in self.steps if s < before)
-        if selected == 0:
-            raise ValueError(f"no snapshot was taken before step {before} (held: {self.steps})")
-        return coefficients(method, selected, alpha) + [0.0] * (len(self) - selected)
+            return coefficients(method, steps, alpha, **options)
+        selected = [s for s in steps if s < before]
+        if not selected:
+            raise ValueError(f"no snapshot was taken before step {before} (held: {steps})")
+        return coefficients(method, selected, alpha, **options) + [0.0] * (len(steps) - len(selected))
 
     def merge(
         self,
@@ -328,15 +333,16 @@ class CheckpointWindow:
         *,
         before: int | None = None,
         out: Mapping[str, Tensor] | None = None,
+        **options: Any,
     ) -> dict[str, Tensor]:
         """The merged state dict, in the stored dtypes.
 
-        ``method`` is ``"sma"``, ``"wma"``, ``"ema"`` (with ``alpha``) or a list of weights, one per
-        snapshot, oldest first (scaled to sum to 1); ``before`` merges only older snapshots (see
-        :meth:`weights`). The result is fresh CPU tensors, or is written into ``out`` (for example
+        ``method`` and its ``options`` choose the coefficients (see :meth:`weights`; for example
+        ``merge("decay", shape="1-sqrt")``), or a list of weights, one per snapshot, oldest first
+        (scaled to sum to 1); ``before`` merges only older snapshots. The result is fresh CPU tensors, or is written into ``out`` (for example
         the result of an earlier merge) to reuse its memory.
         """
-        weights = self.weights(method, alpha, before=before)
+        weights = self.weights(method, alpha, before=before, **options)
         assert self._store is not None and self.full_layout is not None
         if out is not None:
             self.full_layout.check(out, what="out")
@@ -365,13 +371,13 @@ class CheckpointWindow:
         return self._spread.gather(flats)
 
     def load_into(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
     ) -> None:
         """Write the merged weights into ``model`` in place (on its devices, in its dtypes).
 
         Checked before anything is written: on a mismatch or an unreadable snapshot the model is
         left as it was."""
-        weights = self.weights(method, alpha, before=before)
+        weights = self.weights(method, alpha, before=before, **options)
         targets = self._targets(model)
         store = self._store
         assert store is not None  # _targets raised otherwise
@@ -389,29 +395,29 @@ class CheckpointWindow:
         copy_into(targets, merged)
 
     def merged_model(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
     ) -> nn.Module:
         """A copy of ``model`` that holds the merged weights, as a model of its own (``model``
         keeps its weights). For a LightningModule, pass the network inside it (``module.model``)
         and a window of that network's snapshots, or use ``swapped``."""
         twin = copy.deepcopy(model)
-        self.load_into(twin, method, alpha, before=before)
+        self.load_into(twin, method, alpha, before=before, **options)
         return twin
 
     @contextmanager
     def swapped(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None
+        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
     ) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
         also when the block (or the merge) raises."""
-        self.weights(method, alpha, before=before)  # argument errors before any copy
+        self.weights(method, alpha, before=before, **options)  # argument errors before any copy
         targets = self._targets(model)
         backup = {
             name: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()).copy_(t)
             for name, t in targets.items()
         }
         try:
-            self.load_into(model, method, alpha, before=before)
+            self.load_into(model, method, alpha, before=before, **options)
             yield model
         finally:
             copy_into(targets, backup)

@@ -667,3 +667,23 @@ def test_export_module_gives_a_file_that_loads_into_the_bare_model(tmp_path):
     assert bare.head.weight is bare.embed.weight
     with pytest.raises(ValueError, match=r"export_module='modle' is not a submodule of TiedModule \(its children: \['model'\]\)"):
         trainer(tmp_path, [CheckpointAverager(export_module="modle")], max_steps=2).fit(TiedModule(), DataLoader(TensorDataset(tokens), batch_size=8))
+
+
+def test_the_callback_takes_any_registered_method_with_its_options(tmp_path):
+    from ckptavg import coefficients
+
+    L.seed_everything(0)
+    recorder, model = Recorder(), Regression()
+    averager = CheckpointAverager(window=4, every_n_steps=4, merge="decay", merge_options={"shape": "cosine"})
+    train, val = data()
+    trainer(tmp_path, [recorder, averager], max_epochs=2).fit(model, train, val)
+    steps = averager.window.steps
+    weights = coefficients("decay", steps, shape="cosine")
+    assert_close_to_reference(model.state_dict(), reference_merge([recorder.states[s] for s in steps], weights))
+    with safe_open(str(averager.merged_path), framework="pt") as f:
+        assert f.metadata()["method"] == "decay" and json.loads(f.metadata()["options"]) == {"shape": "cosine"}
+        assert json.loads(f.metadata()["coefficients"]) == pytest.approx(weights)
+    with pytest.raises(ValueError, match="merge method 'decay' has no option 'shap'"):
+        CheckpointAverager(merge="decay", merge_options={"shap": "cosine"})
+    with pytest.raises(ValueError, match="unknown merge method 'median'"):
+        CheckpointAverager(merge="median")

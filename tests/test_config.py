@@ -56,3 +56,9 @@ def test_recover_forms_from_yaml(tmp_path, options, expected):
 def test_merge_options_from_yaml(tmp_path):
     averager = fit_from_yaml(tmp_path, "merge: ema\ndecay: 0.9\nstorage: disk")
     assert averager.merge == "ema" and averager.alpha == pytest.approx(0.1) and averager.storage == "disk"
+
+
+def test_a_registered_method_and_its_options_from_yaml(tmp_path):
+    averager = fit_from_yaml(tmp_path, "merge: decay\nmerge_options: {shape: 1-sqrt}\nrecover: {merge: wma}")
+    assert averager.merge == "decay" and averager.merge_options == {"shape": "1-sqrt"}
+    assert averager.recovery.merge == "wma"

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from ckptavg import coefficients, ema, sma, wma
-from ckptavg.merges import normalize
+from ckptavg.methods import normalize
 
 
 def test_sma_wma_formulas():
@@ -72,3 +72,90 @@ def test_normalize_length_error_names_expectation():
 def test_weights_that_cannot_be_normalised_safely_are_refused(weights, message):
     with pytest.raises(ValueError, match=message):
         coefficients(weights, 2)
+
+
+# -- the registry and the schedule-matched merge (issue 13) ----------------------------------------
+
+
+def test_method_modules_doctests():
+    import doctest
+
+    from ckptavg.methods import decay as decay_module
+    from ckptavg.methods import moving_averages
+
+    for module in (decay_module, moving_averages):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def wsm_reference(shape, steps):
+    """WSM's rule in float64, written out: c_j = f(t_j) - f(t_{j+1}), t from the steps."""
+    from fractions import Fraction
+
+    f = {
+        "linear": lambda t: 1 - t,
+        "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+        "1-sqrt": lambda t: 1 - math.sqrt(t),
+        "1-square": lambda t: 1 - t * t,
+    }[shape]
+    n = len(steps)
+    last = Fraction(steps[-1] - steps[0], n - 1) if n > 1 else Fraction(1)
+    span = steps[-1] - steps[0] + last
+    t = [float(Fraction(s - steps[0]) / span) for s in steps] + [1.0]
+    return [f(t[j]) - f(t[j + 1]) for j in range(n)]
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt", "1-square"])
+@pytest.mark.parametrize("steps", [[100], [10, 20, 30, 40, 50, 60, 70, 80], [0, 10, 30, 40], [5, 6, 100]])
+def test_decay_matches_the_wsm_rule(shape, steps):
+    got = coefficients("decay", steps, shape=shape)
+    assert got == pytest.approx(wsm_reference(shape, steps), abs=1e-12)
+    assert math.fsum(got) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_decay_linear_over_even_steps_is_sma_and_even_spacing_uses_j_over_n():
+    assert coefficients("decay", [10, 20, 30, 40], shape="linear") == pytest.approx(sma(4), abs=1e-15)
+    n = 8
+    f = lambda t: 1 - math.sqrt(t)  # noqa: E731
+    assert coefficients("decay", n, shape="1-sqrt") == pytest.approx([f(j / n) - f((j + 1) / n) for j in range(n)], abs=1e-12)
+    assert coefficients("decay", n, shape=lambda t: (1 - t) ** 2) == pytest.approx([(1 - j / n) ** 2 - (1 - (j + 1) / n) ** 2 for j in range(n)])
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("decay", {"shape": "exp"}, r"shape 'exp' is not one of \['1-sqrt', '1-square', 'cosine', 'linear'\]"),
+        ("decay", {"shap": "linear"}, r"merge method 'decay' has no option 'shap'; its options: \['shape'\]"),
+        ("decay", {"shape": 3}, r"option 'shape' must be str \| Callable"),
+        ("decay", {"shape": lambda t: t}, r"f\(0\) = 1 and f\(1\) = 0"),
+        ("decay", {"shape": lambda t: {0.0: 1.0, 0.25: 0.5, 0.5: 0.8, 0.75: 0.3, 1.0: 0.0}[t]}, "must not increase"),
+        ("sma", {"shape": "linear"}, r"merge method 'sma' has no option 'shape'; its options: none"),
+        ("mystery", {}, r"unknown merge method 'mystery'; expected one of \[.*'decay'"),
+        ([1, 2], {"shape": "linear"}, "explicit weights take no options"),
+    ],
+)
+def test_bad_methods_and_options_are_named_before_any_arithmetic(method, options, message):
+    with pytest.raises(ValueError, match=message):
+        coefficients(method, 2 if isinstance(method, list) else 4, **options)
+
+
+def test_a_method_is_one_function_and_one_decorator_and_names_are_unique():
+    from ckptavg.methods import MergeContext, merge_method, method_names
+
+    @merge_method("newest-only-for-test")
+    def newest(ctx: MergeContext, *, boost: float = 1.0) -> list[float]:
+        """All weight on the newest snapshot."""
+        return [0.0] * (ctx.n - 1) + [boost]
+
+    try:
+        assert "newest-only-for-test" in method_names()
+        assert coefficients("newest-only-for-test", [3, 7, 9]) == [0.0, 0.0, 1.0]
+        with pytest.raises(ValueError, match="already registered"):
+            merge_method("newest-only-for-test")(newest)
+        with pytest.raises(ValueError, match="option 'boost' must be float"):
+            coefficients("newest-only-for-test", 2, boost="big")
+        with pytest.raises(TypeError, match="options must be keyword-only"):
+            merge_method("positional-options-for-test")(lambda ctx, boost=1.0: [1.0])
+    finally:
+        from ckptavg.methods import registry
+
+        registry._METHODS.pop("newest-only-for-test", None)

@@ -512,3 +512,33 @@ def test_merged_model_is_a_copy_holding_the_merge(tiny_net):
     assert_close_to_reference(merged.state_dict(), reference_merge(states, "wma"))
     for key, value in tiny_net.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_every_entry_point_takes_a_method_and_its_options_the_same_way(tmp_path, tiny_net, storage):
+    """Issue 13: weights, merge, load_into, swapped, merged_model, merge_state_dicts and
+    consolidate all take a registered method plus its options by name."""
+    from ckptavg import consolidate, coefficients, merge_state_dicts
+
+    states = perturbed_states(tiny_net, 5)
+    steps = [10, 20, 40, 50, 60]  # uneven: a snapshot was skipped at 30
+    win = CheckpointWindow(window=5, storage=storage, dirpath=tmp_path / "win" if storage == "disk" else None)
+    for step, state in zip(steps, states, strict=True):
+        win.snapshot(state, step=step)
+    expected = coefficients("decay", steps, shape="1-sqrt")
+    assert win.weights("decay", shape="1-sqrt") == expected
+    reference = reference_merge(states, expected)
+    assert_close_to_reference(win.merge("decay", shape="1-sqrt"), reference)
+    assert_close_to_reference(win.merged_model(tiny_net, "decay", shape="1-sqrt").state_dict(), reference)
+    with win.swapped(tiny_net, "decay", shape="1-sqrt"):
+        assert_close_to_reference(tiny_net.state_dict(), reference)
+    before = coefficients("decay", steps[:3], shape="cosine") + [0.0, 0.0]
+    assert win.weights("decay", before=45, shape="cosine") == before
+    with pytest.raises(ValueError, match="has no option 'shap'"):
+        win.merge("decay", shap="1-sqrt")
+    assert_close_to_reference(
+        merge_state_dicts(states, "decay", shape="cosine"), reference_merge(states, coefficients("decay", 5, shape="cosine"))
+    )
+    if storage == "disk":
+        win.flush()
+        assert_close_to_reference(consolidate(tmp_path / "win", "decay", shape="1-sqrt"), reference)
