@@ -78,7 +78,7 @@ def rank_main(rank: int, port: int, mode: str, params: float, repeats: int, out:
         window.snapshot(module, step=next(steps))
     added = rss_bytes() - before
     assert window.layout is not None
-    stored = sum(ring.numel() * ring.element_size() for ring in window._store._ring.values())  # type: ignore[union-attr]
+    stored = window.stored_nbytes
 
     def snapshot() -> None:
         window.snapshot(module, step=next(steps))

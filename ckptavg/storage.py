@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -133,6 +133,32 @@ def _check_record(record: Any, i: int) -> None:
         raise ValueError(f"{field('group_crc32')} must map dtype names to integers, got {crcs!r}")
 
 
+class SnapshotStore(Protocol):
+    """What a storage tier provides to :class:`ckptavg.CheckpointWindow`. Snapshots are indexed
+    by position, 0 = the oldest held; the read API (:meth:`read_groups`, :meth:`merge`) is the
+    only way anything outside a store reaches its data."""
+
+    layout: Layout
+    capacity: int
+
+    @property
+    def steps(self) -> list[int]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def pinned(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy: ...
+    def commit(self, step: int, copy: PendingCopy | None = None) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def discard_from(self, step: int) -> None: ...
+    def read_groups(self, index: int) -> dict[torch.dtype, Tensor]: ...
+    def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
 class CpuRing:
     """``capacity`` snapshots in host memory, allocated once.
 
@@ -200,9 +226,25 @@ class CpuRing:
         while self._steps and self._steps[-1] >= step:
             del self._slots[-1], self._steps[-1]
 
+    @property
+    def pinned(self) -> bool:
+        return all(ring.is_pinned() for ring in self._ring.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held (the ring, spare row included)."""
+        return sum(ring.numel() * ring.element_size() for ring in self._ring.values())
+
+    def read_groups(self, index: int) -> dict[torch.dtype, Tensor]:
+        """Snapshot ``index`` (0 = oldest held) as one flat tensor per dtype group: read-only
+        views of the ring (valid until the next snapshot overwrites that row)."""
+        self.settle()
+        slot = self._slots[index]
+        return {d: ring[slot] for d, ring in self._ring.items()}
+
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.settle()
-        live = [(slot, c) for slot, c in zip(self._slots, coefficients) if c != 0.0]
+        live = [(slot, c) for slot, c in zip(self._slots, coefficients, strict=True) if c != 0.0]
 
         def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
             ring = self._ring[dtype]
@@ -682,6 +724,31 @@ class DiskStore:
             else:
                 self._verified.update((record["file"], d) for d in self.layout.group_numel)
         return bad
+
+    @property
+    def pinned(self) -> bool:
+        return self._staging is not None and all(b.is_pinned() for b in self._staging.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Disk space held by the listed snapshot files."""
+        return sum(int(r["nbytes"]) for r in self._records)
+
+    def read_groups(self, index: int) -> dict[torch.dtype, Tensor]:
+        """Snapshot ``index`` (0 = oldest held) as one fresh flat tensor per dtype group, read
+        front to back so that every group's checksum is verified (an unusable file is dropped
+        and named, as in a merge)."""
+        self.flush()
+        record = self._records[index]
+        try:
+            reader = self._reader(record)
+            try:
+                return {d: reader.read(d, 0, n, torch.empty(n, dtype=d)) for d, n in self.layout.group_numel.items()}
+            finally:
+                reader.close()
+        except CorruptSnapshotError as err:
+            self._quarantine(Path(err.path).name)
+            raise
 
     # -- checkpointing ----------------------------------------------------------------------------
 

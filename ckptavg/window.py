@@ -18,7 +18,7 @@ from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, replicated_placements, shard_placements, with_rank0_buffers
-from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, rank_dirpath, warn_rejected, write_ranks_manifest
+from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, SnapshotStore, rank_dirpath, warn_rejected, write_ranks_manifest
 
 StateSource = Union[nn.Module, Mapping[str, Tensor]]
 Storage = Literal["cpu", "disk"]
@@ -102,7 +102,7 @@ class CheckpointWindow:
         self.pin_memory = pin_memory
         self.spread = spread
         self.process_group = process_group
-        self._store: CpuRing | DiskStore | None = None
+        self._store: SnapshotStore | None = None
         self._spread: Spread | None = None
         self._sharding: dict[str, Any] | None = None
         self._in_flight: PendingCopy | None = None
@@ -163,6 +163,27 @@ class CheckpointWindow:
         """In a multi-process run: ``{"kind": "dtensor" | "spread" | "replicated", "rank",
         "world_size", "placements"}`` (see :mod:`ckptavg.sharding`); ``None`` in one process."""
         return self._sharding
+
+    @property
+    def stored_nbytes(self) -> int:
+        """What this window holds: host memory (``"cpu"``, the preallocated ring) or disk space
+        (``"disk"``, the listed files); this rank's part in a multi-process window."""
+        return 0 if self._store is None else self._store.nbytes
+
+    @property
+    def pinned_memory(self) -> bool:
+        """Whether the host buffers (the ring, or the disk tier's staging buffer) are pinned."""
+        return self._store is not None and self._store.pinned
+
+    def read(self, step: int) -> dict[str, Tensor]:
+        """The stored snapshot of ``step``, as fresh CPU tensors in the stored dtypes (this rank's
+        part in a multi-process window: its shards or slices, named by :attr:`layout`)."""
+        steps = self.steps
+        if step not in steps:
+            raise KeyError(f"no snapshot of step {step} is held (held: {steps})")
+        assert self._store is not None
+        groups = self._store.read_groups(steps.index(step))
+        return {e.name: groups[e.dtype][e.offset : e.offset + e.numel].view(e.shape).clone() for e in self._store.layout}
 
     def __repr__(self) -> str:
         where = f", dirpath={str(self.dirpath)!r}" if self.dirpath is not None else ""
@@ -286,7 +307,7 @@ class CheckpointWindow:
         assert self.dirpath is not None
         return rank_dirpath(self.dirpath, *distributed_rank(self.process_group))
 
-    def _new_store(self, layout: Layout, tensors: Mapping[str, Tensor]) -> CpuRing | DiskStore:
+    def _new_store(self, layout: Layout, tensors: Mapping[str, Tensor]) -> SnapshotStore:
         if self.dirpath is not None and (self._files_dirpath() / MANIFEST).exists():
             raise FileExistsError(
                 f"{self._files_dirpath()} already holds a checkpoint window; reopen it with "
@@ -508,7 +529,7 @@ class CheckpointWindow:
             if self._spread is not None:
                 state = self._spread.local_state(state)
         if self.storage == "cpu":
-            store: CpuRing | DiskStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
+            store: SnapshotStore = CpuRing(layout, self.window, pin_memory=bool(self.pin_memory))
             store.load_state_dict(state)
         else:
             store = self._reopen(state, layout)

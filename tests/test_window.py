@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from ckptavg import CheckpointWindow, Layout
+from ckptavg import CheckpointWindow, CorruptSnapshotError, Layout
 from conftest import TinyNet, assert_close_to_reference, perturbed_states, reference_merge
 
 
@@ -94,12 +94,14 @@ def test_ring_wraps_around_many_times_without_reallocating(tiny_net):
     states = perturbed_states(tiny_net, 23)
     win = CheckpointWindow(window=5)
     win.snapshot(states[0], step=0)
-    rings = {d: (r.data_ptr(), r.shape) for d, r in win._store._ring.items()}
+    snapshot_bytes = sum(t.numel() * t.element_size() for t in states[0].values())
+    assert win.stored_nbytes == 6 * snapshot_bytes  # the whole ring (window + the spare row), allocated once
     for step, state in enumerate(states[1:], start=1):
         win.snapshot(state, step=step)
-        assert len(win) == min(step + 1, 5)
+        assert len(win) == min(step + 1, 5) and win.stored_nbytes == 6 * snapshot_bytes
     assert win.steps == list(range(18, 23))
-    assert {d: (r.data_ptr(), r.shape) for d, r in win._store._ring.items()} == rings
+    for step in win.steps:  # the read API gives back each stored snapshot exactly
+        assert all(torch.equal(value, states[step][key]) for key, value in win.read(step).items())
     assert_close_to_reference(win.merge("wma"), reference_merge(states[-5:], "wma"))
 
 
@@ -109,8 +111,8 @@ def test_merge_of_big_tensors_crosses_block_boundaries():
     states = [{"big": torch.randn(37, 11), "small": torch.randn(3), "tiny": torch.randn(()), "n": torch.tensor(i)} for i in range(3)]
     win = CheckpointWindow(window=3)
     win.snapshot(states[0], step=0)
-    win._store.layout.__init__([(e.name, e.dtype, e.shape) for e in win._store.layout], block_numel=16)
-    assert len(win._store.layout.blocks[torch.float32]) > 20
+    win.layout.__init__([(e.name, e.dtype, e.shape) for e in win.layout], block_numel=16)  # a tiny block plan
+    assert len(win.layout.blocks[torch.float32]) > 20
     for step, s in enumerate(states[1:], start=1):
         win.snapshot(s, step=step)
     assert_close_to_reference(win.merge("ema"), reference_merge(states, "ema"))
@@ -421,7 +423,7 @@ def test_cuda_snapshots_are_asynchronous_pinned_and_exact(make_window):
         states.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     assert win.steps == [2, 3, 4]
     if win.storage == "cpu":
-        assert all(ring.is_pinned() for ring in win._store._ring.values())
+        assert win.pinned_memory
     assert_close_to_reference(win.merge("wma"), reference_merge(states[-3:], "wma"))
     with torch.no_grad():
         model.fc1.weight[0, 0] = float("nan")
@@ -542,3 +544,30 @@ def test_every_entry_point_takes_a_method_and_its_options_the_same_way(tmp_path,
     if storage == "disk":
         win.flush()
         assert_close_to_reference(consolidate(tmp_path / "win", "decay", shape="1-sqrt"), reference)
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_the_read_api_gives_each_stored_snapshot_back(tmp_path, tiny_net, storage):
+    """Issue 13: a public read API over stored snapshots (no test reaches into a store)."""
+    states = perturbed_states(tiny_net, 4, dtype=torch.bfloat16)
+    win = CheckpointWindow(window=3, storage=storage, dirpath=tmp_path / "win" if storage == "disk" else None)
+    for step, state in enumerate(states, start=1):
+        win.snapshot(state, step=step)
+    for step in (2, 3, 4):
+        snapshot = win.read(step)
+        assert list(snapshot) == list(states[step - 1])
+        for key, value in snapshot.items():
+            assert value.dtype == states[step - 1][key].dtype and torch.equal(value, states[step - 1][key]), key
+    snapshot_bytes = sum(t.numel() * t.element_size() for t in states[0].values())
+    assert win.stored_nbytes >= 3 * snapshot_bytes
+    with pytest.raises(KeyError, match=r"no snapshot of step 1 is held \(held: \[2, 3, 4\]\)"):
+        win.read(1)
+    if storage == "disk":
+        win.flush()
+        path = tmp_path / "win" / "snapshot-000000000003.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF  # one flipped byte in the data section
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptSnapshotError, match="checksum mismatch"):
+            win.read(3)
+        assert win.steps == [2, 4]  # dropped and named, as in a merge
