@@ -8,6 +8,7 @@ from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
+from .selection import evaluator
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .window import CheckpointWindow, load_state
 
@@ -25,6 +26,7 @@ __all__ = [
     "coefficients",
     "consolidate",
     "ema",
+    "evaluator",
     "load_merged_weights",
     "load_state",
     "load_state_file",

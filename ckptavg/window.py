@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,7 +17,8 @@ from torch import Tensor, nn
 from .files import CkptavgWarning
 from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
-from .methods import DEFAULT_ALPHA, Method, coefficients
+from .methods import DEFAULT_ALPHA, Evaluate, Method, coefficients
+from .selection import Candidate, as_method, default_candidates
 from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, replicated_placements, shard_placements, with_rank0_buffers
 from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, SnapshotStore, rank_dirpath, warn_rejected, write_ranks_manifest
 
@@ -329,7 +331,13 @@ class CheckpointWindow:
     # -- merging ----------------------------------------------------------------------------------
 
     def weights(
-        self, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
+        self,
+        method: Method = "sma",
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        before: int | None = None,
+        evaluate: Evaluate | None = None,
+        **options: Any,
     ) -> list[float]:
         """The coefficient vector of ``method`` over the held snapshots, oldest first; sums to 1.
 
@@ -337,15 +345,45 @@ class CheckpointWindow:
         ``"wma"``, ``"ema"`` with ``alpha``, ``"decay"`` with ``shape``, ...), its ``options`` by
         name, or a list of weights. With ``before``, only snapshots taken at steps ``< before``
         are merged (the others get coefficient 0): for example the stable point before a loss
-        spike. An explicit weight list then gives one weight per selected snapshot."""
+        spike. An explicit weight list then gives one weight per selected snapshot. Methods that
+        choose on held-out data (``"greedy_soup"``) need ``evaluate`` (see :meth:`select`)."""
         self.flush()  # a snapshot still being copied or written counts only once it is kept
         steps = self.steps
-        if before is None:
-            return coefficients(method, steps, alpha, **options)
-        selected = [s for s in steps if s < before]
+        selected = steps if before is None else [s for s in steps if s < before]
         if not selected:
             raise ValueError(f"no snapshot was taken before step {before} (held: {steps})")
-        return coefficients(method, selected, alpha, **options) + [0.0] * (len(steps) - len(selected))
+        excluded = [0.0] * (len(steps) - len(selected))
+
+        def score(weights: Sequence[float]) -> float:
+            assert evaluate is not None
+            return float(evaluate(self.merge(list(weights) + excluded)))
+
+        return coefficients(method, selected, alpha, score=score if evaluate is not None else None, **options) + excluded
+
+    def select(
+        self, evaluate: Evaluate, candidates: Mapping[str, Candidate] | None = None
+    ) -> tuple[list[float], list[dict[str, Any]]]:
+        """Try merges on held-out data and return the best one's coefficient vector, with a table
+        of every candidate (``name``, ``score``, ``weights``; lower scores are better).
+
+        Args:
+            evaluate: merged state dict -> number, lower is better (:func:`ckptavg.evaluator`).
+            candidates: ``{name: method name | weight list | (method, options)}``; by default the
+                newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA and the
+                decay shapes. One merge and one evaluation each.
+
+        A merge chosen on data is only as good as that data: choose on held-out data other than
+        the data you report."""
+        chosen = candidates if candidates is not None else default_candidates(len(self))
+        if not chosen:
+            raise ValueError("select needs at least one candidate")
+        tried: list[tuple[str, float, list[float]]] = []
+        for name, candidate in chosen.items():
+            method, options = as_method(candidate)
+            weights = self.weights(method, evaluate=evaluate, **options)
+            tried.append((name, float(evaluate(self.merge(weights))), weights))
+        _, _, best = min(tried, key=lambda row: row[1] if not math.isnan(row[1]) else math.inf)
+        return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
 
     def merge(
         self,

@@ -29,14 +29,23 @@ DEFAULT_ALPHA = 0.2
 @dataclass(frozen=True)
 class MergeContext:
     """What a method may look at: the steps of the snapshots (oldest first) and, for methods that
-    choose on held-out data, ``evaluate``."""
+    choose on held-out data, ``score``: merges the snapshots with a coefficient vector and
+    returns the user's ``evaluate`` of the result (lower is better)."""
 
     steps: tuple[int, ...]
-    evaluate: Evaluate | None = None
+    score: Callable[[Sequence[float]], float] | None = None
 
     @property
     def n(self) -> int:
         return len(self.steps)
+
+    def require_score(self, method: str) -> Callable[[Sequence[float]], float]:
+        if self.score is None:
+            raise ValueError(
+                f"merge method {method!r} chooses on held-out data: give evaluate=, a function from a merged state dict "
+                "to a number, lower is better (ckptavg.evaluator builds one from a model, a loss and batches)"
+            )
+        return self.score
 
 
 @dataclass(frozen=True)
@@ -129,11 +138,17 @@ def _check_type(method: str, name: str, value: Any, annotation: Any) -> None:
 
 
 def coefficients(
-    method: Method, steps: int | Sequence[int], alpha: float = DEFAULT_ALPHA, *, evaluate: Evaluate | None = None, **options: Any
+    method: Method,
+    steps: int | Sequence[int],
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    score: Callable[[Sequence[float]], float] | None = None,
+    **options: Any,
 ) -> list[float]:
     """The coefficient vector of ``method`` over snapshots at ``steps`` (or ``n`` evenly spaced
     ones), oldest first; sums to 1. ``alpha`` is ``"ema"``'s option (checked for every method,
-    so that a typo is not silently ignored); other options go by name."""
+    so that a typo is not silently ignored); other options go by name. ``score`` (see
+    :class:`MergeContext`) is given by a window for methods that choose on held-out data."""
     check_alpha(alpha)
     steps = tuple(range(steps)) if isinstance(steps, int) else tuple(int(s) for s in steps)
     if not steps:
@@ -147,7 +162,7 @@ def coefficients(
     if "alpha" in spec.options and "alpha" not in options:
         options = {**options, "alpha": alpha}
     check_options(method, options)
-    weights = [float(w) for w in spec.function(MergeContext(steps, evaluate), **options)]
+    weights = [float(w) for w in spec.function(MergeContext(steps, score), **options)]
     if len(weights) != len(steps) or not all(math.isfinite(w) for w in weights):
         raise RuntimeError(f"merge method {spec.name!r} returned {weights} for {len(steps)} snapshots")
     return normalize(weights, len(steps))

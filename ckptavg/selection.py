@@ -1,0 +1,65 @@
+"""Choosing a merge on held-out data: an ``evaluate`` function, and the candidates to try.
+
+``evaluate(state_dict) -> float`` receives merged weights (``{name: tensor}``) and returns a
+number, lower is better. :func:`evaluator` builds one from a model, a loss and batches, without
+touching the model's own weights (``torch.func.functional_call``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from .methods import Evaluate, Method
+
+Candidate = Union[Method, tuple[str, Mapping[str, Any]]]
+"""A method name, an explicit weight list, or ``(method, options)``."""
+
+
+def evaluator(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any]) -> Evaluate:
+    """An ``evaluate`` function: the mean of ``loss_fn(model(inputs), targets)`` over ``batches``
+    (``(inputs, targets)`` pairs, kept in a list), with the merged weights in place of the
+    model's, in eval mode and without gradients. The model itself is left as it is."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("evaluator needs at least one batch of held-out data")
+    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
+
+    @torch.no_grad()
+    def evaluate(state: Mapping[str, Tensor]) -> float:
+        weights = {name: t.to(device) for name, t in state.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            losses = [float(loss_fn(torch.func.functional_call(model, weights, (x,)), y)) for x, y in batches]
+        finally:
+            model.train(was_training)
+        return math.fsum(losses) / len(losses)
+
+    return evaluate
+
+
+def default_candidates(n: int) -> dict[str, Candidate]:
+    """The newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA, and the
+    decay shapes."""
+    candidates: dict[str, Candidate] = {}
+    for k in range(1, n + 1):
+        candidates["newest" if k == 1 else f"sma-newest-{k}"] = [0.0] * (n - k) + [1.0] * k
+    candidates.update(
+        {"wma": "wma", "ema": "ema", "decay-cosine": ("decay", {"shape": "cosine"}), "decay-1-sqrt": ("decay", {"shape": "1-sqrt"})}
+    )
+    return candidates
+
+
+def as_method(candidate: Candidate) -> tuple[Method, dict[str, Any]]:
+    if isinstance(candidate, tuple) and len(candidate) == 2 and isinstance(candidate[0], str) and isinstance(candidate[1], Mapping):
+        return candidate[0], dict(candidate[1])
+    if isinstance(candidate, str):
+        return candidate, {}
+    if isinstance(candidate, Sequence) and all(isinstance(w, (int, float)) for w in candidate):
+        return [float(w) for w in candidate], {}  # type: ignore[arg-type]  # numbers, checked above
+    raise ValueError(f"a candidate is a method name, a weight list or (method, options), got {candidate!r}")
