@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import sys
 import time
 import warnings
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -71,7 +73,12 @@ class ByteLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-def plot(metrics_csv: Path, out: Path, restores: list[int], spike_at: int) -> Path:
+def read_losses(metrics_csv: Path) -> list[tuple[int, float]]:
+    with open(metrics_csv) as f:
+        return [(int(row["step"]), float(row["train_loss"])) for row in csv.DictReader(f) if row.get("train_loss")]
+
+
+def plot(metrics_csv: Path, out: Path, restores: list[int], spike_at: int, without: list[tuple[int, float]]) -> Path:
     """Left: validation loss of the raw and the merged weights (the preview), on a scale that shows
     their gap. Right: the training loss, with the injected spike and the restore."""
     import matplotlib
@@ -104,6 +111,15 @@ def plot(metrics_csv: Path, out: Path, restores: list[int], spike_at: int) -> Pa
     finite = [(s, v) for s, v in train if v == v and v != float("inf")]
     if finite:
         right.plot(*zip(*finite), color="tab:gray", lw=0.8, label="train_loss")
+    if without:
+        lost = [s for s, v in without if not math.isfinite(v)]
+        kept = [(s, v) for s, v in without if math.isfinite(v)]
+        if kept:
+            right.plot(*zip(*kept), color="tab:orange", lw=1.2, label="without recovery (the same spike)")
+        right.annotate(
+            f"without recovery: the loss is NaN at {len(lost)} of\nthe {len(without)} steps from the spike on",
+            xy=(0.35, 0.55), xycoords="axes fraction", color="tab:orange",
+        )
     right.axvline(spike_at, color="tab:red", ls="--", label=f"NaN batch injected at step {spike_at}")
     for step in restores:
         right.axvline(step, color="tab:green", ls=":", label=f"merged stable point restored at step {step}")
@@ -140,15 +156,15 @@ def main() -> None:
     spike_at = int(steps * 0.55)
     averager = CheckpointAverager(window=8, every_n_steps=interval, merge="sma")
     logger = L.pytorch.loggers.CSVLogger(out, name="logs")
+    before_spike = ModelCheckpoint(dirpath=out / "before_spike", every_n_train_steps=spike_at - 1, save_top_k=-1)
     trainer = L.Trainer(
         max_steps=steps,
         val_check_interval=max(1, steps // 10),
         log_every_n_steps=1,
-        callbacks=[averager, InjectDivergence({spike_at})],  # a NaN at one step, on purpose
+        callbacks=[averager, InjectDivergence({spike_at}), before_spike],  # a NaN at one step, on purpose
         logger=logger,
         default_root_dir=out,
         accelerator="cpu",
-        enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -159,7 +175,16 @@ def main() -> None:
     trainer.fit(module, DataLoader(StepBatches(train, steps, 16, 128), batch_size=None), val)
 
     restores = [e.step for e in averager.recovery_events]
-    figure = plot(Path(logger.log_dir) / "metrics.csv", out, restores, spike_at)
+    # The same spike without recovery: 40 steps from the checkpoint taken just before it.
+    print(f"\nthe same spike without recovery: 40 steps from the checkpoint of step {spike_at - 1}")
+    plain_logger = L.pytorch.loggers.CSVLogger(out, name="without_recovery")
+    L.Trainer(
+        max_steps=spike_at + 39, log_every_n_steps=1, callbacks=[InjectDivergence({spike_at})], logger=plain_logger,
+        default_root_dir=out, accelerator="cpu", enable_checkpointing=False, enable_model_summary=False,
+        limit_val_batches=0, enable_progress_bar=False,
+    ).fit(ByteLM(), DataLoader(StepBatches(train, steps, 16, 128), batch_size=None), ckpt_path=next((out / "before_spike").glob("*.ckpt")))  # fmt: skip
+    without = read_losses(Path(plain_logger.log_dir) / "metrics.csv")
+    figure = plot(Path(logger.log_dir) / "metrics.csv", out, restores, spike_at, without)
     final = averager.final_metrics
     raw, merged = final["raw"]["val_loss"], final["merged"]["val_loss"]
     merged_file = averager.merged_path
@@ -169,6 +194,7 @@ def main() -> None:
         ("change from merging", f"{(merged - raw) / raw * 100:+.2f}%"),
         ("snapshots merged (steps)", f"{averager.window.steps[0]}..{averager.window.steps[-1]}"),
         ("loss spikes recovered (at steps)", str(restores)),
+        ("without recovery: NaN losses", f"{sum(not math.isfinite(v) for _, v in without)} of {len(without)} steps"),
         ("merged model", str(merged_file)),
         ("plot", str(figure)),
         ("wall time", f"{time.perf_counter() - started:.0f} s"),

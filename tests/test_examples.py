@@ -22,6 +22,8 @@ def run(tmp_path: Path, *args: str) -> str:
 def test_demo_recovers_the_spike_and_writes_its_outputs(tmp_path):
     out = run(tmp_path, str(ROOT / "examples" / "demo.py"), "--steps", "80", "--out", str(tmp_path / "demo"))
     assert re.search(r"loss spikes recovered \(at steps\)\s+\[44\]", out), out[-2000:]
+    assert re.search(r"without recovery: NaN losses\s+(\d+) of 40 steps", out), out[-2000:]  # the same spike, measured
+    assert int(re.search(r"without recovery: NaN losses\s+(\d+) of", out).group(1)) >= 35
     assert (tmp_path / "demo" / "demo_curves.png").stat().st_size > 10_000
     assert list((tmp_path / "demo").glob("logs/version_0/ckptavg/merged.safetensors"))
 
