@@ -182,12 +182,18 @@ def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path, mon
         return write_snapshot(*args, **kwargs)
 
     monkeypatch.setattr(storage, "write_snapshot", write_after_an_interrupt)
+    # Python's own Ctrl-C handler: a process started in the background (CI, nohup) inherits SIGINT
+    # ignored, and then Python installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     state = {"big": torch.arange(1000.0)}
     win = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "win")
     win.snapshot(state, step=1)
-    with pytest.raises(KeyboardInterrupt):
-        win.flush()
-    interrupted.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            win.flush()
+    finally:
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
     win.close()  # the interrupted wait is resumed: the snapshot is committed and listed
     assert win.steps == [1]
     with CheckpointWindow.open(tmp_path / "win", readonly=True) as reader:
