@@ -81,9 +81,9 @@ def test_method_modules_doctests():
     import doctest
 
     from ckptavg.methods import decay as decay_module
-    from ckptavg.methods import moving_averages
+    from ckptavg.methods import moving_averages, posthoc
 
-    for module in (decay_module, moving_averages):
+    for module in (decay_module, moving_averages, posthoc):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
@@ -159,3 +159,41 @@ def test_a_method_is_one_function_and_one_decorator_and_names_are_unique():
         from ckptavg.methods import registry
 
         registry._METHODS.pop("newest-only-for-test", None)
+
+
+def test_posthoc_ema_integrates_edm2s_power_profile_over_the_window():
+    import numpy as np
+
+    from ckptavg.methods.posthoc import gamma_of, sigma_rel_of
+
+    # EDM2's published pairs (Karras et al. 2024): sigma_rel 0.05 -> gamma 16.97, 0.10 -> 6.94.
+    assert gamma_of(0.05) == pytest.approx(16.97, abs=0.01) and gamma_of(0.10) == pytest.approx(6.94, abs=0.01)
+    for sigma in (0.02, 0.1, 0.25):
+        assert sigma_rel_of(gamma_of(sigma)) == pytest.approx(sigma, rel=1e-9)
+    steps = [400, 800, 1200, 1600, 2000, 2400, 2800, 3200]
+    gamma = gamma_of(0.1)
+    got = coefficients("posthoc", steps, sigma_rel=0.1)
+    # Independent: the profile t^gamma integrated numerically over each snapshot's midpoint cell.
+    edges = [200.0] + [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [3200.0]
+    masses = []
+    for a, b in zip(edges, edges[1:]):
+        t = np.linspace(a, b, 20001)
+        masses.append(np.trapezoid((t / 3200.0) ** gamma, t))
+    assert got == pytest.approx(list(np.array(masses) / sum(masses)), rel=1e-6)
+    assert coefficients("posthoc", steps, gamma=gamma) == pytest.approx(got, abs=1e-15)
+    with pytest.raises(ValueError, match="give sigma_rel or gamma"):
+        coefficients("posthoc", steps)
+    with pytest.raises(ValueError, match=r"sigma_rel must be in \(0, 0.300"):
+        coefficients("posthoc", steps, sigma_rel=0.5)
+
+
+def test_posthoc_warns_when_the_window_is_too_short_for_the_width():
+    from ckptavg import CkptavgWarning
+
+    with pytest.warns(CkptavgWarning, match=r"covers only \d+% of the profile.*longer window"):
+        coefficients("posthoc", list(range(1000, 1080, 10)), sigma_rel=0.15)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        coefficients("posthoc", list(range(100, 900, 100)), sigma_rel=0.05)  # a narrow profile inside the window

@@ -4,7 +4,7 @@ One weighted-sum kernel (:mod:`ckptavg.kernels`) applies any of them. A new meth
 here and one :func:`merge_method` decorator; see :mod:`ckptavg.methods.registry`.
 """
 
-from . import decay, greedy_soup, moving_averages  # noqa: F401  (registers the methods)
+from . import decay, greedy_soup, moving_averages, posthoc  # noqa: F401  (registers the methods)
 from .registry import (
     DEFAULT_ALPHA,
     Evaluate,
