@@ -59,8 +59,10 @@ class CheckpointAverager(Callback):
             another folder than the checkpoint's starts its disk window there from hard links to
             the snapshots it inherits; the checkpoint's folder is only read. Resumed in the same
             folder, the window goes on in place (a finished run's folder refuses a fork).
-        preview: in each validation run, once the window holds two snapshots, evaluate the merged
-            weights on the same data and log every validation metric again as ``merged/<name>``.
+        preview: in each validation run, evaluate the merged weights on the same data and log
+            every validation metric again as ``merged/<name>`` (before the first snapshot the
+            merge is the current model: the raw numbers are reused), so that ``merged/<name>``
+            can be monitored by ModelCheckpoint and EarlyStopping.
         merge_at_end: when training ends, load the merged weights into the module and write them
             to ``dirpath/merged.safetensors`` (the trainer's own checkpoints keep the raw weights,
             so training can be resumed).
