@@ -47,7 +47,11 @@ def weighted_sum_(acc: Tensor, rows: Iterable[tuple[Tensor, float]], scratch: Te
 
 @torch.no_grad()
 def merge_blocks(
-    layout: Layout, rows: RowSource, newest: NewestSource, out: Mapping[str, Tensor] | None = None
+    layout: Layout,
+    rows: RowSource,
+    newest: NewestSource,
+    out: Mapping[str, Tensor] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, Tensor]:
     """Apply one coefficient vector (already bound into ``rows``) to every block of the layout.
 
@@ -55,6 +59,7 @@ def merge_blocks(
     independent tensors (no shared storage, so the result can be saved with safetensors
     directly). Floating groups are accumulated block by block in a cache-resident fp32 (fp64 for
     fp64) accumulator and cast once; other groups are copied from the newest snapshot.
+    ``progress(n)`` is told of every block done (``n``: its elements).
     """
     merged = dict(out) if out is not None else {e.name: torch.empty(e.shape, dtype=e.dtype) for e in layout}
     flat_out = {name: t.view(-1) for name, t in merged.items()}
@@ -62,6 +67,8 @@ def merge_blocks(
         if not is_averaged(dtype):
             for block in blocks:
                 scatter_block(block, newest(dtype, block.lo, block.hi), flat_out)
+                if progress is not None:
+                    progress(block.hi - block.lo)
             continue
         acc_dtype = accumulation_dtype(dtype)
         size = min(layout.block_numel, layout.group_numel[dtype])
@@ -72,9 +79,11 @@ def merge_blocks(
                 # One tensor, same dtype: accumulate straight into the result, no copy after.
                 piece = block.pieces[0]
                 weighted_sum_(flat_out[piece.name][piece.start : piece.start + piece.length], rows(dtype, block.lo, block.hi))
-                continue
-            result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
-            scatter_block(block, result, flat_out)
+            else:
+                result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
+                scatter_block(block, result, flat_out)
+            if progress is not None:
+                progress(block.hi - block.lo)
     return merged
 
 

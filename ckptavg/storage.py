@@ -100,6 +100,15 @@ def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
     return folders
 
 
+PROGRESS_BYTES = 2 << 30  # a disk merge reading this much shows a progress bar (on a terminal)
+
+
+def _progress_bar(total: int, description: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=False, disable=None)
+
+
 def _wanted_records(store: DiskStore | None, steps: list[int], dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of ``store`` (the window in ``dirpath``, ``None`` if there is none) for ``steps``
     (a checkpoint's window); steps whose files are gone are reported."""
@@ -677,14 +686,19 @@ class DiskStore:
         def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
             return read(live[-1][0], dtype, lo, hi)  # the newest snapshot merged, not one excluded by before=
 
+        reading = len(live) * self.layout.nbytes
+        bar = _progress_bar(reading, f"ckptavg: merging {len(live)} snapshots from {self.dirpath}") if reading >= PROGRESS_BYTES else None
+        numel = sum(self.layout.group_numel.values())
         try:
-            merged = merge_blocks(self.layout, rows, newest, out)
+            merged = merge_blocks(self.layout, rows, newest, out, None if bar is None else lambda n: bar.update(reading * n / numel))
         except CorruptSnapshotError as err:
             self._quarantine(Path(err.path).name)
             raise
         finally:
             for r in readers.values():
                 r.close()
+            if bar is not None:
+                bar.close()
         for i, r in readers.items():
             self._verified.update((records[i]["file"], d) for d in r.verified_groups())
         return merged

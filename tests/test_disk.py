@@ -259,3 +259,24 @@ def test_discard_from_drops_the_newest_snapshots_and_continues(tmp_path, tiny_ne
         win.close()
         assert [f.name for f in snapshot_files(tmp_path / "win")] == [f"snapshot-{s:012d}.safetensors" for s in (2, 3, 6)]
         assert CheckpointWindow.open(tmp_path / "win").steps == [2, 3, 6]
+
+
+def test_a_long_disk_merge_shows_progress_and_merges_the_same(tmp_path, tiny_net, monkeypatch, capsys):
+    """Issue 12: a long disk merge showed no progress. Above PROGRESS_BYTES (2 GiB; lowered
+    here) it shows a tqdm bar on a terminal; the result is the same."""
+    from ckptavg import storage
+
+    states = perturbed_states(tiny_net, 3)
+    with CheckpointWindow(window=3, storage="disk", dirpath=tmp_path / "win") as win:
+        for step, state in enumerate(states, start=1):
+            win.snapshot(state, step=step)
+        quiet = win.merge("wma")
+        shown = []
+        monkeypatch.setattr(storage, "PROGRESS_BYTES", 0)
+        real = storage._progress_bar
+        monkeypatch.setattr(storage, "_progress_bar", lambda total, description: shown.append((total, description)) or real(total, description))
+        loud = win.merge("wma")
+    assert shown and shown[0][0] == 3 * sum(t.numel() * t.element_size() for t in states[0].values())
+    assert "merging 3 snapshots from" in shown[0][1]
+    for key, value in quiet.items():
+        assert torch.equal(loud[key], value), key
