@@ -104,7 +104,7 @@ PROGRESS_BYTES = 2 << 30  # a disk merge reading this much shows a progress bar 
 
 
 def _progress_bar(total: int, description: str) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=False, disable=None)
 
