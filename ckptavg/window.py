@@ -350,7 +350,7 @@ class CheckpointWindow:
         self.flush()  # a snapshot still being copied or written counts only once it is kept
         steps = self.steps
         selected = steps if before is None else [s for s in steps if s < before]
-        if not selected:
+        if before is not None and not selected:
             raise ValueError(f"no snapshot was taken before step {before} (held: {steps})")
         excluded = [0.0] * (len(steps) - len(selected))
 
