@@ -381,7 +381,7 @@ class CheckpointWindow:
         for name, candidate in chosen.items():
             method, options = as_method(candidate)
             weights = self.weights(method, evaluate=evaluate, **options)
-            tried.append((name, float(evaluate(self.merge(weights))), weights))
+            tried.append((name, float(evaluate(self._merge_with(weights))), weights))
         _, _, best = min(tried, key=lambda row: row[1] if not math.isnan(row[1]) else math.inf)
         return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
 
@@ -401,7 +401,10 @@ class CheckpointWindow:
         (scaled to sum to 1); ``before`` merges only older snapshots. The result is fresh CPU tensors, or is written into ``out`` (for example
         the result of an earlier merge) to reuse its memory.
         """
-        weights = self.weights(method, alpha, before=before, **options)
+        return self._merge_with(self.weights(method, alpha, before=before, **options), out)
+
+    def _merge_with(self, weights: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """:meth:`merge` with a coefficient vector already chosen (one per held snapshot)."""
         assert self._store is not None and self.full_layout is not None
         if out is not None:
             self.full_layout.check(out, what="out")
@@ -437,7 +440,10 @@ class CheckpointWindow:
         Checked before anything is written: on a mismatch or an unreadable snapshot the model is
         left as it was."""
         weights = self.weights(method, alpha, before=before, **options)
-        targets = self._targets(model)
+        self._load_with(self._targets(model), weights)
+
+    def _load_with(self, targets: Mapping[str, Tensor], weights: list[float]) -> None:
+        """:meth:`load_into` the model tensors ``targets`` with a coefficient vector already chosen."""
         store = self._store
         assert store is not None  # _targets raised otherwise
         extrapolating = any(w < 0 for w in weights)  # a convex combination of finite values stays finite
@@ -469,14 +475,14 @@ class CheckpointWindow:
     ) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
         also when the block (or the merge) raises."""
-        self.weights(method, alpha, before=before, **options)  # argument errors before any copy
+        weights = self.weights(method, alpha, before=before, **options)  # argument errors before any copy; chosen once
         targets = self._targets(model)
         backup = {
             name: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()).copy_(t)
             for name, t in targets.items()
         }
         try:
-            self.load_into(model, method, alpha, before=before, **options)
+            self._load_with(targets, weights)
             yield model
         finally:
             copy_into(targets, backup)
