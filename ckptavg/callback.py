@@ -530,10 +530,7 @@ class CheckpointAverager(Callback):
             with self.window.swapped(pl_module, self.merge, self.alpha, **self.merge_options):
                 self._export(pl_module)
         else:
-            self.window.load_into(pl_module, self.merge, self.alpha, **self.merge_options)  # spread windows gather; shards stay local
-            if (self.window.sharding or {}).get("kind") == "replicated":
-                _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
-            self._export(pl_module)
+            self._hold_merged(pl_module)
         if validate:
             self._report_final(trainer, raw, merged_metrics)
         if self.storage == "disk":
@@ -548,11 +545,15 @@ class CheckpointAverager(Callback):
         # fit() from a checkpoint taken at max_steps runs no training loop (no on_train_end): the
         # module must still end with the merged weights.
         if not self._trained and self.merge_at_end and len(self.window) > 0:
-            self.window.load_into(pl_module, self.merge, self.alpha, **self.merge_options)
-            if (self.window.sharding or {}).get("kind") == "replicated":
-                _broadcast_module(pl_module)
-            self._export(pl_module)
+            self._hold_merged(pl_module)
         self._trained = False
+
+    def _hold_merged(self, pl_module: pl.LightningModule) -> None:
+        """Load the merged weights into the module (on every rank) and export them."""
+        self.window.load_into(pl_module, self.merge, self.alpha, **self.merge_options)  # spread windows gather; shards stay local
+        if (self.window.sharding or {}).get("kind") == "replicated":
+            _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
+        self._export(pl_module)
 
     def _judge(self, trainer: pl.Trainer, raw: dict[str, float], merged: dict[str, float]) -> bool:
         """Compare raw and merged on the monitored metric (every dataloader's); warn when the merged
@@ -593,10 +594,11 @@ class CheckpointAverager(Callback):
 
         module: torch.nn.Module = pl_module.get_submodule(self.export_module) if self.export_module else pl_module
         module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: export the model's own names
-        sharded = any(is_dtensor(t) for t in state_tensors(module).values())
+        tensors = state_tensors(module)
+        sharded = any(is_dtensor(t) for t in tensors.values())
         gathered = {}
         if sharded:
-            for name, tensor in state_tensors(module).items():
+            for name, tensor in tensors.items():
                 full = tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]  # collective
                 if self._rank == 0:
                     gathered[name] = full.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
