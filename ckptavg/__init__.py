@@ -8,6 +8,7 @@ from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
+from .learning import learn_weights, np_merge
 from .selection import evaluator
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
 from .window import CheckpointWindow, load_state
@@ -27,12 +28,14 @@ __all__ = [
     "consolidate",
     "ema",
     "evaluator",
+    "learn_weights",
     "load_merged_weights",
     "load_state",
     "load_state_file",
     "merge_method",
     "merge_state_dicts",
     "method_names",
+    "np_merge",
     "sma",
     "wma",
 ]

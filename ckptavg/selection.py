@@ -14,6 +14,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .learning import call_with
 from .methods import Evaluate, Method
 
 Candidate = Union[Method, tuple[str, Mapping[str, Any]]]
@@ -23,7 +24,8 @@ Candidate = Union[Method, tuple[str, Mapping[str, Any]]]
 def evaluator(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any]) -> Evaluate:
     """An ``evaluate`` function: the mean of ``loss_fn(model(inputs), targets)`` over ``batches``
     (``(inputs, targets)`` pairs, kept in a list), with the merged weights in place of the
-    model's, in eval mode and without gradients. The model itself is left as it is."""
+    model's, in eval mode and without gradients (``torch.func.functional_call``; tied weights
+    are given once). The model itself is left as it is."""
     batches = list(batches)
     if not batches:
         raise ValueError("evaluator needs at least one batch of held-out data")
@@ -35,7 +37,7 @@ def evaluator(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: 
         was_training = model.training
         model.eval()
         try:
-            losses = [float(loss_fn(torch.func.functional_call(model, weights, (x,)), y)) for x, y in batches]
+            losses = [float(loss_fn(call_with(model, weights, x), y)) for x, y in batches]
         finally:
             model.train(was_training)
         return math.fsum(losses) / len(losses)
@@ -43,15 +45,22 @@ def evaluator(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: 
     return evaluate
 
 
-def default_candidates(n: int) -> dict[str, Candidate]:
-    """The newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA, and the
-    decay shapes."""
+POSTHOC_WIDTHS = (0.05, 0.1, 0.2)
+
+
+def default_candidates(n: int, steps: Sequence[int] | None = None) -> dict[str, Candidate]:
+    """The newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA, the decay
+    shapes, and, given the snapshots' (positive) ``steps``, post-hoc EMA of widths
+    ``POSTHOC_WIDTHS``."""
     candidates: dict[str, Candidate] = {}
     for k in range(1, n + 1):
         candidates["newest" if k == 1 else f"sma-newest-{k}"] = [0.0] * (n - k) + [1.0] * k
     candidates.update(
         {"wma": "wma", "ema": "ema", "decay-cosine": ("decay", {"shape": "cosine"}), "decay-1-sqrt": ("decay", {"shape": "1-sqrt"})}
     )
+    if steps is not None and steps[0] > 0:  # post-hoc EMA needs the run's steps; a short window truncates it (no warning here)
+        for width in POSTHOC_WIDTHS:
+            candidates[f"posthoc-{width}"] = ("posthoc", {"sigma_rel": width, "max_lost": 1.0})
     return candidates
 
 

@@ -6,7 +6,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -369,12 +369,13 @@ class CheckpointWindow:
         Args:
             evaluate: merged state dict -> number, lower is better (:func:`ckptavg.evaluator`).
             candidates: ``{name: method name | weight list | (method, options)}``; by default the
-                newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA and the
-                decay shapes. One merge and one evaluation each.
+                newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA, the
+                decay shapes and post-hoc EMA widths 0.05, 0.1 and 0.2. One merge and one
+                evaluation each.
 
         A merge chosen on data is only as good as that data: choose on held-out data other than
         the data you report."""
-        chosen = candidates if candidates is not None else default_candidates(len(self))
+        chosen = candidates if candidates is not None else default_candidates(len(self), self.steps)
         if not chosen:
             raise ValueError("select needs at least one candidate")
         tried: list[tuple[str, float, list[float]]] = []
@@ -384,6 +385,15 @@ class CheckpointWindow:
             tried.append((name, float(evaluate(self._merge_with(weights))), weights))
         _, _, best = min(tried, key=lambda row: row[1] if not math.isnan(row[1]) else math.inf)
         return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
+
+    def learn_weights(
+        self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *, steps: int = 100, lr: float = 0.05, init: Method = "sma"
+    ) -> list[float]:
+        """Learn the coefficient vector on held-out batches by gradient descent (TWA-style); see
+        :func:`ckptavg.learning.learn_weights` for the arguments, memory and time."""
+        from .learning import learn_weights
+
+        return learn_weights(self, model, loss_fn, batches, steps=steps, lr=lr, init=init)
 
     def merge(
         self,

@@ -2,6 +2,7 @@
 digits, an MLP trained at a constant learning rate, a window of its snapshots."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -87,3 +88,77 @@ def test_greedy_soup_follows_the_greedy_rule(digits_window):
     assert evaluate(window.merge(weights)) <= min(alone) + 1e-6
     with pytest.raises(ValueError, match="'greedy_soup' chooses on held-out data: give evaluate="):
         coefficients("greedy_soup", 4)
+
+
+def test_select_tries_posthoc_widths_by_default(digits_window):
+    model, window, states, held_out = digits_window
+    evaluate = evaluator(model, torch.nn.functional.cross_entropy, held_out)
+    _, table = window.select(evaluate)
+    rows = {row["name"]: row for row in table}
+    assert {"posthoc-0.05", "posthoc-0.1", "posthoc-0.2"} <= set(rows)
+    assert rows["posthoc-0.1"]["weights"] == pytest.approx(window.weights("posthoc", sigma_rel=0.1, max_lost=1.0))
+
+
+def test_evaluator_handles_tied_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 11, bias=False))
+    model[1].weight = model[0].weight
+    state = {name: t.detach().clone() + 0.01 for name, t in model.state_dict().items()}  # both names, equal values
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    targets = torch.tensor([[2, 3, 4], [5, 6, 7]])
+
+    def loss_fn(logits, y):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(state)
+    with torch.no_grad():
+        expected = float(loss_fn(twin(tokens), targets))
+    assert evaluator(model, loss_fn, [(tokens, targets)])(state) == pytest.approx(expected, rel=1e-6)
+
+
+def reference_learned_weights(states, model, held_out, start, steps, lr):
+    """The learned merge written out independently: float64 logits, softmax, an explicit weighted
+    sum of the state dicts, Adam, one (cycling) batch per step."""
+    logits = torch.tensor([math.log(w) for w in start], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    model = copy.deepcopy(model).eval()
+    for step in range(steps):
+        c = torch.softmax(logits, 0)
+        merged = {name: sum(c[j] * states[j][name].double() for j in range(len(states))).float() for name in states[0]}
+        x, y = held_out[step % len(held_out)]
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, merged, (x,)), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), 0).tolist()
+
+
+def test_learn_weights_descends_the_held_out_loss_and_matches_a_reference(digits_window):
+    model, window, states, held_out = digits_window
+    before = copy.deepcopy(model.state_dict())
+    x, y = held_out[0]
+    batches = [(x[i : i + 60], y[i : i + 60]) for i in range(0, 360, 60)]
+    evaluate = evaluator(model, torch.nn.functional.cross_entropy, batches)
+    learned = window.learn_weights(model, torch.nn.functional.cross_entropy, batches, steps=40, lr=0.1)
+    assert len(learned) == len(window) and sum(learned) == pytest.approx(1.0) and min(learned) > 0
+    assert evaluate(window.merge(learned)) < evaluate(window.merge("sma")) - 1e-4
+    reference = reference_learned_weights([states[s] for s in window.steps], model, batches, window.weights("sma"), 40, 0.1)
+    assert learned == pytest.approx(reference, abs=2e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert window.learn_weights(model, torch.nn.functional.cross_entropy, batches, steps=0, init="wma") == window.weights("wma")
+
+
+def test_learn_weights_refuses_bad_arguments_before_any_work(digits_window):
+    model, window, _, held_out = digits_window
+    loss = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match="steps must be a non-negative integer"):
+        window.learn_weights(model, loss, held_out, steps=-1)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        window.learn_weights(model, loss, held_out, lr=float("nan"))
+    with pytest.raises(ValueError, match="at least one batch"):
+        window.learn_weights(model, loss, [])
+    with pytest.raises(ValueError, match="init must be non-negative"):
+        window.learn_weights(model, loss, held_out, init=[2, -1, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="unknown merge method 'nope'"):
+        window.learn_weights(model, loss, held_out, init="nope")
