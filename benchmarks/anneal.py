@@ -1,26 +1,37 @@
-"""Annealing replacement on a real task: constant LR + a checkpoint merge vs decay schedules.
+"""Annealing replacement on real tasks: constant LR + a checkpoint merge vs planned decay schedules.
 
-A byte-level GPT (benchmarks/models.py: ByteGPT) learns the Python standard library's own source
-(a fixed, sorted file list; every 10th file held out for validation). Every variant uses the same
-model initialisation, the same data at every step (batches depend only on the step), the same
-number of steps and the same peak learning rate (AdamW, linear warm-up):
+Two tasks, each over several seeds (``--seeds``, mean and spread reported):
 
-1. constant LR after warm-up, last checkpoint;
-2. the same run merged at the end by ckptavg's window: SMA, WMA, EMA of the default window
-   (8 snapshots, one every steps/60), and a sweep of window lengths (snapshots x interval), all
-   read from one window of 32 snapshots as coefficient vectors with zeros;
-3. cosine decay to 10% of the peak;
-4. warmup-stable-decay: the constant run branched at 80% of the steps into a linear cooldown to 0.
+- ``gpt``: a byte-level GPT (benchmarks/models.py: ByteGPT) learns the Python standard library's
+  own source (a fixed, sorted file list; every 10th file held out, split into a selection half
+  and a report half).
+- ``digits``: a small convolutional classifier on scikit-learn's 8x8 digits (1197 training
+  images, 300 for selection, 300 to report).
 
-Performance preview check: at five points of the constant run, the preview (SMA of the default
-window at that point) is compared with the loss a short cooldown (10% of the steps, linear to 0)
-started from that point reaches: errors, and the rank correlation across points.
+Within a seed every variant has the same initialisation, the same data at every step and the
+same peak learning rate (AdamW, linear warm-up):
 
-Results: a table and benchmarks/results/anneal.json, and two figures,
-benchmarks/results/anneal_curves.png and benchmarks/results/anneal_sweep.png.
+- constant LR, last checkpoint; cosine to 10%; WSD (constant, then the last 20% cooled down
+  linearly, or with 1-sqrt, to 0), branched from the constant run; schedule-free AdamW (the
+  ``schedulefree`` package, evaluated in its ``eval()`` mode as documented);
+- the constant run's merges with **zero cooldown steps**. The run keeps a window of 32 snapshots,
+  one every steps/160, guarded by ``SpikeGuard`` with the default ``RecoveryPolicy``, as the
+  callback runs. Rows "(default window)" use what ``CheckpointAverager()`` uses: 8 snapshots,
+  one every steps/80 (every second stored one). The post-hoc EMA rows and the rows chosen on
+  data read all 32 (a fifth of the run); "selected", "greedy soup" and "learned" choose on the
+  selection half of the held-out data and are reported on the other half;
+- a true power-function EMA (EDM2) tracked at every step, beside its post-hoc reconstruction
+  from the window.
 
-    python benchmarks/anneal.py            # 2500 steps, about 17 minutes alone on 2 cores
-    python benchmarks/anneal.py --quick    # 500 steps, about 3 minutes
+Preview check: at three points of the constant run, the preview (SMA of the default window, and
+the merge ``select`` picks) is compared with the loss a short cooldown (10% of the steps,
+linear to 0) started from that point reaches: errors, and the rank correlation across points.
+
+Results: tables, benchmarks/results/anneal.json, and figures anneal_curves.png (seed 0's curves)
+and anneal_coefficients.png (each method's coefficient vector over the window).
+
+    python benchmarks/anneal.py --seeds 3 --jobs 2   # gpt and digits, 1000 steps, about 50 minutes on 2 cores
+    python benchmarks/anneal.py --quick              # 300 steps, 1 seed, a few minutes
 """
 
 from __future__ import annotations
@@ -28,94 +39,210 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, report  # noqa: E402
 from models import ByteGPT, batch_at, stdlib_bytes, validation_batches  # noqa: E402
 
-from ckptavg import CheckpointWindow, SpikeGuard  # noqa: E402
+from ckptavg import CheckpointWindow, CkptavgWarning, SpikeGuard, evaluator  # noqa: E402
+from ckptavg.methods import coefficients  # noqa: E402
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@dataclass
+class Task:
+    """A model, its data as ``(inputs, targets)`` batches, and its loss."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    train_batch: Callable[[int, int], Batch]  # (step, seed) -> the batch of that step
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    report: list[Batch]  # held-out data the tables report
+    select: list[Batch]  # other held-out data, for merges chosen on data
+    peak_lr: float
+    unit: str
+    accuracy: bool = False
+
+
+def gpt_task() -> Task:
+    context = 128
+    train, val_bytes, files = stdlib_bytes()
+    held_out = [(b[:, :-1], b[:, 1:]) for b in validation_batches(val_bytes, count=6, batch_size=32, context=context)]
+    return Task(
+        name=f"ByteGPT on the stdlib ({len(files)} files, {train.numel() / 1e6:.1f} MB)",
+        make_model=lambda: ByteGPT(context=context),
+        train_batch=lambda step, seed: (lambda b: (b[:, :-1], b[:, 1:]))(batch_at(train, step, 16, context, seed)),
+        loss_fn=sequence_loss,
+        report=held_out[0::2],  # interleaved halves: both span every validation file
+        select=held_out[1::2],
+        peak_lr=2e-3,
+        unit="nats/byte",
+    )
+
+
+class DigitsNet(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+        )  # fmt: skip
+
+
+def digits_task() -> Task:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = torch.tensor(x[order] / 16.0, dtype=torch.float32), torch.tensor(y[order])
+    train_x, train_y = x[:1197], y[:1197]
+
+    def train_batch(step: int, seed: int) -> Batch:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(train_x), (32,), generator=g)
+        return train_x[idx], train_y[idx]
+
+    return Task(
+        name="a convolutional classifier on scikit-learn's digits (1197 train / 300 select / 300 report)",
+        make_model=DigitsNet,
+        train_batch=train_batch,
+        loss_fn=nn.functional.cross_entropy,
+        report=[(x[1497:], y[1497:])],
+        select=[(x[1197:1497], y[1197:1497])],
+        peak_lr=3e-3,
+        unit="nats",
+        accuracy=True,
+    )
+
+
+TASKS = {"gpt": gpt_task, "digits": digits_task}
+
+
+# -- schedules -----------------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
     steps: int
-    warmup: int
-    peak_lr: float = 2e-3
-    batch_size: int = 16
-    context: int = 128
     seed: int = 0
-    evals: int = 30  # evaluation points along each curve
-    stored: int = 32  # snapshots held (the sweep reads subsets of them)
+    evals: int = 30
+    stored: int = 32
     default_window: int = 8
-    check_points: tuple[float, ...] = (0.3, 0.45, 0.6, 0.75, 0.9)
+    check_points: tuple[float, ...] = (0.5, 0.7, 0.9)
+    learn_steps: int = 60
+
+    @property
+    def warmup(self) -> int:
+        return max(10, self.steps // 20)
 
     @property
     def base_interval(self) -> int:
-        return max(1, self.steps // 120)
+        return max(1, self.steps // (self.stored * 5))  # 32 stored snapshots span the last 20%
 
     @property
-    def default_interval(self) -> int:
-        return 2 * self.base_interval
+    def default_every(self) -> int:
+        return 2  # the callback's default: steps // (10 x window) = steps/80, every second stored one
 
     @property
     def eval_every(self) -> int:
         return max(1, self.steps // self.evals)
 
 
-def lr_constant(cfg: Config, step: int) -> float:
-    return cfg.peak_lr * min(1.0, step / cfg.warmup)
+Schedule = Callable[[int], float]
 
 
-def lr_cosine(cfg: Config, step: int) -> float:
-    if step <= cfg.warmup:
-        return lr_constant(cfg, step)
-    progress = (step - cfg.warmup) / (cfg.steps - cfg.warmup)
-    return cfg.peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def constant(cfg: Config, peak: float) -> Schedule:
+    return lambda step: peak * min(1.0, step / cfg.warmup)
 
 
-def lr_cooldown(cfg: Config, start: int, length: int):
-    """Linear from the peak at ``start`` to 0 at ``start + length``."""
-    return lambda c, step: cfg.peak_lr * max(0.0, (start + length - step) / length)
+def cosine(cfg: Config, peak: float) -> Schedule:
+    def lr(step: int) -> float:
+        if step <= cfg.warmup:
+            return peak * step / cfg.warmup
+        progress = (step - cfg.warmup) / (cfg.steps - cfg.warmup)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr
+
+
+def cooldown(peak: float, start: int, length: int, shape: str = "linear") -> Schedule:
+    """From the peak at ``start`` to 0 at ``start + length``: linear, or 1-sqrt (Hagele et al.)."""
+
+    def lr(step: int) -> float:
+        progress = min(1.0, max(0.0, (step - start) / length))
+        return peak * ((1 - progress) if shape == "linear" else (1 - math.sqrt(progress)))
+
+    return lr
+
+
+# -- training ------------------------------------------------------------------------------------
 
 
 @dataclass
-class Trainer:
-    """A model, its optimizer and its step, trained on the step-indexed batches."""
+class Run:
+    """A model, its optimizer and its step, trained on the task's step-indexed batches."""
 
+    task: Task
     cfg: Config
-    train: torch.Tensor
-    val: list[torch.Tensor]
-    model: ByteGPT = field(init=False)
+    schedule_free: bool = False
+    model: nn.Module = field(init=False)
     step: int = 0
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.model = ByteGPT(context=self.cfg.context)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+        self.model = self.task.make_model()
+        self.optimizer = self._optimizer(self.model)
 
-    def branch(self) -> Trainer:
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.schedule_free:
+            import schedulefree
+
+            return schedulefree.AdamWScheduleFree(
+                model.parameters(), lr=self.task.peak_lr, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=self.cfg.warmup
+            )
+        return torch.optim.AdamW(model.parameters(), lr=self.task.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def branch(self) -> Run:
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)
-        other.optimizer = torch.optim.AdamW(other.model.parameters(), lr=self.cfg.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+        other.optimizer = self._optimizer(other.model)
         other.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
         return other
 
-    def advance(self, schedule, until: int, every=None) -> None:
+    def advance(self, schedule: Schedule | None, until: int, every: Callable[[Run], None] | None = None) -> None:
         """Train to step ``until``; call ``every(self)`` after each step."""
         self.model.train()
+        if self.schedule_free:
+            self.optimizer.train()  # type: ignore[attr-defined]
         while self.step < until:
             self.step += 1
-            for group in self.optimizer.param_groups:
-                group["lr"] = schedule(self.cfg, self.step)
-            self.batch = batch_at(self.train, self.step, self.cfg.batch_size, self.cfg.context, self.cfg.seed)
-            loss = self.model.loss(self.batch)
+            if schedule is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = schedule(self.step)
+            self.batch = self.task.train_batch(self.step, self.cfg.seed)
+            loss = self.task.loss_fn(self.model(self.batch[0]), self.batch[1])
             self.loss = loss.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,34 +251,229 @@ class Trainer:
             if every is not None:
                 every(self)
 
-    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         model = model or self.model
         was_training = model.training
         model.eval()
+        if self.schedule_free and model is self.model:
+            self.optimizer.eval()  # type: ignore[attr-defined]  # schedule-free: evaluate at the averaged point
+        try:
+            return measure(self.task, model)
+        finally:
+            if self.schedule_free and model is self.model:
+                self.optimizer.train()  # type: ignore[attr-defined]
+            model.train(was_training)
+
+
+@torch.no_grad()
+def measure(task: Task, model: nn.Module, batches: list[Batch] | None = None) -> dict[str, float]:
+    batches = task.report if batches is None else batches
+    losses, correct, total = [], 0, 0
+    for inputs, targets in batches:
+        output = model(inputs)
+        losses.append(float(task.loss_fn(output, targets)))
+        if task.accuracy:
+            correct += int((output.argmax(-1) == targets).sum())
+            total += targets.numel()
+    result = {"loss": math.fsum(losses) / len(losses)}
+    if task.accuracy:
+        result["accuracy"] = correct / total
+    return result
+
+
+class PowerEma:
+    """EDM2's power-function EMA, updated at every step: beta_t = (1 - 1/t)^(gamma + 1)."""
+
+    def __init__(self, model: nn.Module, gamma: float) -> None:
+        self.gamma = gamma
+        self.params = [p.detach().clone() for p in model.parameters()]
+
+    def update(self, model: nn.Module, step: int) -> None:
+        beta = (1 - 1 / step) ** (self.gamma + 1)
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - beta)
+
+    def model(self, like: nn.Module) -> nn.Module:
+        twin = copy.deepcopy(like)
         with torch.no_grad():
-            loss = float(torch.stack([model.loss(b) for b in self.val]).mean())
-        model.train(was_training)
-        return loss
+            for p, value in zip(twin.parameters(), self.params, strict=True):
+                p.copy_(value)
+        return twin
 
 
-def subset_weights(window: CheckpointWindow, count: int, every: int, method: str = "sma", alpha: float = 0.2) -> list[float]:
-    """A coefficient vector over the stored snapshots selecting the newest ``count`` of those
-    ``every`` apart: a narrower or sparser window, read from the same stored snapshots."""
+# -- one seed ------------------------------------------------------------------------------------
+
+
+def default_subset(window: CheckpointWindow, cfg: Config) -> list[int]:
+    """Indices of the default window: the newest of the stored snapshots, every ``default_every``."""
     held = len(window)
-    chosen = [held - 1 - every * i for i in range(count)][::-1]
-    if chosen[0] < 0:
-        raise ValueError(f"{count} x every {every} needs more than the {held} stored snapshots")
-    from ckptavg import coefficients
+    picked = [held - 1 - cfg.default_every * i for i in range(cfg.default_window)]
+    return [i for i in picked if i >= 0][::-1]
 
-    weights = [0.0] * held
-    for index, w in zip(chosen, coefficients(method, count, alpha)):
+
+def spread_over(window: CheckpointWindow, subset: list[int], method: str, **options: Any) -> list[float]:
+    """A method's coefficient vector over a subset of the stored snapshots, zeros elsewhere."""
+    steps = window.steps
+    weights = [0.0] * len(steps)
+    chosen = coefficients(method, [steps[i] for i in subset], **options)
+    for index, w in zip(subset, chosen, strict=True):
         weights[index] = w
     return weights
 
 
-def merged_loss(trainer: Trainer, window: CheckpointWindow, weights: list[float], scratch: ByteGPT) -> float:
-    window.load_into(scratch, weights)
-    return trainer.evaluate(scratch)
+def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", CkptavgWarning)  # post-hoc EMA's truncation warning: reported in the table instead
+    task = TASKS[task_name]()
+    cfg = Config(steps=steps, seed=seed, evals=evals)
+    peak = task.peak_lr
+    started = time.perf_counter()
+    log = lambda text: print(f"[{task_name} seed {seed} {time.perf_counter() - started:5.0f}s] {text}", flush=True)  # noqa: E731
+
+    base = Run(task, cfg)
+    scratch = task.make_model()
+    window = CheckpointWindow(window=cfg.stored)
+    guard = SpikeGuard(window)  # recovery on, with the default policy, as a user would run it
+    select_on = evaluator(scratch, task.loss_fn, task.select)
+    power = {0.05: PowerEma(base.model, 16.97), 0.10: PowerEma(base.model, 6.94)}
+    curves: dict[str, list[tuple[int, float]]] = {"constant (raw)": [], "preview (SMA, default window)": []}
+    checks: list[dict[str, Any]] = []
+    check_steps = {int(round(f * steps / cfg.base_interval)) * cfg.base_interval for f in cfg.check_points}
+    wsd_start = int(0.8 * steps)
+    branches: dict[str, Run] = {}
+
+    def merged_loss(weights: list[float]) -> dict[str, float]:
+        window.load_into(scratch, weights)
+        return measure(task, scratch)
+
+    def after_step(run: Run) -> None:
+        batch_loss = lambda: float(task.loss_fn(run.model(run.batch[0]), run.batch[1]))  # noqa: E731
+        if guard.observe(run.step, run.loss, model=run.model, evaluate=batch_loss):
+            log(guard.restore(run.model, [run.optimizer], run.step))
+        for ema in power.values():
+            ema.update(run.model, run.step)
+        if run.step % cfg.base_interval == 0 and guard.healthy:
+            window.snapshot(run.model, step=run.step)
+        if run.step % cfg.eval_every == 0 or run.step == steps:
+            curves["constant (raw)"].append((run.step, run.evaluate()["loss"]))
+            if len(window) >= 2:
+                curves["preview (SMA, default window)"].append((run.step, merged_loss(spread_over(window, default_subset(window, cfg), "sma"))["loss"]))
+        if run.step in check_steps and len(window) >= 2:
+            preview = merged_loss(spread_over(window, default_subset(window, cfg), "sma"))["loss"]
+            picked, _ = window.select(select_on)
+            selected = merged_loss(picked)["loss"]
+            cooled = run.branch()
+            cooled.advance(cooldown(peak, run.step, steps // 10), run.step + steps // 10)
+            checks.append({"step": run.step, "preview": preview, "selected": selected, "cooldown": cooled.evaluate()["loss"]})
+            log(f"step {run.step}: preview {preview:.4f}, selected {selected:.4f}, after a cooldown {checks[-1]['cooldown']:.4f}")
+        if run.step == wsd_start:
+            branches["linear"], branches["1-sqrt"] = run.branch(), run.branch()
+
+    base.advance(constant(cfg, peak), steps, after_step)
+    results: dict[str, dict[str, float]] = {"constant LR, last checkpoint": base.evaluate()}
+    log(f"constant: {results['constant LR, last checkpoint']['loss']:.4f}; recovery decisions: {len(guard.events)}")
+
+    def track(name: str) -> Callable[[Run], None]:
+        curves[name] = []
+        return lambda run: curves[name].append((run.step, run.evaluate()["loss"])) if run.step % cfg.eval_every == 0 else None
+
+    for shape, label in (("linear", "WSD, 20% linear cooldown"), ("1-sqrt", "WSD, 20% 1-sqrt cooldown")):
+        branches[shape].advance(cooldown(peak, wsd_start, steps - wsd_start, shape), steps, track(label))
+        results[label] = branches[shape].evaluate()
+    cos = Run(task, cfg)
+    cos.advance(cosine(cfg, peak), steps, track("cosine to 10%"))
+    results["cosine to 10%"] = cos.evaluate()
+    free = Run(task, cfg, schedule_free=True)
+    free.advance(None, steps, track("schedule-free AdamW"))
+    results["schedule-free AdamW"] = free.evaluate()
+    log("schedules done")
+
+    # -- the merges, zero cooldown steps -----------------------------------------------------------
+    subset = default_subset(window, cfg)
+    everything = list(range(len(window)))
+    vectors: dict[str, list[float]] = {
+        "SMA (default window)": spread_over(window, subset, "sma"),
+        "WMA (default window)": spread_over(window, subset, "wma"),
+        "EMA alpha=0.2 (default window)": spread_over(window, subset, "ema"),
+        "decay cosine (default window)": spread_over(window, subset, "decay", shape="cosine"),
+        "decay 1-sqrt (default window)": spread_over(window, subset, "decay", shape="1-sqrt"),
+        "post-hoc EMA sigma_rel=0.05 (32)": spread_over(window, everything, "posthoc", sigma_rel=0.05),
+        "post-hoc EMA sigma_rel=0.10 (32)": spread_over(window, everything, "posthoc", sigma_rel=0.10),
+    }
+    vectors["greedy soup (32, selection data)"] = window.weights("greedy_soup", evaluate=select_on)
+    picked, table = window.select(select_on)
+    chosen_name = min(table, key=lambda row: row["score"])["name"]
+    vectors[f"selected (32, selection data): {chosen_name}"] = picked
+    vectors["learned (32, selection data)"] = window.learn_weights(scratch, task.loss_fn, task.select, steps=cfg.learn_steps, lr=0.05)
+    for name, weights in vectors.items():
+        results[name] = merged_loss(weights)
+    for sigma, ema in power.items():
+        results[f"true power EMA sigma_rel={sigma:.2f} (every step)"] = measure(task, ema.model(base.model).eval())
+    lost = {sigma: (window.steps[0] - cfg.base_interval / 2) ** (g + 1) / steps ** (g + 1) for sigma, g in ((0.05, 16.97), (0.10, 6.94))}
+    log("merges done")
+    return {
+        "seed": seed,
+        "results": results,
+        "vectors": {name: v for name, v in vectors.items()},
+        "selected": chosen_name,
+        "select_table": [{"name": r["name"], "score": r["score"]} for r in table],
+        "checks": checks,
+        "curves": curves,
+        "steps_stored": window.steps,
+        "posthoc_profile_lost": lost,
+        "recovery_decisions": [str(e) for e in guard.events],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# -- the tables ----------------------------------------------------------------------------------
+
+
+SCHEDULES = ["constant LR, last checkpoint", "cosine to 10%", "WSD, 20% linear cooldown", "WSD, 20% 1-sqrt cooldown", "schedule-free AdamW"]
+
+
+def canonical(name: str) -> str:
+    return name.split(": ")[0]  # "selected (...): sma-newest-9" -> one row over seeds
+
+
+def summarize(task_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(dict.fromkeys(canonical(n) for run in runs for n in run["results"]))
+    rows = []
+    for name in names:
+        per_seed = [next(v for n, v in run["results"].items() if canonical(n) == name) for run in runs]
+        losses = [r["loss"] for r in per_seed]
+        vs_wsd = [r["loss"] / run["results"]["WSD, 20% linear cooldown"]["loss"] - 1 for r, run in zip(per_seed, runs, strict=True)]
+        vs_free = [r["loss"] / run["results"]["schedule-free AdamW"]["loss"] - 1 for r, run in zip(per_seed, runs, strict=True)]
+        row = {
+            "variant": name,
+            "cooldown steps": "20%" if name.startswith("WSD") else ("-" if name in SCHEDULES else "0"),
+            "val loss": statistics.fmean(losses),
+            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "vs WSD": statistics.fmean(vs_wsd),
+            "vs WSD std": statistics.stdev(vs_wsd) if len(vs_wsd) > 1 else 0.0,
+            "vs schedule-free": statistics.fmean(vs_free),
+            "per seed": losses,
+        }
+        if "accuracy" in per_seed[0]:
+            row["accuracy"] = statistics.fmean(r["accuracy"] for r in per_seed)
+        if name.startswith("selected"):
+            row["picked"] = [next(n for n in run["results"] if canonical(n) == name).split(": ")[1] for run in runs]
+        rows.append(row)
+    merges = [r for r in rows if r["cooldown steps"] == "0" and not r["variant"].startswith("true power")]
+    best = min(merges, key=lambda r: r["val loss"])
+    errors = {kind: [c[kind] - c["cooldown"] for run in runs for c in run["checks"]] for kind in ("preview", "selected")}
+    ranks = {kind: [spearman([c[kind] for c in run["checks"]], [c["cooldown"] for c in run["checks"]]) for run in runs if len(run["checks"]) > 1] for kind in ("preview", "selected")}
+    return {
+        "rows": rows,
+        "best merge": best["variant"],
+        "best merge vs WSD": best["vs WSD"],
+        "best merge vs schedule-free": best["vs schedule-free"],
+        "best merge beats WSD in seeds": sum(l < run["results"]["WSD, 20% linear cooldown"]["loss"] for l, run in zip(best["per seed"], runs, strict=True)),
+        "preview check": {
+            kind: {"mean abs error": float(np.mean(np.abs(e))) if e else math.nan, "mean error": float(np.mean(e)) if e else math.nan,
+                   "rank correlation (mean over seeds)": float(np.mean(ranks[kind])) if ranks[kind] else math.nan}
+            for kind, e in errors.items()
+        },  # fmt: skip
+    }
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -159,180 +481,91 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="500 steps (about 3 minutes)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--evals", type=int, default=None, help="evaluation points along each curve (default 30; 15 with --quick)")
-    args = parser.parse_args()
-    steps = args.steps or (500 if args.quick else 2500)
-    cfg = Config(steps=steps, warmup=max(10, steps // 20), evals=args.evals or (15 if args.quick else 30))
-    started = time.perf_counter()
-    train, val_bytes, files = stdlib_bytes()
-    val = validation_batches(val_bytes, count=4, batch_size=32, context=cfg.context)
-    print(f"{len(files)} stdlib files: {train.numel() / 1e6:.1f} MB train, {val_bytes.numel() / 1e6:.2f} MB validation; "
-          f"{steps} steps, snapshot every {cfg.base_interval}", flush=True)  # fmt: skip
-
-    # -- 1 and 2: the constant-LR run, with its window, previews and cooldown branches -------------
-    constant = Trainer(cfg, train, val)
-    scratch = ByteGPT(context=cfg.context)
-    window = CheckpointWindow(window=cfg.stored)
-    guard = SpikeGuard(window)  # recovery on, with the default policy, as a user would run it
-    curves: dict[str, list[tuple[int, float]]] = {"constant (raw)": [], "preview (SMA of the window)": []}
-    checks: list[dict] = []
-    check_steps = {int(round(f * steps / cfg.base_interval)) * cfg.base_interval: f for f in cfg.check_points}
-    wsd_start = int(0.8 * steps)
-    branches: dict[str, Trainer] = {}
-
-    def default_weights() -> list[float] | None:
-        try:
-            return subset_weights(window, cfg.default_window, cfg.default_interval // cfg.base_interval)
-        except ValueError:
-            return None
-
-    def batch_loss(t: Trainer) -> float:
-        with torch.no_grad():
-            return float(t.model.loss(t.batch))
-
-    def after_step(t: Trainer) -> None:
-        if guard.observe(t.step, t.loss, model=t.model, evaluate=lambda: batch_loss(t)):
-            print(f"  {guard.restore(t.model, [t.optimizer], t.step)}", flush=True)
-        if t.step % cfg.base_interval == 0 and guard.healthy:
-            window.snapshot(t.model, step=t.step)
-        if t.step % cfg.eval_every == 0 or t.step == steps:
-            curves["constant (raw)"].append((t.step, t.evaluate()))
-            weights = default_weights()
-            if weights is not None:
-                curves["preview (SMA of the window)"].append((t.step, merged_loss(t, window, weights, scratch)))
-        if t.step in check_steps and default_weights() is not None:
-            preview = merged_loss(t, window, default_weights(), scratch)
-            cooldown = t.branch()
-            length = steps // 10
-            cooldown.advance(lr_cooldown(cfg, t.step, length), t.step + length)
-            checks.append({"step": t.step, "preview": preview, "cooldown": cooldown.evaluate()})
-            print(f"  step {t.step}: preview {preview:.4f}, after a {length}-step cooldown {checks[-1]['cooldown']:.4f}", flush=True)
-        if t.step == wsd_start:
-            branches["wsd"] = t.branch()
-
-    constant.advance(lr_constant, steps, after_step)
-    raw_final = constant.evaluate()
-    print(f"constant: {raw_final:.4f} ({time.perf_counter() - started:.0f} s); recovery decisions: {len(guard.events)}", flush=True)
-
-    # -- 4: WSD, branched at 80% -------------------------------------------------------------------
-    wsd = branches["wsd"]
-    curves["WSD (20% linear cooldown)"] = [(wsd.step, next(v for s, v in curves["constant (raw)"] if s >= wsd.step))]
-    wsd.advance(lr_cooldown(cfg, wsd_start, steps - wsd_start), steps,
-                lambda t: curves["WSD (20% linear cooldown)"].append((t.step, t.evaluate())) if t.step % cfg.eval_every == 0 else None)  # fmt: skip
-    wsd_final = wsd.evaluate()
-    print(f"WSD: {wsd_final:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-
-    # -- 3: cosine ---------------------------------------------------------------------------------
-    cosine = Trainer(cfg, train, val)
-    curves["cosine to 10%"] = []
-    cosine.advance(lr_cosine, steps,
-                   lambda t: curves["cosine to 10%"].append((t.step, t.evaluate())) if t.step % cfg.eval_every == 0 else None)  # fmt: skip
-    cosine_final = cosine.evaluate()
-    print(f"cosine: {cosine_final:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-
-    # -- the table ---------------------------------------------------------------------------------
-    every = cfg.default_interval // cfg.base_interval
-    span = cfg.default_window * cfg.default_interval
-    rows = [
-        {"variant": "constant LR, last checkpoint", "val loss": raw_final},
-        {"variant": "cosine decay to 10%", "val loss": cosine_final},
-        {"variant": "WSD, 20% linear cooldown", "val loss": wsd_final},
-    ]
-    merges = {}
-    for method in ("sma", "wma", "ema"):
-        merges[method] = merged_loss(constant, window, subset_weights(window, cfg.default_window, every, method), scratch)
-        rows.append({"variant": f"constant + {method.upper()} of {cfg.default_window} x {cfg.default_interval} steps (default)", "val loss": merges[method]})
-    for row in rows:
-        row["vs cosine"] = row["val loss"] / cosine_final - 1
-        row["vs WSD"] = row["val loss"] / wsd_final - 1
-    sweep = []
-    for count in (4, 8, 16, 32):
-        for k in (1, 2, 4):
-            if count * k <= cfg.stored or (count - 1) * k < len(window):
-                try:
-                    loss = merged_loss(constant, window, subset_weights(window, count, k), scratch)
-                except ValueError:
-                    continue
-                sweep.append({"snapshots": count, "interval": k * cfg.base_interval, "span steps": count * k * cfg.base_interval, "val loss": loss})
-    best = min(merges.values())
-    verdict = {
-        "every default merge beats cosine": all(v < cosine_final for v in merges.values()),
-        "best merge vs WSD": best / wsd_final - 1,
-        "best merge within 0.5% of WSD": best <= wsd_final * 1.005,
-    }
-    errors = [c["preview"] - c["cooldown"] for c in checks]
-    preview_check = {
-        "points": checks,
-        "mean abs error": float(np.mean(np.abs(errors))) if errors else math.nan,
-        "mean error": float(np.mean(errors)) if errors else math.nan,
-        "rank correlation": spearman([c["preview"] for c in checks], [c["cooldown"] for c in checks]) if len(checks) > 1 else math.nan,
-    }
-    for row in sweep:
-        row["vs WSD"] = row["val loss"] / wsd_final - 1
-    report(
-        "anneal",
-        f"Annealing replacement: ByteGPT on the stdlib, {steps} steps (default window {cfg.default_window} x {cfg.default_interval} = {span} steps)",
-        ["variant", "val loss", "vs cosine", "vs WSD"],
-        rows,
-        {"config": cfg.__dict__ | {"check_points": list(cfg.check_points)}, "sweep": sweep, "verdict": verdict,
-         "preview_check": preview_check, "curves": curves, "files": len(files),
-         "recovery": {"policy": "RecoveryPolicy() (the default)", "decisions": [str(e) for e in guard.events]}},  # fmt: skip
-    )
-    print("\nwindow sweep (SMA):")
-    for row in sweep:
-        print(f"  {row['snapshots']:>2} x {row['interval']:>4} = {row['span steps']:>5} steps: {row['val loss']:.4f} ({row['vs WSD'] * 100:+.2f}% vs WSD)")
-    print("\npreview vs the loss after a short cooldown from the same point:")
-    for c in checks:
-        print(f"  step {c['step']:>5}: preview {c['preview']:.4f}  cooldown {c['cooldown']:.4f}  error {c['preview'] - c['cooldown']:+.4f}")
-    print(f"  mean abs error {preview_check['mean abs error']:.4f}, rank correlation {preview_check['rank correlation']:.2f}")
-    print("\n" + ", ".join(f"{k}: {v if not isinstance(v, float) else f'{v * 100:+.2f}%'}" for k, v in verdict.items()))
-    plot(curves, sweep, cosine_final, wsd_final, merges, steps)
-    print(f"total {time.perf_counter() - started:.0f} s")
+def print_summary(task_name: str, summary: dict[str, Any], seeds: int) -> None:
+    print(f"\n{task_name}: best zero-cooldown merge {summary['best merge']}: {summary['best merge vs WSD'] * 100:+.2f}% vs WSD "
+          f"(below WSD in {summary['best merge beats WSD in seeds']} of {seeds} seeds), "
+          f"{summary['best merge vs schedule-free'] * 100:+.2f}% vs schedule-free AdamW")  # fmt: skip
+    for kind, check in summary["preview check"].items():
+        print(f"  {kind} vs the loss after a 10% cooldown from the same point: mean error {check['mean error']:+.4f}, "
+              f"mean abs {check['mean abs error']:.4f}, rank correlation {check['rank correlation (mean over seeds)']:.2f}")  # fmt: skip
 
 
-def finish(fig, ax, xlabel: str, ylabel: str, title: str, filename: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / filename, dpi=110)
+# -- figures -------------------------------------------------------------------------------------
 
 
-def plot(curves, sweep, cosine_final, wsd_final, merges, steps) -> None:
+def plot(runs_by_task: dict[str, list[dict[str, Any]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    first = next(iter(runs_by_task.values()))[0]
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"constant (raw)": ("tab:gray", "-"), "preview (SMA of the window)": ("tab:blue", "-"),
-              "cosine to 10%": ("tab:orange", "--"), "WSD (20% linear cooldown)": ("tab:green", "--")}  # fmt: skip
-    for name, points in curves.items():
+    for name, points in first["curves"].items():
         if points:
-            color, line = styles.get(name, (None, "-"))
-            ax.plot(*zip(*points), line, color=color, label=name)
-    for method, value in merges.items():
-        ax.scatter([steps], [value], marker="o", zorder=5, label=f"final {method.upper()} merge: {value:.3f}")
-    low = min(min(v for _, v in pts) for pts in curves.values() if pts)
+            ax.plot(*zip(*points), label=name, lw=1.2)
+    low = min(min(v for _, v in pts) for pts in first["curves"].values() if pts)
     ax.set_ylim(low - 0.05, low + 0.6)
-    finish(fig, ax, "optimizer step", "validation loss (nats/byte)", "Constant LR + checkpoint merge vs decay schedules (ByteGPT, stdlib)", "anneal_curves.png")
+    ax.set(xlabel="optimizer step", ylabel="validation loss", title=f"{next(iter(runs_by_task))}, seed {first['seed']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "anneal_curves.png", dpi=110)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for interval in sorted({r["interval"] for r in sweep}):
-        pts = sorted((r["span steps"], r["val loss"]) for r in sweep if r["interval"] == interval)
-        ax.plot(*zip(*pts), "o-", label=f"one snapshot every {interval} steps")
-    ax.axhline(cosine_final, color="tab:orange", ls="--", label="cosine to 10%")
-    ax.axhline(wsd_final, color="tab:green", ls="--", label="WSD")
-    ax.set_xscale("log", base=2)
-    finish(fig, ax, "window length in steps (snapshots x interval)", "validation loss of the SMA merge", "Window-length sweep", "anneal_sweep.png")
+    vectors = first["vectors"]
+    steps = first["steps_stored"]
+    fig, axes = plt.subplots(2, (len(vectors) + 1) // 2, figsize=(15, 5.5), sharex=True, sharey=True)
+    for ax, (name, weights) in zip(axes.flat, vectors.items()):
+        ax.bar(steps, weights, width=(steps[1] - steps[0]) * 0.8 if len(steps) > 1 else 1, color="tab:blue")
+        ax.set_title(name.replace(" (", "\n("), fontsize=8)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(vectors) :]:
+        ax.axis("off")
+    fig.supxlabel("snapshot step (the 32 stored snapshots; the default window is every second of the newest 16)")
+    fig.supylabel("coefficient")
+    fig.suptitle(f"Coefficient vectors over the window ({next(iter(runs_by_task))}, seed {first['seed']})")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "anneal_coefficients.png", dpi=100)
     plt.close("all")
-    print(f"figures: {RESULTS / 'anneal_curves.png'}, {RESULTS / 'anneal_sweep.png'}")
+    print(f"figures: {RESULTS / 'anneal_curves.png'}, {RESULTS / 'anneal_coefficients.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="gpt,digits", help="comma-separated: gpt, digits")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one torch thread each)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of every run (default 1000; 300 with --quick)")
+    parser.add_argument("--evals", type=int, default=30, help="evaluation points along each curve")
+    parser.add_argument("--quick", action="store_true", help="300 steps, 1 seed")
+    args = parser.parse_args()
+    steps = args.steps or (300 if args.quick else 1000)
+    seeds = 1 if args.quick else args.seeds
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    started = time.perf_counter()
+    jobs = [(task, steps, seed, args.evals) for task in tasks for seed in range(seeds)]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_seed, *zip(*jobs)))
+    else:
+        done = [run_seed(*job) for job in jobs]
+    runs_by_task = {task: [r for r, job in zip(done, jobs, strict=True) if job[0] == task] for task in tasks}
+    summaries = {task: summarize(task, runs) for task, runs in runs_by_task.items()}
+    extra = {
+        "tasks": {task: {"summary": summaries[task], "runs": runs_by_task[task]} for task in tasks},
+        "config": {"steps": steps, "seeds": seeds, "stored": Config(steps).stored, "interval": Config(steps).base_interval},
+        "seconds": time.perf_counter() - started,
+    }
+    columns = ["task", "variant", "cooldown steps", "val loss", "std", "vs WSD", "vs WSD std", "vs schedule-free", "accuracy"]
+    table = [{"task": task, **row} for task in tasks for row in summaries[task]["rows"]]
+    report("anneal", f"Annealing replacement: {steps} steps, {seeds} seeds (mean, sample std)", columns, table, extra)
+    for task in tasks:
+        print_summary(task, summaries[task], seeds)
+    plot(runs_by_task)
+    print(f"total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

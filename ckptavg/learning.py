@@ -26,9 +26,11 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 def functional_names(model: nn.Module) -> list[str]:
-    """The names ``torch.func.functional_call`` takes for ``model``: parameters and buffers, each
-    tied tensor once (under its first name), as ``named_parameters`` lists them."""
-    return [name for name, _ in itertools.chain(model.named_parameters(), model.named_buffers())]
+    """The names ``torch.func.functional_call`` is given for ``model``: its state dict's parameters
+    and persistent buffers, each tied tensor once (under its first name, as ``named_parameters``
+    lists them). Non-persistent buffers (an attention mask) stay the model's own."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return [name for name, _ in itertools.chain(model.named_parameters(), model.named_buffers()) if name in persistent]
 
 
 def call_with(model: nn.Module, weights: Mapping[str, Tensor], inputs: Any) -> Any:

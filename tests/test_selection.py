@@ -162,3 +162,23 @@ def test_learn_weights_refuses_bad_arguments_before_any_work(digits_window):
         window.learn_weights(model, loss, held_out, init=[2, -1, 0, 0, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
         window.learn_weights(model, loss, held_out, init="nope")
+
+
+def test_evaluator_keeps_the_models_non_persistent_buffers():
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0, 0.0]), persistent=False)
+
+        def forward(self, x):
+            return self.linear(x) * self.mask
+
+    model = Masked()
+    state = {k: v + 0.5 for k, v in model.state_dict().items()}  # no "mask": it is not saved
+    x, y = torch.ones(3, 4), torch.zeros(3, 4)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(state)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(twin(x), y))
+    assert evaluator(model, torch.nn.functional.mse_loss, [(x, y)])(state) == pytest.approx(expected, rel=1e-6)
