@@ -38,7 +38,7 @@ def test_plain_loop_example(tmp_path):
     [
         ("window.py", ["--params", "3e5", "--repeats", "1", "--dtypes", "float32"]),
         ("recovery.py", ["--quick", "--tasks", "digits-b32"]),
-        ("anneal.py", ["--steps", "60", "--evals", "3"]),
+        ("anneal.py", ["--tasks", "digits", "--seeds", "2", "--steps", "60", "--evals", "3"]),
         ("distributed.py", ["--params", "3e5", "--repeats", "1"]),
     ],
 )
