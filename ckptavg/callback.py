@@ -6,8 +6,10 @@ import json
 import math
 import os
 import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -28,6 +30,66 @@ from .window import CheckpointWindow
 MERGED_PREFIX = "merged/"
 MERGED_FILENAME = "merged.safetensors"
 RUN_FRACTION_DIVISOR = 10  # the default window spans the last tenth of the run (see benchmarks/anneal.py's sweep)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One merge the callback can preview or finish with: a registered method, its EMA ``alpha``
+    and its other options, under a name (the ``merged/<name>/`` prefix of its metrics)."""
+
+    name: str
+    method: str
+    alpha: float = DEFAULT_ALPHA
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, window: CheckpointWindow) -> list[float]:
+        return window.weights(self.method, self.alpha, **self.options)
+
+    @staticmethod
+    def checked(name: str, method: Any, alpha: float, options: Mapping[str, Any], what: str) -> MergeSpec:
+        """Validate a method and its options before anything runs (on two snapshots, silently)."""
+        if not isinstance(method, str):
+            raise ValueError(
+                f"{what} must be a merge method's name ({method_names()}), got {method!r}. Explicit weights depend on how "
+                "many snapshots the window holds, which changes during a run: merge them offline with CheckpointWindow.merge(weights)"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. post-hoc EMA's short-window warning: no window yet
+                coefficients(method, [1, 2], alpha, **options)
+        except ValueError as error:
+            raise ValueError(f"{what}: {error}") from None
+        return MergeSpec(name, method.lower(), check_alpha(alpha), dict(options))
+
+
+def parse_candidates(candidates: Any, alpha: float, main: MergeSpec) -> dict[str, MergeSpec]:
+    """``["wma", "ema"]`` or ``{"name": "method" | {"method": ..., **options}}`` -> named specs."""
+    if candidates is None:
+        return {}
+    if isinstance(candidates, Mapping):
+        items = list(candidates.items())
+    elif isinstance(candidates, Sequence) and not isinstance(candidates, str):
+        items = [(c, c) for c in candidates]
+    else:
+        raise ValueError(f"candidates must be a list of method names or a mapping of names to methods, got {candidates!r}")
+    specs: dict[str, MergeSpec] = {}
+    for name, value in items:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"candidates: a candidate's name must be a non-empty string without '/', got {name!r}")
+        if name in specs:
+            raise ValueError(f"candidates: the name {name!r} is given twice")
+        options = dict(value) if isinstance(value, Mapping) else {}
+        method = options.pop("method", None) if isinstance(value, Mapping) else value
+        if isinstance(value, Mapping) and method is None:
+            raise ValueError(f"candidates[{name!r}] needs a 'method', e.g. {{'method': 'decay', 'shape': 'cosine'}}")
+        candidate_alpha = options.pop("alpha", alpha)
+        if "decay" in options and method == "ema":
+            candidate_alpha = 1.0 - float(options.pop("decay"))
+        spec = MergeSpec.checked(name, method, candidate_alpha, options, f"candidates[{name!r}]")
+        if name == main.name and spec != main:
+            raise ValueError(f"candidates: {name!r} is the name of the main merge (merge={main.method!r}); choose another name")
+        specs[name] = spec
+    return specs
 
 
 class CheckpointAverager(Callback):
@@ -95,6 +157,18 @@ class CheckpointAverager(Callback):
             seeded with the oldest snapshot, which keeps the weight of the whole tail
             (``(1 - alpha)^(N-1)``): a decay close to 1 puts almost all weight on the oldest
             snapshot (``decay=0.999`` over 8 snapshots: 99.3%), unlike a per-step EMA.
+        candidates: more merges to preview at each validation, each logged as
+            ``merged/<name>/<metric>`` (one more validation run each): a list of method names
+            (``["wma", "ema"]``) or a mapping of names to a method name or to
+            ``{"method": ..., **options}`` (``{"cos": {"method": "decay", "shape": "cosine"}}``;
+            ``alpha`` or ``decay`` there for an EMA). Checked at construction.
+        select: a validation metric (``"val_loss"``): at the end of fit, the merge with the best
+            value of it, among ``merge`` and the ``candidates`` (``mode`` says whether lower or
+            higher is better), is the one the module holds and ``merged.safetensors`` stores,
+            with the pick and every candidate's score in its metadata (``averager.selection``).
+            Chosen on the validation data, the picked merge's score on that data is optimistic:
+            choose on a second validation loader (``select="val_loss/dataloader_idx_1"``) and
+            report the first.
 
     Example::
 
@@ -126,6 +200,8 @@ class CheckpointAverager(Callback):
         mode: Literal["min", "max"] = "min",
         export_module: str | None = None,
         merge_options: dict[str, Any] | None = None,
+        candidates: list[str] | dict[str, Any] | None = None,
+        select: str | None = None,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -136,11 +212,6 @@ class CheckpointAverager(Callback):
             raise ValueError("give every_n_steps or every_n_epochs, not both")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
-        if not isinstance(merge, str):
-            raise ValueError(
-                f"merge must be a merge method's name ({method_names()}), got {merge!r}. Explicit weights depend on how "
-                "many snapshots the window holds, which changes during a run: merge them offline with CheckpointWindow.merge(weights)"
-            )
         if merge_options is not None and not isinstance(merge_options, Mapping):
             raise ValueError(f"merge_options must be a mapping of option names to values, got {merge_options!r}")
         merge_options = dict(merge_options or {})
@@ -152,7 +223,13 @@ class CheckpointAverager(Callback):
             if not 0.0 <= float(decay) < 1.0:  # also rejects NaN
                 raise ValueError(f"decay must be in [0, 1), got {decay!r}")
             alpha = 1.0 - float(decay)
-        coefficients(merge, 1, alpha, **merge_options)  # validates the method, its options and alpha before anything runs
+        self._main = MergeSpec.checked(str(merge).lower(), merge, alpha, merge_options, "merge")  # before anything runs
+        self.candidates = parse_candidates(candidates, alpha, self._main)
+        if select is not None and (not isinstance(select, str) or not select):
+            raise ValueError(f"select must be the name of a validation metric (e.g. 'val_loss'), got {select!r}")
+        if select is not None and not self.candidates:
+            raise ValueError(f"select={select!r} chooses among candidates: give candidates=[...] as well")
+        self.select = select
         if storage not in ("cpu", "disk"):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
         self.window_size = window
@@ -191,7 +268,9 @@ class CheckpointAverager(Callback):
         self._dirpath_in_use: Path | None = None  # the folder of the window built in this fit
         self._rank, self._world_size = 0, 1
         self._spread = False
-        self._last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, float]] | None = None
+        self._last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, dict[str, float]]] | None = None
+        self._final = self._main  # the merge the end of fit holds (select= may choose another)
+        self.selection: dict[str, Any] | None = None  # with select=: what was picked, and every candidate's score
 
     @property
     def state_key(self) -> str:
@@ -296,6 +375,12 @@ class CheckpointAverager(Callback):
                 children = [name for name, _ in pl_module.named_children()]
                 raise ValueError(f"export_module={self.export_module!r} is not a submodule of {type(pl_module).__name__} (its children: {children})") from None
         self._choose_cadence(trainer)
+        self._final, self.selection = self._main, None
+        if self.candidates and self.preview:
+            rank_zero_info(
+                f"CheckpointAverager: each validation also previews {len(self.candidates)} candidate merge(s) "
+                f"({', '.join(self.candidates)}): {len(self.candidates) + 1} extra validation runs"
+            )
         if self._window is None or len(self._window) == 0:
             self._check_cost(trainer, pl_module)
         self._last_watched_step = trainer.global_step
@@ -469,37 +554,37 @@ class CheckpointAverager(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         raw = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith(MERGED_PREFIX)}
-        merged_metrics: dict[str, float] = {}
+        measured: dict[str, dict[str, float]] = {}
         if self.preview:
             # Published at every validation, so that monitoring merged/<metric> never finds it
-            # missing. Before the first snapshot (or with one taken at this very step) the merge
+            # missing. Before the first snapshot (or with one taken at this very step) every merge
             # is the current model: the raw run's numbers measured it already.
             steps = self.window.steps
             same = not steps or steps == [trainer.global_step]
             # Every rank must take the same decision: the preview runs collective operations.
-            if trainer.strategy.reduce_boolean_decision(same, all=True):
-                collected = _evaluation.last_validation_metrics(trainer)
-            else:
-                collected = self._evaluate(trainer, pl_module, swap_in_merge=True)
-            self._publish(trainer, collected)
-            merged_metrics = self._scalars(collected)
-            raw = {k: v for k, v in raw.items() if k in merged_metrics}
-        self._last_validation = (trainer.global_step, tuple(self.window.steps), raw, merged_metrics)
+            current = _evaluation.last_validation_metrics(trainer) if trainer.strategy.reduce_boolean_decision(same, all=True) else None
+            for spec, prefix in [(self._main, MERGED_PREFIX)] + [(c, f"{MERGED_PREFIX}{n}/") for n, c in self.candidates.items()]:
+                collected = current or self._evaluate(trainer, pl_module, spec)
+                self._publish(trainer, collected, prefix, progress_bar=spec is self._main)
+                measured[spec.name] = self._scalars(collected)
+            raw = {k: v for k, v in raw.items() if k in measured[self._main.name]}
+        self._last_validation = (trainer.global_step, tuple(self.window.steps), raw, measured)
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, swap_in_merge: bool) -> dict[str, dict[str, Any]]:
-        """Run validation once more, on the merged weights swapped in or on the module's current
-        weights, and return what it logged."""
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge: MergeSpec | None) -> dict[str, dict[str, Any]]:
+        """Run validation once more, on ``merge`` swapped in (``None``: the module's current
+        weights), and return what it logged."""
         with _evaluation.isolated_validation(trainer) as loop:
-            if swap_in_merge:
-                with self.window.swapped(pl_module, self.merge, self.alpha, **self.merge_options):
+            if merge is not None:
+                with self.window.swapped(pl_module, merge.weights(self.window)):
                     loop.run()
             else:
                 loop.run()
             return _evaluation.collected_metrics(trainer)
 
-    def _publish(self, trainer: pl.Trainer, collected: dict[str, dict[str, Any]]) -> None:
-        """Add the preview's metrics as ``merged/<name>``: callback metrics, progress bar, loggers."""
-        _evaluation.publish(trainer, {kind: {MERGED_PREFIX + k: v for k, v in values.items()} for kind, values in collected.items()})
+    def _publish(self, trainer: pl.Trainer, collected: dict[str, dict[str, Any]], prefix: str, progress_bar: bool) -> None:
+        """Add a preview's metrics as ``<prefix><name>``: callback metrics, loggers, and the progress bar."""
+        kinds = ("callback", "log", "pbar") if progress_bar else ("callback", "log")
+        _evaluation.publish(trainer, {kind: {prefix + k: v for k, v in collected[kind].items()} for kind in kinds})
 
     # -- end of the run -----------------------------------------------------------------------------
 
@@ -516,18 +601,25 @@ class CheckpointAverager(Callback):
         last = self._last_validation
         # The last validation already measured this exact window at this step: reuse its numbers.
         reuse = last if last is not None and last[:2] == (trainer.global_step, tuple(self.window.steps)) and last[3] else None
-        raw, merged_metrics = (reuse[2], reuse[3]) if reuse else ({}, {})
-        if validate and not reuse:
-            steps = self.window.steps
-            rank_zero_info(
-                f"CheckpointAverager: validating the raw weights and the {self.merge.upper()} of steps {steps[0]}..{steps[-1]} "
-                "(two validation runs)"
-            )
-            raw = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=False))
-            merged_metrics = self._scalars(self._evaluate(trainer, pl_module, swap_in_merge=True))
+        raw, measured = (reuse[2], dict(reuse[3])) if reuse else ({}, {})
+        pool = [self._main, *self.candidates.values()] if self.select else [self._main]
+        if validate:
+            todo = [spec for spec in pool if spec.name not in measured]
+            if todo or not raw:
+                steps = self.window.steps
+                rank_zero_info(
+                    f"CheckpointAverager: validating the raw weights and {', '.join(spec.name for spec in todo)} over steps "
+                    f"{steps[0]}..{steps[-1]} ({len(todo) + 1} validation runs)"
+                )
+                raw = self._scalars(self._evaluate(trainer, pl_module, None))
+                for spec in todo:
+                    measured[spec.name] = self._scalars(self._evaluate(trainer, pl_module, spec))
+        if self.select:
+            self._final = self._pick(trainer, pool, measured)
+        merged_metrics = measured.get(self._final.name, {})
         keep_raw = bool(trainer.strategy.broadcast(self._judge(trainer, raw, merged_metrics), src=0))  # ranks must agree: collectives follow
         if keep_raw:
-            with self.window.swapped(pl_module, self.merge, self.alpha, **self.merge_options):
+            with self.window.swapped(pl_module, self._final.weights(self.window)):
                 self._export(pl_module)
         else:
             self._hold_merged(pl_module)
@@ -548,9 +640,28 @@ class CheckpointAverager(Callback):
             self._hold_merged(pl_module)
         self._trained = False
 
+    def _pick(self, trainer: pl.Trainer, pool: list[MergeSpec], measured: dict[str, dict[str, float]]) -> MergeSpec:
+        """``select=``: the merge with the best ``select`` metric at the end (ties: the main merge)."""
+        scores = {spec.name: measured.get(spec.name, {}).get(str(self.select), math.nan) for spec in pool}
+        valid = {name: score for name, score in scores.items() if math.isfinite(score)}
+        if not valid:
+            available = sorted(next((m for m in measured.values() if m), {}))
+            rank_zero_warn(
+                f"CheckpointAverager: select={self.select!r} was not measured (validation logged {available}); "
+                f"finishing with the main merge, {self._main.name}"
+            )
+            return self._main
+        sign = 1.0 if self.mode == "min" else -1.0
+        picked = min(valid, key=lambda name: sign * valid[name])
+        picked = str(trainer.strategy.broadcast(picked, src=0))  # every rank loads the same merge
+        self.selection = {"by": self.select, "mode": self.mode, "picked": picked, "scores": {n: v if math.isfinite(v) else None for n, v in scores.items()}}
+        lines = [f"  {name:<24} {score:>12.6g}{'  <- picked' if name == picked else ''}" for name, score in scores.items()]
+        rank_zero_info(f"CheckpointAverager: {self.select} of each candidate merge (mode {self.mode}):\n" + "\n".join(lines))
+        return next(spec for spec in pool if spec.name == picked)
+
     def _hold_merged(self, pl_module: pl.LightningModule) -> None:
         """Load the merged weights into the module (on every rank) and export them."""
-        self.window.load_into(pl_module, self.merge, self.alpha, **self.merge_options)  # spread windows gather; shards stay local
+        self.window.load_into(pl_module, self._final.weights(self.window))  # spread windows gather; shards stay local
         if (self.window.sharding or {}).get("kind") == "replicated":
             _broadcast_module(pl_module)  # every rank ends with rank 0's merged weights, bit for bit
         self._export(pl_module)
@@ -605,14 +716,19 @@ class CheckpointAverager(Callback):
         if self._rank != 0:
             return None
         steps = self.window.steps
+        final = self._final
         metadata = {
             "format": "ckptavg.merged",
-            "method": self.merge,
-            "alpha": repr(self.alpha),
+            "method": final.method,
+            "alpha": repr(final.alpha),
             "steps": json.dumps(steps),
-            "coefficients": json.dumps(self.window.weights(self.merge, self.alpha, **self.merge_options)),
-            "options": json.dumps({k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in self.merge_options.items()}),
+            "coefficients": json.dumps(final.weights(self.window)),
+            "options": json.dumps({k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in final.options.items()}),
         }
+        if self.selection is not None:
+            metadata["selected"] = self.selection["picked"]
+            metadata["selected_by"] = f"{self.selection['by']} ({self.selection['mode']})"
+            metadata["candidate_scores"] = json.dumps(self.selection["scores"])
         if self.export_module:
             metadata["module"] = self.export_module
         path = self._resolved_dirpath() / MERGED_FILENAME
@@ -629,7 +745,7 @@ class CheckpointAverager(Callback):
             tmp.unlink(missing_ok=True)  # a full disk keeps no half-written model
             raise
         self.merged_path = path
-        rank_zero_info(f"CheckpointAverager: wrote {self.merge.upper()} of steps {steps[0]}..{steps[-1]} to {path}")
+        rank_zero_info(f"CheckpointAverager: wrote the {final.name} merge of steps {steps[0]}..{steps[-1]} to {path}")
         return path
 
     def _report_final(self, trainer: pl.Trainer, raw: dict[str, float], merged: dict[str, float]) -> None:
