@@ -62,3 +62,20 @@ def test_a_registered_method_and_its_options_from_yaml(tmp_path):
     averager = fit_from_yaml(tmp_path, "merge: decay\nmerge_options: {shape: 1-sqrt}\nrecover: {merge: wma}")
     assert averager.merge == "decay" and averager.merge_options == {"shape": "1-sqrt"}
     assert averager.recovery.merge == "wma"
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ("candidates: [wma, ema]\nselect: val_loss", {"wma": ("wma", {}), "ema": ("ema", {})}),
+        (
+            "candidates:\n  cos: {method: decay, shape: cosine}\n  ema5: {method: ema, alpha: 0.5}\nselect: val_loss",
+            {"cos": ("decay", {"shape": "cosine"}), "ema5": ("ema", {})},
+        ),
+    ],
+    ids=["list", "mapping"],
+)
+def test_candidates_and_select_from_yaml(tmp_path, options, expected):
+    averager = fit_from_yaml(tmp_path, options)
+    assert {name: (spec.method, spec.options) for name, spec in averager.candidates.items()} == expected
+    assert averager.selection["by"] == "val_loss" and averager.selection["picked"] in {"sma", *expected}
