@@ -228,6 +228,10 @@ class Layout:
         """One empty flat host buffer per group."""
         return {d: torch.empty(n, dtype=d, pin_memory=pin_memory) for d, n in self.group_numel.items()}
 
+    def views(self, groups: Mapping[torch.dtype, Tensor]) -> dict[str, Tensor]:
+        """Each tensor of the layout as a view into flat group buffers (one per dtype)."""
+        return {e.name: groups[e.dtype][e.offset : e.offset + e.numel].view(e.shape) for e in self}
+
     # -- serialisation ----------------------------------------------------------------------------
 
     def to_json(self) -> list[list[Any]]:

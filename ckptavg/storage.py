@@ -163,6 +163,7 @@ class SnapshotStore(Protocol):
     def close(self) -> None: ...
     def discard_from(self, step: int) -> None: ...
     def read_groups(self, index: int) -> dict[torch.dtype, Tensor]: ...
+    def scratch(self) -> dict[str, Tensor]: ...
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
@@ -250,6 +251,13 @@ class CpuRing:
         self.settle()
         slot = self._slots[index]
         return {d: ring[slot] for d, ring in self._ring.items()}
+
+    def scratch(self) -> dict[str, Tensor]:
+        """A merge output to copy elsewhere at once, with no allocation: views of an unused row
+        (the spare), valid until the next snapshot."""
+        self.settle()
+        spare = next(slot for slot in range(self.capacity + 1) if slot not in self._slots)
+        return self.layout.views({d: ring[spare] for d, ring in self._ring.items()})
 
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.settle()
@@ -661,6 +669,14 @@ class DiskStore:
             (self.dirpath / record["file"]).unlink(missing_ok=True)
 
     # -- merging ----------------------------------------------------------------------------------
+
+    def scratch(self) -> dict[str, Tensor]:
+        """A merge output to copy elsewhere at once, with no allocation after the first: views of
+        the staging buffer (idle once written), valid until the next snapshot."""
+        self.flush()
+        if self._staging is None:
+            self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
+        return self.layout.views(self._staging)
 
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.flush()

@@ -105,6 +105,9 @@ class CheckpointWindow:
         self.spread = spread
         self.process_group = process_group
         self._store: SnapshotStore | None = None
+        self._swap_backup: dict[str, Tensor] | None = None  # swapped()'s copy of the model's weights, reused
+        self._swap_backup_shapes: dict[str, Any] | None = None
+        self._swap_backup_in_use = False
         self._spread: Spread | None = None
         self._sharding: dict[str, Any] | None = None
         self._in_flight: PendingCopy | None = None
@@ -184,8 +187,8 @@ class CheckpointWindow:
         if step not in steps:
             raise KeyError(f"no snapshot of step {step} is held (held: {steps})")
         assert self._store is not None
-        groups = self._store.read_groups(steps.index(step))
-        return {e.name: groups[e.dtype][e.offset : e.offset + e.numel].view(e.shape).clone() for e in self._store.layout}
+        views = self._store.layout.views(self._store.read_groups(steps.index(step)))
+        return {name: t.clone() for name, t in views.items()}
 
     def __repr__(self) -> str:
         where = f", dirpath={str(self.dirpath)!r}" if self.dirpath is not None else ""
@@ -464,7 +467,7 @@ class CheckpointWindow:
             _forget_autocast_casts()
             return
         else:
-            merged = store.merge(weights)
+            merged = store.merge(weights, out=store.scratch())  # idle host memory: no allocation, no page faults
         if extrapolating:
             _check_finite(merged, weights)
         copy_into(targets, merged)
@@ -487,15 +490,30 @@ class CheckpointWindow:
         also when the block (or the merge) raises."""
         weights = self.weights(method, alpha, before=before, **options)  # argument errors before any copy; chosen once
         targets = self._targets(model)
-        backup = {
-            name: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()).copy_(t)
-            for name, t in targets.items()
-        }
+        backup = self._backup_buffers(targets)
         try:
-            self._load_with(targets, weights)
-            yield model
+            copy_into(backup, targets)
+            try:
+                self._load_with(targets, weights)
+                yield model
+            finally:
+                copy_into(targets, backup)
         finally:
-            copy_into(targets, backup)
+            if backup is self._swap_backup:
+                self._swap_backup_in_use = False
+
+    def _backup_buffers(self, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Host buffers for ``swapped``'s copy of the model's own weights: allocated once and reused
+        by every later swap of the same tensors (a preview at every validation pays no allocation
+        or page faults); a nested swap gets its own."""
+        shapes = {name: (t.shape, t.dtype, t.is_cuda) for name, t in targets.items()}
+        if self._swap_backup_in_use:
+            return {n: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()) for n, t in targets.items()}
+        if self._swap_backup is None or self._swap_backup_shapes != shapes:
+            self._swap_backup = {n: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()) for n, t in targets.items()}
+            self._swap_backup_shapes = shapes
+        self._swap_backup_in_use = True
+        return self._swap_backup
 
     def _targets(self, model: nn.Module) -> dict[str, Tensor]:
         if self._store is None or self.full_layout is None:

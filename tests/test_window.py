@@ -571,3 +571,29 @@ def test_the_read_api_gives_each_stored_snapshot_back(tmp_path, tiny_net, storag
         with pytest.raises(CorruptSnapshotError, match="checksum mismatch"):
             win.read(3)
         assert win.steps == [2, 4]  # dropped and named, as in a merge
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_nested_and_repeated_swaps_restore_each_level_exactly(tmp_path, storage):
+    """swapped() reuses one host buffer for its copy of the model's weights across calls (a preview
+    at every validation allocates nothing); a swap inside a swap gets its own."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    window = CheckpointWindow(window=4, storage=storage, dirpath=tmp_path / "w" if storage == "disk" else None)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.weight.add_(0.1 * step)
+        window.snapshot(model, step=step)
+    raw = copy.deepcopy(model.state_dict())
+    sma, wma = window.merge("sma"), window.merge("wma")
+    for _ in range(3):
+        with window.swapped(model, "sma"):
+            assert all(torch.equal(model.state_dict()[k], sma[k]) for k in sma)
+            with window.swapped(model, "wma"):
+                assert all(torch.equal(model.state_dict()[k], wma[k]) for k in wma)
+            assert all(torch.equal(model.state_dict()[k], sma[k]) for k in sma)
+        assert all(torch.equal(model.state_dict()[k], raw[k]) for k in raw)
+    window.load_into(model, "wma")  # the disk tier merges into its idle staging buffer: the window is unchanged
+    assert all(torch.equal(model.state_dict()[k], wma[k]) for k in wma)
+    assert all(torch.equal(window.merge("sma")[k], sma[k]) for k in sma)
+    window.close()
