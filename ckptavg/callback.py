@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
+from .files import human_size
 from .layout import local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, check_alpha, coefficients, method_names
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
@@ -429,16 +430,16 @@ class CheckpointAverager(Callback):
             extra = "; each Lightning checkpoint carries it (storage='disk' keeps checkpoints small)" if trainer.checkpoint_callbacks else ""
         else:
             folder = self._window_dirpath()
-            where, room, extra = f"disk in {folder}", shutil.disk_usage(_existing_parent(folder)).free, f", and {_size(snapshot)} of host memory"
+            where, room, extra = f"disk in {folder}", shutil.disk_usage(_existing_parent(folder)).free, f", and {human_size(snapshot)} of host memory"
         if room is not None and held > room:
             raise ValueError(
-                f"CheckpointAverager: a window of {self.window_size} snapshots of {_size(snapshot)} needs {_size(held)} of "
-                f"{where}, and {_size(room)} is available. Choose a smaller window"
+                f"CheckpointAverager: a window of {self.window_size} snapshots of {human_size(snapshot)} needs {human_size(held)} of "
+                f"{where}, and {human_size(room)} is available. Choose a smaller window"
                 + (", or storage='disk'" if self.storage == "cpu" else ", or another dirpath")
             )
-        message = f"CheckpointAverager: a window of {self.window_size} snapshots of {_size(snapshot)}: {_size(held)} of {where}{extra}"
+        message = f"CheckpointAverager: a window of {self.window_size} snapshots of {human_size(snapshot)}: {human_size(held)} of {where}{extra}"
         if room is not None and held > room / 2:
-            rank_zero_warn(message + f"; that is more than half of the {_size(room)} available")
+            rank_zero_warn(message + f"; that is more than half of the {human_size(room)} available")
         else:
             rank_zero_info(message)
 
@@ -629,7 +630,7 @@ class CheckpointAverager(Callback):
             folder = self._window_dirpath()
             size = sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
             rank_zero_info(
-                f"CheckpointAverager: the disk window ({len(self.window)} snapshots, {_size(size)}) stays in {folder} for "
+                f"CheckpointAverager: the disk window ({len(self.window)} snapshots, {human_size(size)}) stays in {folder} for "
                 "offline merges (ckptavg.consolidate); delete the folder when you no longer need it"
             )
 
@@ -799,14 +800,6 @@ class CheckpointAverager(Callback):
             self._window, self._guard = None, None
         self._dirpath_in_use = None
         self._pending_state = dict(state_dict)  # applied when the window is first used
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _available_memory() -> int | None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import weighted_sum_
-from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, flat_local, is_averaged, local_tensor, state_tensors
+from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, dtype_from_code, flat_local, is_averaged, local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Placement, assemble, replicated_placements
 from .storage import DiskStore, rank_dirpaths
@@ -39,6 +39,14 @@ class _SafetensorsFile(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A tensor's dtype and shape from the header, without reading its data."""
+        piece = self._file.get_slice(name)
+        try:
+            return dtype_from_code(piece.get_dtype()), tuple(piece.get_shape())
+        except ValueError as err:
+            raise ValueError(f"{self.path}: tensor {name!r}: {err}") from None
 
 
 def load_state_file(path: str | os.PathLike[str]) -> Mapping[str, Tensor]:

@@ -103,10 +103,11 @@ def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
 PROGRESS_BYTES = 2 << 30  # a disk merge reading this much shows a progress bar (on a terminal)
 
 
-def _progress_bar(total: int, description: str) -> Any:
+def progress_bar(total: float, description: str, quiet: bool = False) -> Any:
+    """A tqdm bar counting bytes, shown on a terminal only (and not with ``quiet``)."""
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=False, disable=None)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=False, disable=True if quiet else None)
 
 
 def _wanted_records(store: DiskStore | None, steps: list[int], dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -703,7 +704,7 @@ class DiskStore:
             return read(live[-1][0], dtype, lo, hi)  # the newest snapshot merged, not one excluded by before=
 
         reading = len(live) * self.layout.nbytes
-        bar = _progress_bar(reading, f"ckptavg: merging {len(live)} snapshots from {self.dirpath}") if reading >= PROGRESS_BYTES else None
+        bar = progress_bar(reading, f"ckptavg: merging {len(live)} snapshots from {self.dirpath}") if reading >= PROGRESS_BYTES else None
         numel = sum(self.layout.group_numel.values())
         try:
             merged = merge_blocks(self.layout, rows, newest, out, None if bar is None else lambda n: bar.update(reading * n / numel))

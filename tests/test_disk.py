@@ -273,8 +273,8 @@ def test_a_long_disk_merge_shows_progress_and_merges_the_same(tmp_path, tiny_net
         quiet = win.merge("wma")
         shown = []
         monkeypatch.setattr(storage, "PROGRESS_BYTES", 0)
-        real = storage._progress_bar
-        monkeypatch.setattr(storage, "_progress_bar", lambda total, description: shown.append((total, description)) or real(total, description))
+        real = storage.progress_bar
+        monkeypatch.setattr(storage, "progress_bar", lambda total, description: shown.append((total, description)) or real(total, description))
         loud = win.merge("wma")
     assert shown and shown[0][0] == 3 * sum(t.numel() * t.element_size() for t in states[0].values())
     assert "merging 3 snapshots from" in shown[0][1]

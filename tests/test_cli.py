@@ -1,0 +1,158 @@
+"""Issue 14: the ``ckptavg`` console script, run as installed, in a subprocess, on real files."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ckptavg import CheckpointWindow, coefficients
+from conftest import HANG_GUARD_S
+
+SCRIPT = Path(sys.executable).parent / "ckptavg"
+
+
+def ckptavg(*args, cwd):
+    return subprocess.run([str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def states(n=4):
+    torch.manual_seed(0)
+    return [
+        {"w": torch.randn(64, 32) + i, "b": torch.randn(32).to(torch.bfloat16), "step": torch.tensor(100 * i)}
+        for i in range(n)
+    ]
+
+
+def reference(snapshots, weights):
+    out = {}
+    for key in snapshots[0]:
+        if snapshots[0][key].is_floating_point():
+            out[key] = sum(w * s[key].double() for w, s in zip(weights, snapshots, strict=True))
+        else:
+            out[key] = snapshots[-1][key]
+    return out
+
+
+def assert_matches(path, expected):
+    merged = load_file(str(path))
+    assert set(merged) == set(expected)
+    for key, value in expected.items():
+        if value.is_floating_point():
+            tolerance = 1e-6 if merged[key].dtype == torch.float32 else 1e-2
+            assert torch.allclose(merged[key].double(), value, atol=tolerance, rtol=tolerance), key
+        else:
+            assert torch.equal(merged[key], value), key
+
+
+def folder_digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_merge_mixes_formats_with_any_method_or_weights(tmp_path):
+    snaps = states()
+    save_file(snaps[0], tmp_path / "a.safetensors")
+    torch.save({"state_dict": snaps[1], "epoch": 1}, tmp_path / "b.ckpt")  # a Lightning checkpoint
+    torch.save(snaps[2], tmp_path / "c.pt")
+    save_file(snaps[3], tmp_path / "d.safetensors")
+    inputs = ["a.safetensors", "b.ckpt", "c.pt", "d.safetensors"]
+    done = ckptavg("merge", *inputs, "--method", "decay", "--option", "shape=1-sqrt", "-o", "out/m.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    weights = coefficients("decay", 4, shape="1-sqrt")
+    assert_matches(tmp_path / "out" / "m.safetensors", reference(snaps, weights))
+    with safe_open(str(tmp_path / "out" / "m.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["method"] == "decay" and json.loads(metadata["inputs"]) == inputs
+    assert json.loads(metadata["coefficients"]) == pytest.approx(weights)
+    done = ckptavg("merge", "a.safetensors", "b.ckpt", "--weights", "0.25,0.75", "-o", "w.safetensors", cwd=tmp_path)
+    assert done.returncode == 0 and "weights: [0.25, 0.75]" in done.stdout
+    assert_matches(tmp_path / "w.safetensors", reference(snaps[:2], [0.25, 0.75]))
+
+
+def test_globs_and_last_select_inputs_in_name_order(tmp_path):
+    snaps = states()
+    for i, s in enumerate(snaps):
+        save_file(s, tmp_path / f"step-{i}.safetensors")
+    done = ckptavg("merge", "step-*.safetensors", "--last", "3", "--method", "ema", "--alpha", "0.5", "-o", "m.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_matches(tmp_path / "m.safetensors", reference(snaps[1:], coefficients("ema", 3, 0.5)))
+
+
+def test_hugging_face_folders_keep_their_sharding_and_files(tmp_path):
+    snaps = states(2)
+    for i, s in enumerate(snaps):
+        folder = tmp_path / f"hf-{i}"
+        folder.mkdir()
+        save_file({"w": s["w"]}, folder / "model-00001-of-00002.safetensors")
+        save_file({"b": s["b"], "step": s["step"]}, folder / "model-00002-of-00002.safetensors")
+        weight_map = {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+        (folder / "config.json").write_text(json.dumps({"hidden_size": 32, "run": i}))
+    done = ckptavg("merge", "hf-0", "hf-1", "-o", "merged", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "merged"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert json.loads((out / "config.json").read_text())["run"] == 0  # the first input's files
+    expected = reference(snaps, [0.5, 0.5])
+    assert_matches(out / "model-00001-of-00002.safetensors", {"w": expected["w"]})
+    assert_matches(out / "model-00002-of-00002.safetensors", {"b": expected["b"], "step": expected["step"]})
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]["w"] == "model-00001-of-00002.safetensors"
+
+
+def test_a_window_folder_merges_inspects_and_verifies_without_being_changed(tmp_path):
+    snaps = states()
+    window = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "window")
+    for s in snaps:
+        window.snapshot(s, step=int(s["step"]) + 100)
+    window.close()
+    before = folder_digest(tmp_path / "window")
+    done = ckptavg("merge", "window", "--method", "posthoc", "--option", "sigma_rel=0.1", "--option", "max_lost=1.0", "-o", "m.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_matches(tmp_path / "m.safetensors", reference(snaps, coefficients("posthoc", [100, 200, 300, 400], sigma_rel=0.1, max_lost=1.0)))
+    report = ckptavg("inspect", "window", "--json", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    (rank,) = json.loads(report.stdout)["ranks"]
+    assert rank["steps"] == [100, 200, 300, 400] and rank["damaged"] == [] and rank["tensors"]["count"] == 3
+    assert ckptavg("verify", "window", cwd=tmp_path).returncode == 0
+    victim = sorted((tmp_path / "window").glob("*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the data
+    victim.write_bytes(bytes(data))
+    damaged_state = folder_digest(tmp_path / "window")
+    done = ckptavg("verify", "window", cwd=tmp_path)
+    assert done.returncode == 1 and f"damaged: {Path('window') / victim.name}" in done.stdout
+    assert folder_digest(tmp_path / "window") == damaged_state != before  # reading never changes a folder
+
+
+def test_bad_inputs_exit_2_naming_the_file_and_write_nothing(tmp_path):
+    snaps = states(2)
+    save_file(snaps[0], tmp_path / "a.safetensors")
+    save_file({**snaps[1], "w": torch.zeros(64, 31)}, tmp_path / "b.safetensors")
+    done = ckptavg("merge", "a.safetensors", "b.safetensors", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "b.safetensors: tensor 'w' is torch.float32 [64, 31]" in done.stderr
+    done = ckptavg("merge", "a.safetensors", "missing-*.pt", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "missing-*.pt: no such file" in done.stderr
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    done = ckptavg("merge", "a.safetensors", "evil.pt", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "evil.pt" in done.stderr and not (tmp_path / "pwned").exists()
+    done = ckptavg("merge", "a.safetensors", "a.safetensors", "--method", "decay", "--option", "shap=cosine", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "has no option 'shap'" in done.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_help_shows_examples():
+    done = subprocess.run([sys.executable, "-m", "ckptavg", "--help"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0 and "ckptavg merge run/ckpts/*.safetensors --last 8" in done.stdout
+    assert "ckptavg verify" in done.stdout
