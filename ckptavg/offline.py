@@ -20,19 +20,25 @@ CheckpointSource = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike]
 
 
 class _SafetensorsFile(Mapping[str, Tensor]):
-    """The tensors of a safetensors file, each read (memory-mapped) only when asked for."""
+    """The tensors of a safetensors file, each read only when asked for. The file is mapped only
+    while one tensor is read: kept mapped, every page read so far would stay resident, and merging
+    N large files would hold N models in memory."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
 
         self.path = path
-        self._file = safe_open(str(path), framework="pt", device="cpu")
-        self._keys = list(self._file.keys())
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            self._keys = list(f.keys())
+            self._specs = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in self._keys}
 
     def __getitem__(self, name: str) -> Tensor:
-        if name not in self._keys:
+        from safetensors import safe_open
+
+        if name not in self._specs:
             raise KeyError(name)
-        return self._file.get_tensor(name)
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -42,9 +48,9 @@ class _SafetensorsFile(Mapping[str, Tensor]):
 
     def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """A tensor's dtype and shape from the header, without reading its data."""
-        piece = self._file.get_slice(name)
+        code, shape = self._specs[name]
         try:
-            return dtype_from_code(piece.get_dtype()), tuple(piece.get_shape())
+            return dtype_from_code(code), shape
         except ValueError as err:
             raise ValueError(f"{self.path}: tensor {name!r}: {err}") from None
 
