@@ -308,10 +308,12 @@ def inspect_path(path: Path, quiet: bool = True, verify: bool = True) -> dict[st
             with CheckpointWindow.open(folder, readonly=True) as window:
                 layout = window.full_layout if window.sharding is None else window.layout
                 damaged = window.verify() if verify else None
+                diagnostic = window.correlation() if window.sharding is None and len(window) >= 2 else None
                 report["ranks"].append({
                     "folder": str(folder), "steps": window.steps, "window": window.window,
                     "stored_bytes": window.stored_nbytes, "tensors": _tensor_summary(layout) if layout else {},
                     "files": _manifest_files(folder), "damaged": damaged,
+                    "correlation": None if diagnostic is None else {**diagnostic.summary(), "reason": diagnostic.reason},
                 })  # fmt: skip
         return report
     source = open_source(path)
@@ -362,6 +364,9 @@ def _print_report(report: dict[str, Any]) -> None:
             print(f"    {t['count']} tensors, {t['elements'] / 1e6:.2f}M elements by dtype {t['elements_by_dtype']}")
         for f in rank["files"]:
             print(f"    step {f['step']:>8}: {f['file']} {human_size(f['bytes'])} crc32 {f['crc32']}")
+        if rank.get("correlation"):
+            c = rank["correlation"]
+            print(f"    correlation: {c['verdict']} ({c['reason']}); update cosine {c['update_cosine']:.3f}, spread {c['relative_spread']:.4f}")
         if rank["damaged"] is not None:
             print(f"    verify: {'damaged: ' + ', '.join(rank['damaged']) if rank['damaged'] else 'every file reads back and matches its checksums'}")
     if "sha256" in report:

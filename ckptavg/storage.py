@@ -34,7 +34,7 @@ from .files import (
     write_snapshot,
 )
 from .kernels import PendingCopy, copy_checked, merge_blocks
-from .layout import Layout, dtype_code, dtype_from_code
+from .layout import Block, Layout, dtype_code, dtype_from_code
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ckptavg.window"
@@ -165,6 +165,7 @@ class SnapshotStore(Protocol):
     def discard_from(self, step: int) -> None: ...
     def read_groups(self, index: int) -> dict[torch.dtype, Tensor]: ...
     def scratch(self) -> dict[str, Tensor]: ...
+    def iter_blocks(self) -> Iterator[tuple[torch.dtype, Block, list[Tensor]]]: ...
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
@@ -252,6 +253,15 @@ class CpuRing:
         self.settle()
         slot = self._slots[index]
         return {d: ring[slot] for d, ring in self._ring.items()}
+
+    def iter_blocks(self) -> Iterator[tuple[torch.dtype, Block, list[Tensor]]]:
+        """Every block of every group, as one read-only row per held snapshot (oldest first);
+        views of the ring, valid until the next snapshot."""
+        self.settle()
+        for dtype, blocks in self.layout.blocks.items():
+            ring = self._ring[dtype]
+            for block in blocks:
+                yield dtype, block, [ring[slot, block.lo : block.hi] for slot in self._slots]
 
     def scratch(self) -> dict[str, Tensor]:
         """A merge output to copy elsewhere at once, with no allocation: views of an unused row
@@ -670,6 +680,30 @@ class DiskStore:
             (self.dirpath / record["file"]).unlink(missing_ok=True)
 
     # -- merging ----------------------------------------------------------------------------------
+
+    def iter_blocks(self) -> Iterator[tuple[torch.dtype, Block, list[Tensor]]]:
+        """Every block of every group, as one row per held snapshot (oldest first), read from the
+        files block by block (one block per snapshot in memory), checksums verified as a merge
+        does: a damaged file is dropped from the window and raises ``CorruptSnapshotError``."""
+        self.flush()
+        records = list(self._records)
+        readers = [self._reader(r) for r in records]
+        try:
+            for dtype, blocks in self.layout.blocks.items():
+                size = min(self.layout.block_numel, self.layout.group_numel[dtype])
+                buffers = [torch.empty(size, dtype=dtype) for _ in records]
+                for block in blocks:
+                    rows = []
+                    for reader, record, buffer in zip(readers, records, buffers, strict=True):
+                        reader.verify = (record["file"], dtype) not in self._verified
+                        rows.append(reader.read(dtype, block.lo, block.hi, buffer[: block.hi - block.lo]))
+                    yield dtype, block, rows
+        except CorruptSnapshotError as err:
+            self._quarantine(Path(err.path).name)
+            raise
+        finally:
+            for reader in readers:
+                reader.close()
 
     def scratch(self) -> dict[str, Tensor]:
         """A merge output to copy elsewhere at once, with no allocation after the first: views of

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
+from .diagnostics import Correlation, correlation_of
 from .files import CkptavgWarning
 from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
@@ -388,6 +389,16 @@ class CheckpointWindow:
             tried.append((name, float(evaluate(self._merge_with(weights))), weights))
         _, _, best = min(tried, key=lambda row: row[1] if not math.isnan(row[1]) else math.inf)
         return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
+
+    def correlation(self) -> Correlation:
+        """Whether averaging is safe for the held snapshots: weight and deviation cosines, the
+        cosine of consecutive updates, per tensor and over the model, and a verdict (see
+        :mod:`ckptavg.diagnostics`). Streamed block by block; never a model per snapshot."""
+        if self.sharding is not None:
+            raise ValueError("correlation needs whole snapshots: this window holds one rank's part; run it offline on each rank folder")
+        if self._store is None or not len(self):
+            raise ValueError("the correlation of an empty window: take at least one snapshot first")
+        return correlation_of(self.steps, self._store.iter_blocks())
 
     def learn_weights(
         self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *, steps: int = 100, lr: float = 0.05, init: Method = "sma"

@@ -119,6 +119,7 @@ def test_a_window_folder_merges_inspects_and_verifies_without_being_changed(tmp_
     assert report.returncode == 0, report.stderr
     (rank,) = json.loads(report.stdout)["ranks"]
     assert rank["steps"] == [100, 200, 300, 400] and rank["damaged"] == [] and rank["tensors"]["count"] == 3
+    assert rank["correlation"]["verdict"] in ("average", "newest", "do not average")
     assert ckptavg("verify", "window", cwd=tmp_path).returncode == 0
     victim = sorted((tmp_path / "window").glob("*.safetensors"))[1]
     data = bytearray(victim.read_bytes())
