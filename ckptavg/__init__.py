@@ -8,6 +8,7 @@ from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
+from .ensembles import Ensemble, distill, ensemble
 from .learning import learn_weights, np_merge
 from .selection import evaluator
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointWindow",
     "CkptavgWarning",
     "CorruptSnapshotError",
+    "Ensemble",
     "FolderLockedError",
     "Layout",
     "RecoveryError",
@@ -26,7 +28,9 @@ __all__ = [
     "SpikeGuard",
     "coefficients",
     "consolidate",
+    "distill",
     "ema",
+    "ensemble",
     "evaluator",
     "learn_weights",
     "load_merged_weights",

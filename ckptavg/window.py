@@ -400,6 +400,16 @@ class CheckpointWindow:
             raise ValueError("the correlation of an empty window: take at least one snapshot first")
         return correlation_of(self.steps, self._store.iter_blocks())
 
+    def ensemble(self, model: nn.Module, average: Literal["logits", "probs"] = "logits") -> nn.Module:
+        """A prediction ensemble of the held snapshots (:class:`ckptavg.ensembles.Ensemble`): its
+        forward averages the outputs of ``model``'s architecture under each snapshot's weights.
+        Holds every snapshot (``N x model``) on the model's device."""
+        from .ensembles import Ensemble
+
+        if self.sharding is not None:
+            raise ValueError("an ensemble needs whole snapshots: this window holds one rank's part")
+        return Ensemble(model, [self.read(step) for step in self.steps], average)
+
     def learn_weights(
         self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *, steps: int = 100, lr: float = 0.05, init: Method = "sma"
     ) -> list[float]:

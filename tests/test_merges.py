@@ -80,11 +80,11 @@ def test_weights_that_cannot_be_normalised_safely_are_refused(weights, message):
 def test_method_modules_doctests():
     import doctest
 
-    from ckptavg import learning
+    from ckptavg import ensembles, learning
     from ckptavg.methods import decay as decay_module
     from ckptavg.methods import moving_averages, posthoc
 
-    for module in (decay_module, moving_averages, posthoc, learning):
+    for module in (decay_module, moving_averages, posthoc, learning, ensembles):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
