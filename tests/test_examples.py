@@ -40,6 +40,7 @@ def test_plain_loop_example(tmp_path):
         ("recovery.py", ["--quick", "--tasks", "digits-b32"]),
         ("anneal.py", ["--tasks", "digits", "--seeds", "2", "--steps", "60", "--evals", "3"]),
         ("distributed.py", ["--params", "3e5", "--repeats", "1"]),
+        ("aggregate.py", ["--seeds", "1"]),
     ],
 )
 def test_benchmarks_run(tmp_path, script, args):
