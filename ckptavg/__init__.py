@@ -49,7 +49,13 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> object:
     # The Lightning adapter is imported on first use, so plain-PyTorch users never import Lightning.
     if name == "CheckpointAverager":
-        from .callback import CheckpointAverager
-
+        try:
+            from .callback import CheckpointAverager
+        except ModuleNotFoundError as err:
+            if (err.name or "").split(".")[0] not in ("lightning", "torchmetrics"):
+                raise
+            raise ModuleNotFoundError(
+                f"CheckpointAverager needs Lightning ({err.name} is not installed): pip install 'ckptavg[lightning]'", name=err.name
+            ) from err
         return CheckpointAverager
     raise AttributeError(f"module 'ckptavg' has no attribute {name!r}")
