@@ -170,6 +170,11 @@ class CheckpointAverager(Callback):
             Chosen on the validation data, the picked merge's score on that data is optimistic:
             choose on a second validation loader (``select="val_loss/dataloader_idx_1"``) and
             report the first.
+        log_correlation: after each snapshot (from the third), log the window's correlation
+            summary (:meth:`CheckpointWindow.correlation`): ``ckptavg/min_weight_cosine``,
+            ``ckptavg/update_cosine``, ``ckptavg/deviation_corr``, ``ckptavg/relative_spread``
+            and ``ckptavg/average_ok`` (1 when the verdict is "average"). It reads the whole
+            window once per snapshot (about one merge), so it is off by default. One process only.
 
     Example::
 
@@ -203,6 +208,7 @@ class CheckpointAverager(Callback):
         merge_options: dict[str, Any] | None = None,
         candidates: list[str] | dict[str, Any] | None = None,
         select: str | None = None,
+        log_correlation: bool = False,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -231,6 +237,8 @@ class CheckpointAverager(Callback):
         if select is not None and not self.candidates:
             raise ValueError(f"select={select!r} chooses among candidates: give candidates=[...] as well")
         self.select = select
+        self.log_correlation = bool(log_correlation)
+        self.last_correlation: dict[str, Any] | None = None  # log_correlation: the latest summary
         if storage not in ("cpu", "disk"):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
         self.window_size = window
@@ -476,7 +484,7 @@ class CheckpointAverager(Callback):
             self._watch(trainer, pl_module, outputs, batch, batch_idx)  # first: an abnormal step is never snapshotted
         every_steps = self._cadence[0]
         if every_steps is not None and step > self.start_step and step % every_steps == 0:
-            self._snapshot(pl_module, step)
+            self._snapshot(trainer, pl_module, step)
         elif trainer.is_last_batch:
             # The epoch's snapshot is taken before its validation, so that the preview measures the
             # window that ModelCheckpoint then saves (it saves at on_train_epoch_end).
@@ -489,15 +497,26 @@ class CheckpointAverager(Callback):
         every_epochs = self._cadence[1]
         if every_epochs is not None and (trainer.current_epoch + 1) % every_epochs == 0:
             if trainer.global_step > self.start_step:
-                self._snapshot(pl_module, trainer.global_step)
+                self._snapshot(trainer, pl_module, trainer.global_step)
 
-    def _snapshot(self, pl_module: pl.LightningModule, step: int) -> None:
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if self.guard is not None and (not self.guard.healthy or step == self._restored_at):
             return  # the loss is abnormal (this state must never be merged), or we just restored
         steps = self.window.steps
         if steps and step <= steps[-1]:
             return  # the same optimizer step seen again (gradient accumulation, or a resumed run)
         self.window.snapshot(pl_module, step=step, overlap=True)  # CUDA: the copy overlaps the next forward/backward
+        if self.log_correlation and len(self.window) >= 3 and self.window.sharding is None:
+            self._log_correlation(trainer)
+
+    def _log_correlation(self, trainer: pl.Trainer) -> None:
+        """``log_correlation``: the window's correlation summary, at the step of the snapshot."""
+        summary = self.window.correlation().summary()
+        metrics = {f"ckptavg/{k}": float(v) for k, v in summary.items() if k != "verdict"}
+        metrics["ckptavg/average_ok"] = float(summary["verdict"] == "average")
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.last_correlation = summary
 
     # -- recovery -----------------------------------------------------------------------------------
 

@@ -130,3 +130,17 @@ def test_every_registered_method_works_as_the_callbacks_merge(tmp_path):
 def test_candidate_and_select_arguments_are_checked_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CheckpointAverager(**kwargs)
+
+
+def test_log_correlation_logs_the_windows_summary_at_each_snapshot(tmp_path):
+    import csv
+
+    L.seed_everything(0)
+    averager = CheckpointAverager(window=4, every_n_steps=4, log_correlation=True)
+    train, val = data()
+    trainer(tmp_path, [averager], max_epochs=2).fit(Regression(), train, val)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("ckptavg/min_weight_cosine")]
+    assert [int(r["step"]) for r in rows] == list(range(12, 33, 4))  # from the third snapshot on
+    assert averager.last_correlation == averager.window.correlation().summary()
+    assert float(rows[-1]["ckptavg/min_weight_cosine"]) == pytest.approx(averager.last_correlation["min_weight_cosine"], rel=1e-6)
