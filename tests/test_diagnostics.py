@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ckptavg import CheckpointWindow
+from digits_helpers import digits_tensors, train_classifier
 
 
 def flat(state):
@@ -50,25 +51,11 @@ def digits_model(seed):
 
 @pytest.fixture(scope="module")
 def digits_data():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    return digits_tensors()
 
 
-def train(model, data, steps, lr=3e-3, seed=0, blast=(), optimizer=None):
-    x, y = data
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * (1000 if step in blast else 1)
-        idx = torch.randint(0, len(x), (32,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return optimizer
+def train(model, data, steps, seed=0, blast=(), optimizer=None):
+    return train_classifier(model, *data, steps, seed=seed, optimizer=optimizer, blast=blast)
 
 
 def test_the_verdict_separates_one_run_a_spike_and_separate_models(digits_data):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ckptavg import CheckpointWindow, distill, ensemble, merge_state_dicts
+from digits_helpers import digits_tensors, train_classifier
 
 
 def with_state(model, state):
@@ -59,23 +60,12 @@ def test_bad_states_are_refused_naming_the_tensor():
 
 @pytest.fixture(scope="module")
 def two_separate_models():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32)[order], torch.tensor(y)[order]
+    x, y = digits_tensors(shuffle_seed=0)
     models = []
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(300):
-            idx = torch.randint(0, 1300, (64,), generator=generator)
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_classifier(model, x[:1300], y[:1300], 300, lr=1e-2, batch=64, seed=seed)
         models.append(model.eval())
     train = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 1300, 100)]
     return models, train, (x[1300:], y[1300:])

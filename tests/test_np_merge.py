@@ -7,30 +7,19 @@ import pytest
 import torch
 
 from ckptavg import merge_state_dicts, np_merge
+from digits_helpers import digits_tensors, train_classifier
 
 
 def train(seed, x, y, steps=300):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_classifier(model, x, y, steps, lr=1e-2, batch=64, seed=seed)
     return model
 
 
 @pytest.fixture(scope="module")
 def two_models():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
+    x, y = digits_tensors(shuffle_seed=0)
     train_set, held_out, test = (x[:1000], y[:1000]), (x[1000:1300], y[1000:1300]), (x[1300:], y[1300:])
     models = [train(seed, *train_set) for seed in (1, 2, 3)]
     return models, [(held_out[0][i : i + 100], held_out[1][i : i + 100]) for i in range(0, 300, 100)], test
