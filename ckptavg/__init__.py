@@ -8,7 +8,7 @@ from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
-from .ensembles import Ensemble, distill, ensemble
+from .ensembles import Ensemble, distill, distillation_loss, ensemble
 from .learning import learn_weights, np_merge
 from .selection import evaluator
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
@@ -29,6 +29,7 @@ __all__ = [
     "coefficients",
     "consolidate",
     "distill",
+    "distillation_loss",
     "ema",
     "ensemble",
     "evaluator",

@@ -149,11 +149,8 @@ def distill(
             batch = next(source)
             inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
             with torch.no_grad():
-                soft_targets = torch.softmax(teacher(inputs) / temperature, dim=-1)
-            logits = student(inputs)
-            loss = nn.functional.kl_div(torch.log_softmax(logits / temperature, dim=-1), soft_targets, reduction="batchmean") * temperature**2
-            if targets is not None and hard_weight > 0:
-                loss = (1 - hard_weight) * loss + hard_weight * nn.functional.cross_entropy(logits, targets)
+                teacher_logits = teacher(inputs)
+            loss = distillation_loss(student(inputs), teacher_logits, targets, temperature=temperature, hard_weight=hard_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -162,6 +159,20 @@ def distill(
         student.train(was_training[0])
         teacher.train(was_training[1])
     return losses
+
+
+def distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, temperature: float = 2.0, hard_weight: float = 0.5
+) -> Tensor:
+    """``T^2 KL(softmax(t / T) || softmax(s / T))``, mixed with ``hard_weight`` times the
+    cross-entropy with ``targets`` when they are given: the loss :func:`distill` minimises, for a
+    training step of your own (a LightningModule's ``training_step``, for example)."""
+    soft = nn.functional.kl_div(
+        torch.log_softmax(student_logits / temperature, dim=-1), torch.softmax(teacher_logits.detach() / temperature, dim=-1), reduction="batchmean"
+    ) * temperature**2
+    if targets is None or hard_weight == 0:
+        return soft
+    return (1 - hard_weight) * soft + hard_weight * nn.functional.cross_entropy(student_logits, targets)
 
 
 def _forever(batches: Iterable[Any]) -> Iterator[Any]:

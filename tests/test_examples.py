@@ -46,3 +46,8 @@ def test_plain_loop_example(tmp_path):
 def test_benchmarks_run(tmp_path, script, args):
     run(tmp_path, str(ROOT / "benchmarks" / script), *args)
     assert (tmp_path / "results" / script.replace(".py", ".json")).exists()
+
+
+def test_distillation_example_with_lightning(tmp_path):
+    out = run(tmp_path, str(ROOT / "examples" / "distill_lightning.py"), "--steps", "80")
+    assert re.search(r"distilled student\s+accuracy 0\.\d+", out), out[-2000:]
