@@ -281,7 +281,20 @@ class CpuRing:
         def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
             return self._ring[dtype][live[-1][0], lo:hi]  # the newest snapshot merged, not one excluded by before=
 
-        return merge_blocks(self.layout, rows, newest, out)
+        # Runs of consecutive ring rows (the live rows wrap around the spare): one gemv each.
+        runs: list[list[tuple[int, float]]] = []
+        for slot, c in sorted(live):
+            if runs and runs[-1][-1][0] == slot - 1:
+                runs[-1].append((slot, c))
+            else:
+                runs.append([(slot, c)])
+        vectors = {d: [torch.tensor([c for _, c in run], dtype=d) for run in runs] for d in self._ring if d.is_floating_point}
+
+        def matrices(dtype: torch.dtype, lo: int, hi: int) -> list[tuple[Tensor, Tensor]]:
+            ring = self._ring[dtype]
+            return [(ring[run[0][0] : run[-1][0] + 1, lo:hi], c) for run, c in zip(runs, vectors[dtype], strict=True)]
+
+        return merge_blocks(self.layout, rows, newest, out, matrices=matrices)
 
     def flush(self) -> None:
         self.settle()
