@@ -308,6 +308,9 @@ class CpuRing:
         return {
             "steps": list(self._steps),
             "snapshots": {dtype_code(d): ring.index_select(0, index) for d, ring in self._ring.items()},
+            # Where each snapshot sits in the ring: restored, a resumed run merges its rows in the
+            # same runs (one gemv each) as the run it continues, so it stays bit for bit identical.
+            "slots": list(self._slots),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -322,11 +325,23 @@ class CpuRing:
                     f"expected ({len(steps)}, {self.layout.group_numel[dtype]}) and {dtype}"
                 )
         keep = range(max(0, len(steps) - self.capacity), len(steps))
+        slots = _ring_positions(state.get("slots"), len(steps), self.capacity) if len(keep) == len(steps) else None
         self._slots, self._steps = [], []
-        for slot, row in enumerate(keep):
+        for position, row in enumerate(keep):
+            slot = slots[row] if slots is not None else position
             for dtype, rows in snapshots.items():
                 self._ring[dtype][slot].copy_(rows[row])
             self._commit(slot, steps[row])
+
+
+def _ring_positions(slots: Any, count: int, capacity: int) -> list[int] | None:
+    """A state's recorded ring positions when they are usable (``count`` distinct rows of a ring of
+    ``capacity + 1``); ``None`` (the rows go in order) for an older state or a window of another size."""
+    if not isinstance(slots, (list, tuple)) or len(slots) != count:
+        return None
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= capacity for s in slots) or len(set(slots)) != count:
+        return None
+    return list(slots)
 
 
 class DiskStore:

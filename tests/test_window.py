@@ -597,3 +597,27 @@ def test_nested_and_repeated_swaps_restore_each_level_exactly(tmp_path, storage)
     assert all(torch.equal(model.state_dict()[k], wma[k]) for k in wma)
     assert all(torch.equal(window.merge("sma")[k], sma[k]) for k in sma)
     window.close()
+
+
+def test_a_restored_ring_merges_bit_for_bit_like_the_original_after_more_snapshots():
+    """The merge sums runs of consecutive ring rows with one gemv each; a restored window keeps
+    the rows where they were, so its merges stay bit for bit those of the window it continues."""
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(3000, 70), "b": torch.randn(70)} for _ in range(14)]
+    original = CheckpointWindow(window=4)
+    for step, state in enumerate(states[:7], start=1):  # the ring has wrapped around: rows 2, 3, 4, 0
+        original.snapshot(state, step=step)
+    restored = CheckpointWindow(window=4)
+    restored.load_state_dict(torch.load(io.BytesIO(_saved(original.state_dict())), weights_only=True))
+    for step, state in enumerate(states[7:], start=8):
+        for window in (original, restored):
+            window.snapshot(state, step=step)
+        for method in ("sma", "wma", "ema"):
+            a, b = original.merge(method), restored.merge(method)
+            assert all(torch.equal(a[k], b[k]) for k in a), (step, method)
+
+
+def _saved(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
