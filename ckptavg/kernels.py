@@ -22,24 +22,6 @@ before the next one is requested."""
 NewestSource = Callable[[torch.dtype, int, int], Tensor]
 """``newest(dtype, lo, hi)``: elements ``[lo, hi)`` of the newest snapshot's group."""
 
-MatrixSource = Callable[[torch.dtype, int, int], list[tuple[Tensor, Tensor]]]
-"""``matrices(dtype, lo, hi)``: the same rows as a :data:`RowSource`, as ``(rows, coefficients)``
-pairs, ``rows`` a ``[k, hi - lo]`` view of rows that lie at a constant stride in memory (a ring
-buffer's consecutive rows) and ``coefficients`` their ``k`` coefficients, in the rows' dtype."""
-
-
-def weighted_sum_matrices_(acc: Tensor, matrices: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """``acc <- sum_k rows_k^T c_k``: one matrix-vector product (BLAS gemv) per run of rows,
-    which reads each row once and writes ``acc`` once, where separate ``add_`` passes would also
-    read and write ``acc`` once per row."""
-    if not matrices:
-        return acc.zero_()
-    (rows, coefficients), *rest = matrices
-    torch.mv(rows.t(), coefficients, out=acc)
-    for rows, coefficients in rest:
-        acc.addmv_(rows.t(), coefficients)
-    return acc
-
 
 def weighted_sum_(acc: Tensor, rows: Iterable[tuple[Tensor, float]], scratch: Tensor | None = None) -> Tensor:
     """``acc <- sum_i c_i * row_i``, computed in ``acc``'s dtype whatever the rows' dtype.
@@ -70,7 +52,6 @@ def merge_blocks(
     newest: NewestSource,
     out: Mapping[str, Tensor] | None = None,
     progress: Callable[[int], object] | None = None,
-    matrices: MatrixSource | None = None,
 ) -> dict[str, Tensor]:
     """Apply one coefficient vector (already bound into ``rows``) to every block of the layout.
 
@@ -78,8 +59,7 @@ def merge_blocks(
     independent tensors (no shared storage, so the result can be saved with safetensors
     directly). Floating groups are accumulated block by block in a cache-resident fp32 (fp64 for
     fp64) accumulator and cast once; other groups are copied from the newest snapshot.
-    ``progress(n)`` is told of every block done (``n``: its elements). With ``matrices`` (rows
-    held in one ring buffer), groups already in their accumulation dtype are summed by gemv.
+    ``progress(n)`` is told of every block done (``n``: its elements).
     """
     merged = dict(out) if out is not None else {e.name: torch.empty(e.shape, dtype=e.dtype) for e in layout}
     flat_out = {name: t.view(-1) for name, t in merged.items()}
@@ -94,21 +74,13 @@ def merge_blocks(
         size = min(layout.block_numel, layout.group_numel[dtype])
         acc = torch.empty(size, dtype=acc_dtype)
         scratch = torch.empty(size, dtype=acc_dtype) if dtype != acc_dtype else None
-        gemv = matrices is not None and dtype == acc_dtype
         for block in blocks:
             if dtype == acc_dtype and len(block.pieces) == 1:
                 # One tensor, same dtype: accumulate straight into the result, no copy after.
                 piece = block.pieces[0]
-                target = flat_out[piece.name][piece.start : piece.start + piece.length]
-                if gemv:
-                    weighted_sum_matrices_(target, matrices(dtype, block.lo, block.hi))  # type: ignore[misc]  # gemv implies matrices
-                else:
-                    weighted_sum_(target, rows(dtype, block.lo, block.hi))
+                weighted_sum_(flat_out[piece.name][piece.start : piece.start + piece.length], rows(dtype, block.lo, block.hi))
             else:
-                if gemv:
-                    result = weighted_sum_matrices_(acc[: block.hi - block.lo], matrices(dtype, block.lo, block.hi))  # type: ignore[misc]
-                else:
-                    result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
+                result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
                 scatter_block(block, result, flat_out)
             if progress is not None:
                 progress(block.hi - block.lo)

@@ -281,20 +281,7 @@ class CpuRing:
         def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
             return self._ring[dtype][live[-1][0], lo:hi]  # the newest snapshot merged, not one excluded by before=
 
-        # Runs of consecutive ring rows (the live rows wrap around the spare): one gemv each.
-        runs: list[list[tuple[int, float]]] = []
-        for slot, c in sorted(live):
-            if runs and runs[-1][-1][0] == slot - 1:
-                runs[-1].append((slot, c))
-            else:
-                runs.append([(slot, c)])
-        vectors = {d: [torch.tensor([c for _, c in run], dtype=d) for run in runs] for d in self._ring if d.is_floating_point}
-
-        def matrices(dtype: torch.dtype, lo: int, hi: int) -> list[tuple[Tensor, Tensor]]:
-            ring = self._ring[dtype]
-            return [(ring[run[0][0] : run[-1][0] + 1, lo:hi], c) for run, c in zip(runs, vectors[dtype], strict=True)]
-
-        return merge_blocks(self.layout, rows, newest, out, matrices=matrices)
+        return merge_blocks(self.layout, rows, newest, out)
 
     def flush(self) -> None:
         self.settle()
@@ -308,9 +295,6 @@ class CpuRing:
         return {
             "steps": list(self._steps),
             "snapshots": {dtype_code(d): ring.index_select(0, index) for d, ring in self._ring.items()},
-            # Where each snapshot sits in the ring: restored, a resumed run merges its rows in the
-            # same runs (one gemv each) as the run it continues, so it stays bit for bit identical.
-            "slots": list(self._slots),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -325,23 +309,11 @@ class CpuRing:
                     f"expected ({len(steps)}, {self.layout.group_numel[dtype]}) and {dtype}"
                 )
         keep = range(max(0, len(steps) - self.capacity), len(steps))
-        slots = _ring_positions(state.get("slots"), len(steps), self.capacity) if len(keep) == len(steps) else None
         self._slots, self._steps = [], []
-        for position, row in enumerate(keep):
-            slot = slots[row] if slots is not None else position
+        for slot, row in enumerate(keep):
             for dtype, rows in snapshots.items():
                 self._ring[dtype][slot].copy_(rows[row])
             self._commit(slot, steps[row])
-
-
-def _ring_positions(slots: Any, count: int, capacity: int) -> list[int] | None:
-    """A state's recorded ring positions when they are usable (``count`` distinct rows of a ring of
-    ``capacity + 1``); ``None`` (the rows go in order) for an older state or a window of another size."""
-    if not isinstance(slots, (list, tuple)) or len(slots) != count:
-        return None
-    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= capacity for s in slots) or len(set(slots)) != count:
-        return None
-    return list(slots)
 
 
 class DiskStore:

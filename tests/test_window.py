@@ -600,8 +600,8 @@ def test_nested_and_repeated_swaps_restore_each_level_exactly(tmp_path, storage)
 
 
 def test_a_restored_ring_merges_bit_for_bit_like_the_original_after_more_snapshots():
-    """The merge sums runs of consecutive ring rows with one gemv each; a restored window keeps
-    the rows where they were, so its merges stay bit for bit those of the window it continues."""
+    """A restored window lays its rows out differently from the ring it continues; its merges must
+    not depend on that (a gemv over runs of consecutive rows did: reverted)."""
     torch.manual_seed(0)
     states = [{"w": torch.randn(3000, 70), "b": torch.randn(70)} for _ in range(14)]
     original = CheckpointWindow(window=4)
