@@ -4,6 +4,7 @@
     ckptavg merge a.ckpt b.ckpt --weights 0.3,0.7 -o merged.safetensors
     ckptavg merge hf-step-1000/ hf-step-2000/ -o hf-merged/        # Hugging Face folders: same sharding, configs copied
     ckptavg merge lightning_logs/version_0/ckptavg/window -o merged.safetensors   # a disk window (any number of ranks)
+    ckptavg export lightning_logs/version_0/checkpoints/best.ckpt -o best-merged.safetensors   # the merge a checkpoint measured
     ckptavg inspect merged.safetensors --json
     ckptavg verify lightning_logs/version_0/ckptavg/window          # exit status 1 names every damaged file
 
@@ -34,7 +35,7 @@ from torch import Tensor
 from .files import CorruptSnapshotError, atomic_write_bytes, human_size, snapshot_header, tensor_bytes
 from .layout import Layout, accumulation_dtype, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
-from .offline import consolidate, load_state_file
+from .offline import consolidate, load_merged_weights, load_state_file
 from .storage import MANIFEST, progress_bar, rank_dirpaths
 
 HF_SINGLE = "model.safetensors"
@@ -286,6 +287,17 @@ def _write_hf_folder(
             shutil.copy2(item, output / item.name)
 
 
+def command_export(args: argparse.Namespace) -> int:
+    """The merged weights a Lightning checkpoint recorded (``ckptavg.load_merged_weights``)."""
+    merged = load_merged_weights(args.checkpoint, averager=args.averager)
+    tensors = {name: t.contiguous() for name, t in merged.items()}
+    layout = Layout.from_tensors(tensors)
+    metadata = {"format": "ckptavg.merged", "source": str(args.checkpoint)}
+    write_safetensors(_output_file(Path(args.output), None), layout, merged_chunks(layout, [tensors], [1.0], lambda n: None), metadata)
+    _say(args, f"wrote the merged weights of {args.checkpoint} to {args.output}")
+    return 0
+
+
 # -- inspect and verify --------------------------------------------------------------------------
 
 
@@ -412,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", required=True, help="output .safetensors file, or folder (Hugging Face inputs)")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     merge.set_defaults(run=command_merge)
+    export = commands.add_parser("export", help="the merged weights a Lightning checkpoint of a CheckpointAverager run measured")
+    export.add_argument("checkpoint", help="a Lightning .ckpt saved with CheckpointAverager in the callbacks")
+    export.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    export.add_argument("--averager", help="a part of the averager's state key, when the run had several")
+    export.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    export.set_defaults(run=command_export)
     inspect = commands.add_parser("inspect", help="what a window, checkpoint or Hugging Face folder holds")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,6 +1,8 @@
 import copy
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,9 +11,10 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ckptavg import CheckpointAverager, CheckpointWindow, merge_state_dicts
-from conftest import assert_close_to_reference, reference_merge, run_ranks
+from conftest import HANG_GUARD_S, assert_close_to_reference, reference_merge, run_ranks
 from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 
 
@@ -571,6 +574,16 @@ def test_merged_weights_of_a_disk_window_checkpoint_and_of_one_before_any_snapsh
     with pytest.raises(ValueError, match=r"holds no CheckpointAverager state"):
         torch.save({"state_dict": early, "callbacks": {}}, tmp_path / "plain.ckpt")
         load_merged_weights(tmp_path / "plain.ckpt")
+    # The same from the command line.
+    script = str(Path(sys.executable).parent / "ckptavg")
+    done = subprocess.run([script, "export", str(tmp_path / "ckpt" / "epoch=1-step=32.ckpt"), "-o", str(tmp_path / "best.safetensors")],
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    exported = load_file(str(tmp_path / "best.safetensors"))
+    expected = load_merged_weights(tmp_path / "ckpt" / "epoch=1-step=32.ckpt")
+    assert set(exported) == set(expected) and all(torch.equal(exported[k], expected[k]) for k in expected)
+    done = subprocess.run([script, "export", str(tmp_path / "plain.ckpt"), "-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 2 and "holds no CheckpointAverager state" in done.stderr
 
 
 def test_merge_and_decay_arguments_are_checked_at_construction():
