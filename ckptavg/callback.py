@@ -174,7 +174,8 @@ class CheckpointAverager(Callback):
             summary (:meth:`CheckpointWindow.correlation`): ``ckptavg/min_weight_cosine``,
             ``ckptavg/update_cosine``, ``ckptavg/deviation_corr``, ``ckptavg/relative_spread``
             and ``ckptavg/average_ok`` (1 when the verdict is "average"). It reads the whole
-            window once per snapshot (about one merge), so it is off by default. One process only.
+            window once per snapshot and costs about ten merges (0.7 s for 19M parameters and
+            8 snapshots on one CPU thread), so it is off by default. One process only.
 
     Example::
 

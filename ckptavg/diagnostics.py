@@ -2,9 +2,11 @@
 
 The seed observation: snapshots whose weights are highly correlated (cosine above 0.9) average
 well; snapshots of separately trained models, or on both sides of a loss spike, do not. One pass
-over the stored blocks accumulates, per tensor and in float64, the Gram matrix of the snapshots'
-differences from the newest one (``R_i = M_i - M_N``, exact in the stored precision for nearby
-snapshots), ``<R_i, M_N>`` and ``|M_N|^2``. Every figure below is a linear transform of those:
+over the stored blocks accumulates, per tensor, the Gram matrix of the snapshots' differences
+from the newest one (``R_i = M_i - M_N``, exact in the stored precision for nearby snapshots),
+``<R_i, M_N>`` and ``|M_N|^2``: each block's products as one fp32 GEMM (fp64 for fp64
+windows), summed across blocks in fp64: weight cosines to about 1e-5, deviation cosines (which
+cancel the mean) to about 1e-3, far below any threshold. About ten merges' worth of time. Every figure below is a linear transform of those:
 
 - ``weight_cosine[i][j]``: cosine of the weights of snapshots i and j (the verdict's measure);
 - ``deviation_cosine[i][j]``: cosine of their deviations from the window's mean;
@@ -68,12 +70,13 @@ class _Gram:
         self.v = torch.zeros(n, dtype=torch.float64)
         self.s = torch.zeros((), dtype=torch.float64)
 
-    def add(self, rows: Tensor) -> None:
-        newest = rows[-1]
-        diff = rows - newest
-        self.g += diff @ diff.T
-        self.v += diff @ newest
-        self.s += newest @ newest
+    def add(self, diff: Tensor, newest: Tensor) -> None:
+        """One piece: ``diff`` (``[N, n]``, the rows minus the newest) and the newest row. The
+        products run in the rows' precision (fp32 GEMM, or fp64 for fp64 windows) and are summed
+        across pieces in fp64."""
+        self.g += (diff @ diff.T).double()
+        self.v += (diff @ newest).double()
+        self.s += (newest @ newest).double()
 
     def merge(self, other: _Gram) -> None:
         self.g += other.g
@@ -98,10 +101,14 @@ def correlation_of(steps: list[int], blocks: Iterable[tuple[torch.dtype, Block, 
     for dtype, block, rows in blocks:
         if not is_averaged(dtype):
             continue
-        stacked = torch.stack([row.to(torch.float64) for row in rows])
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        newest = rows[-1].to(work)
+        diff = torch.empty(len(rows), newest.numel(), dtype=work)
+        for row, out in zip(rows, diff, strict=True):
+            torch.sub(row.to(work), newest, out=out)  # exact for nearby snapshots (Sterbenz's lemma)
         for piece in block.pieces:
             lo = piece.offset - block.lo
-            per_tensor.setdefault(piece.name, _Gram(n)).add(stacked[:, lo : lo + piece.length])
+            per_tensor.setdefault(piece.name, _Gram(n)).add(diff[:, lo : lo + piece.length], newest[lo : lo + piece.length])
     total = _Gram(n)
     for gram in per_tensor.values():
         total.merge(gram)
