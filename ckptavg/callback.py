@@ -29,6 +29,7 @@ from .storage import MANIFEST
 from .window import CheckpointWindow
 
 MERGED_PREFIX = "merged/"
+ENSEMBLE_PREFIX = "ensemble/"
 MERGED_FILENAME = "merged.safetensors"
 RUN_FRACTION_DIVISOR = 10  # the default window spans the last tenth of the run (see benchmarks/anneal.py)
 
@@ -176,6 +177,12 @@ class CheckpointAverager(Callback):
             and ``ckptavg/average_ok`` (1 when the verdict is "average"). It reads the whole
             window once per snapshot and costs about ten merges (0.7 s for 19M parameters and
             8 snapshots on one CPU thread), so it is off by default. One process only.
+        preview_ensemble: in each validation, also evaluate the prediction ensemble of the
+            window's snapshots (the mean of their outputs) and log ``ensemble/<metric>``: what the
+            merge gives up against the ensemble it approximates. The module's ``forward`` is
+            replaced for that run, so ``validation_step`` must call ``self(...)``; otherwise a
+            warning says so and nothing is logged. Costs one validation run with every snapshot
+            swapped in for each batch (``window`` forward passes and weight copies per batch).
 
     Example::
 
@@ -210,6 +217,7 @@ class CheckpointAverager(Callback):
         candidates: list[str] | dict[str, Any] | None = None,
         select: str | None = None,
         log_correlation: bool = False,
+        preview_ensemble: bool = False,
     ):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
@@ -239,6 +247,8 @@ class CheckpointAverager(Callback):
             raise ValueError(f"select={select!r} chooses among candidates: give candidates=[...] as well")
         self.select = select
         self.log_correlation = bool(log_correlation)
+        self.preview_ensemble = bool(preview_ensemble)
+        self._ensemble_unsupported = False  # the module's validation never called its forward
         self.last_correlation: dict[str, Any] | None = None  # log_correlation: the latest summary
         if storage not in ("cpu", "disk"):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
@@ -363,7 +373,7 @@ class CheckpointAverager(Callback):
         their own ``on_validation_end``: this callback must publish it first, whatever the list order."""
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         mine = callbacks.index(self)
-        monitors = [i for i, cb in enumerate(callbacks[:mine]) if str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX)]
+        monitors = [i for i, cb in enumerate(callbacks[:mine]) if str(getattr(cb, "monitor", None) or "").startswith((MERGED_PREFIX, ENSEMBLE_PREFIX))]
         if monitors:
             callbacks.insert(monitors[0], callbacks.pop(mine))
 
@@ -589,7 +599,50 @@ class CheckpointAverager(Callback):
                 self._publish(trainer, collected, prefix, progress_bar=spec is self._main)
                 measured[spec.name] = self._scalars(collected)
             raw = {k: v for k, v in raw.items() if k in measured[self._main.name]}
+            if self.preview_ensemble and not self._ensemble_unsupported:
+                ensemble_metrics = current or self._evaluate_ensemble(trainer, pl_module)
+                if ensemble_metrics is not None:
+                    self._publish(trainer, ensemble_metrics, ENSEMBLE_PREFIX, progress_bar=False)
         self._last_validation = (trainer.global_step, tuple(self.window.steps), raw, measured)
+
+    def _evaluate_ensemble(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]] | None:
+        """Run validation once more with the module's forward replaced by the mean of its outputs
+        under each snapshot's weights; ``None`` (and a warning, once) if forward was never called."""
+        steps = self.window.steps
+        members = [[1.0 if i == j else 0.0 for i in range(len(steps))] for j in range(len(steps))]
+        forward = pl_module.forward
+        own = pl_module.__dict__.get("forward")  # a forward set on the instance (rare) is put back as it was
+        calls = 0
+
+        def ensemble_forward(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            outputs = []
+            for weights in members:
+                with self.window.swapped(pl_module, weights):
+                    outputs.append(forward(*args, **kwargs))
+            if not all(isinstance(o, torch.Tensor) for o in outputs):
+                raise TypeError(f"preview_ensemble averages tensor outputs; {type(pl_module).__name__}.forward returned {type(outputs[0]).__name__}")
+            return torch.stack(outputs).mean(0)
+
+        with _evaluation.isolated_validation(trainer) as loop:
+            pl_module.forward = ensemble_forward  # type: ignore[method-assign]  # this run only
+            try:
+                loop.run()
+            finally:
+                if own is not None:
+                    pl_module.forward = own  # type: ignore[method-assign]
+                else:
+                    del pl_module.forward  # the class's forward again
+            collected = _evaluation.collected_metrics(trainer)
+        if calls == 0:
+            self._ensemble_unsupported = True
+            rank_zero_warn(
+                f"CheckpointAverager(preview_ensemble=True): {type(pl_module).__name__}.validation_step never calls "
+                "self(...), so the ensemble cannot be swapped in; nothing is logged as ensemble/<metric>"
+            )
+            return None
+        return collected
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge: MergeSpec | None) -> dict[str, dict[str, Any]]:
         """Run validation once more, on ``merge`` swapped in (``None``: the module's current

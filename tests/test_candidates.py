@@ -144,3 +144,41 @@ def test_log_correlation_logs_the_windows_summary_at_each_snapshot(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(12, 33, 4))  # from the third snapshot on
     assert averager.last_correlation == averager.window.correlation().summary()
     assert float(rows[-1]["ckptavg/min_weight_cosine"]) == pytest.approx(averager.last_correlation["min_weight_cosine"], rel=1e-6)
+
+
+def test_preview_ensemble_logs_the_ensembles_metrics_and_leaves_the_module_as_it_was(tmp_path):
+    L.seed_everything(0)
+    recorder = Recorder()
+    averager = CheckpointAverager(window=3, every_n_steps=4, preview_ensemble=True, merge_at_end=False)
+    train, val = data()
+    seen = []
+
+    class Check(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking or len(averager.window) < 2:
+                return
+            members = []
+            for step in averager.window.steps:
+                twin = copy.deepcopy(pl_module)
+                twin.load_state_dict(recorder.states[step])
+                members.append(twin.eval())
+            with torch.no_grad():
+                expected = float(torch.stack([torch.nn.functional.mse_loss(torch.stack([m(x) for m in members]).mean(0), y) for x, y in val]).mean())
+            assert float(trainer.callback_metrics["ensemble/val_loss"]) == pytest.approx(expected, rel=1e-5)
+            assert "forward" not in pl_module.__dict__  # the class's forward again
+            assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)
+            seen.append(trainer.global_step)
+
+    trainer(tmp_path, [recorder, averager, Check()], max_epochs=3).fit(Regression(), train, val)
+    assert seen == [16, 32, 48]
+
+
+def test_preview_ensemble_says_so_when_validation_never_calls_forward(tmp_path):
+    from lit_helpers import DigitsClassifier, digits
+
+    L.seed_everything(0)
+    averager = CheckpointAverager(window=3, every_n_steps=10, preview_ensemble=True, merge_at_end=False)
+    train, val = digits()
+    with pytest.warns(UserWarning, match=r"DigitsClassifier.validation_step never calls self\(...\)"):
+        trainer(tmp_path, [averager], max_steps=60, val_check_interval=30).fit(DigitsClassifier(), train, val)
+    assert averager._ensemble_unsupported
