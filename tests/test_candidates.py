@@ -35,10 +35,11 @@ class TwoLoaders(Regression):
         self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
 
 
-def test_candidates_are_previewed_at_every_validation_under_their_names(tmp_path):
+def validations_checked(tmp_path, averager, check, max_epochs=3):
+    """Fit a Regression with ``averager``; after each validation whose window holds two or more
+    snapshots, ``check(trainer, pl_module, recorder, val)``. Returns the steps checked."""
     L.seed_everything(0)
     recorder = Recorder()
-    averager = CheckpointAverager(window=4, every_n_steps=4, candidates=CANDIDATES, merge_at_end=False)
     train, val = data()
     seen = []
 
@@ -46,18 +47,27 @@ def test_candidates_are_previewed_at_every_validation_under_their_names(tmp_path
         def on_validation_end(self, trainer, pl_module):
             if trainer.sanity_checking or len(averager.window) < 2:
                 return
-            steps = averager.window.steps
-            metrics = trainer.callback_metrics
-            assert float(metrics["merged/val_loss"]) == pytest.approx(merged_val_loss(pl_module, recorder, steps, "sma", val), rel=1e-5)
-            for name in CANDIDATES:
-                expected = merged_val_loss(pl_module, recorder, steps, name, val)
-                assert float(metrics[f"merged/{name}/val_loss"]) == pytest.approx(expected, rel=1e-5), name
-                assert f"merged/{name}/val_loss" not in trainer.progress_bar_metrics  # the bar shows the main merge only
-            assert float(metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)  # raw untouched
+            check(trainer, pl_module, recorder, val)
             seen.append(trainer.global_step)
 
-    trainer(tmp_path, [recorder, averager, Check()], max_epochs=3).fit(Regression(), train, val)
-    assert seen == [16, 32, 48]
+    trainer(tmp_path, [recorder, averager, Check()], max_epochs=max_epochs).fit(Regression(), train, val)
+    return seen
+
+
+def test_candidates_are_previewed_at_every_validation_under_their_names(tmp_path):
+    averager = CheckpointAverager(window=4, every_n_steps=4, candidates=CANDIDATES, merge_at_end=False)
+
+    def check(trainer, pl_module, recorder, val):
+        steps = averager.window.steps
+        metrics = trainer.callback_metrics
+        assert float(metrics["merged/val_loss"]) == pytest.approx(merged_val_loss(pl_module, recorder, steps, "sma", val), rel=1e-5)
+        for name in CANDIDATES:
+            expected = merged_val_loss(pl_module, recorder, steps, name, val)
+            assert float(metrics[f"merged/{name}/val_loss"]) == pytest.approx(expected, rel=1e-5), name
+            assert f"merged/{name}/val_loss" not in trainer.progress_bar_metrics  # the bar shows the main merge only
+        assert float(metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)  # raw untouched
+
+    assert validations_checked(tmp_path, averager, check) == [16, 32, 48]
 
 
 @pytest.mark.parametrize("preview", [True, False])
@@ -147,30 +157,21 @@ def test_log_correlation_logs_the_windows_summary_at_each_snapshot(tmp_path):
 
 
 def test_preview_ensemble_logs_the_ensembles_metrics_and_leaves_the_module_as_it_was(tmp_path):
-    L.seed_everything(0)
-    recorder = Recorder()
     averager = CheckpointAverager(window=3, every_n_steps=4, preview_ensemble=True, merge_at_end=False)
-    train, val = data()
-    seen = []
 
-    class Check(Callback):
-        def on_validation_end(self, trainer, pl_module):
-            if trainer.sanity_checking or len(averager.window) < 2:
-                return
-            members = []
-            for step in averager.window.steps:
-                twin = copy.deepcopy(pl_module)
-                twin.load_state_dict(recorder.states[step])
-                members.append(twin.eval())
-            with torch.no_grad():
-                expected = float(torch.stack([torch.nn.functional.mse_loss(torch.stack([m(x) for m in members]).mean(0), y) for x, y in val]).mean())
-            assert float(trainer.callback_metrics["ensemble/val_loss"]) == pytest.approx(expected, rel=1e-5)
-            assert "forward" not in pl_module.__dict__  # the class's forward again
-            assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)
-            seen.append(trainer.global_step)
+    def check(trainer, pl_module, recorder, val):
+        members = []
+        for step in averager.window.steps:
+            twin = copy.deepcopy(pl_module)
+            twin.load_state_dict(recorder.states[step])
+            members.append(twin.eval())
+        with torch.no_grad():
+            expected = float(torch.stack([torch.nn.functional.mse_loss(torch.stack([m(x) for m in members]).mean(0), y) for x, y in val]).mean())
+        assert float(trainer.callback_metrics["ensemble/val_loss"]) == pytest.approx(expected, rel=1e-5)
+        assert "forward" not in pl_module.__dict__  # the class's forward again
+        assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)
 
-    trainer(tmp_path, [recorder, averager, Check()], max_epochs=3).fit(Regression(), train, val)
-    assert seen == [16, 32, 48]
+    assert validations_checked(tmp_path, averager, check) == [16, 32, 48]
 
 
 def test_preview_ensemble_says_so_when_validation_never_calls_forward(tmp_path):
