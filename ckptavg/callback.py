@@ -440,16 +440,19 @@ class CheckpointAverager(Callback):
 
     def _check_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Say what the window will cost, and refuse, before the first step, a window that cannot fit."""
-        snapshot = sum(local_tensor(t).numel() * t.element_size() for t in state_tensors(pl_module).values())
-        if self._spread:
-            snapshot //= self._world_size
-        held = self.window_size * snapshot + (snapshot if self.storage == "disk" else 0)  # + the disk tier's staging buffer
+        model = sum(local_tensor(t).numel() * t.element_size() for t in state_tensors(pl_module).values())
+        snapshot = model // self._world_size if self._spread else model
+        # The ring's spare row (cpu), or the file written before the oldest is deleted (disk).
+        held = (self.window_size + 1) * snapshot
         if self.storage == "cpu":
+            held += model  # swapped()'s copy of the raw weights, kept for previews and restore checks
             where, room = "host memory", _available_memory()
-            extra = "; each Lightning checkpoint carries it (storage='disk' keeps checkpoints small)" if trainer.checkpoint_callbacks else ""
+            extra = " (the ring, its spare row, and one copy of the model for previews)"
+            extra += "; each Lightning checkpoint carries the window (storage='disk' keeps checkpoints small)" if trainer.checkpoint_callbacks else ""
         else:
             folder = self._window_dirpath()
-            where, room, extra = f"disk in {folder}", shutil.disk_usage(_existing_parent(folder)).free, f", and {human_size(snapshot)} of host memory"
+            where, room = f"disk in {folder}", shutil.disk_usage(_existing_parent(folder)).free
+            extra = f", and {human_size(snapshot + model)} of host memory (the staging buffer and one copy of the model for previews)"
         if room is not None and held > room:
             raise ValueError(
                 f"CheckpointAverager: a window of {self.window_size} snapshots of {human_size(snapshot)} needs {human_size(held)} of "
