@@ -183,7 +183,10 @@ def command_merge(args: argparse.Namespace) -> int:
             raise UsageError(f"--last must be a positive integer, got {args.last}")
         paths = paths[-args.last :]
     options = parse_options(args.option)
-    weights_arg = [float(w) for w in args.weights.split(",")] if args.weights else None
+    try:
+        weights_arg = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise UsageError(f"--weights {args.weights!r}: expected numbers separated by commas, e.g. --weights 0.2,0.8") from None
     method: Any = weights_arg if weights_arg is not None else args.method
     output = Path(args.output)
     windows = [p for p in paths if is_window(p)]

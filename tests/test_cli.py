@@ -149,6 +149,13 @@ def test_bad_inputs_exit_2_naming_the_file_and_write_nothing(tmp_path):
     assert done.returncode == 2 and "evil.pt" in done.stderr and not (tmp_path / "pwned").exists()
     done = ckptavg("merge", "a.safetensors", "a.safetensors", "--method", "decay", "--option", "shap=cosine", "-o", "m.safetensors", cwd=tmp_path)
     assert done.returncode == 2 and "has no option 'shap'" in done.stderr
+    done = ckptavg("merge", "a.safetensors", "a.safetensors", "--weights", "0.5,x", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "--weights '0.5,x': expected numbers" in done.stderr
+    done = ckptavg("merge", "a.safetensors", "a.safetensors", "--weights", "1,2,3", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "expected 2 weights" in done.stderr
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    done = ckptavg("inspect", "bad.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "bad.safetensors" in done.stderr
     assert not (tmp_path / "m.safetensors").exists()
     assert not list(tmp_path.glob("*.tmp*"))
 
