@@ -121,8 +121,9 @@ def learn_weights(
         ``swapped`` or the callback's ``merge=``.
 
     Memory: every stored snapshot's floating-point tensors, in float32 on the model's device
-    (``N x model``), plus one merged copy, its gradient, and the activations of one batch. Time
-    per step: one forward and backward pass, and ``N`` multiply-adds of the model.
+    (``N x model``; twice that for a moment while they are read and stacked), plus one merged
+    copy, its gradient, and the activations of one batch. Time per step: one forward and
+    backward pass, and ``N`` multiply-adds of the model.
 
     Example:
         >>> import torch
