@@ -107,7 +107,6 @@ class CheckpointWindow:
         self.process_group = process_group
         self._store: SnapshotStore | None = None
         self._swap_backup: dict[str, Tensor] | None = None  # swapped()'s copy of the model's weights, reused
-        self._swap_backup_shapes: dict[str, Any] | None = None
         self._swap_backup_in_use = False
         self._spread: Spread | None = None
         self._sharding: dict[str, Any] | None = None
@@ -527,14 +526,20 @@ class CheckpointWindow:
         """Host buffers for ``swapped``'s copy of the model's own weights: allocated once and reused
         by every later swap of the same tensors (a preview at every validation pays no allocation
         or page faults); a nested swap gets its own."""
-        shapes = {name: (t.shape, t.dtype, t.is_cuda) for name, t in targets.items()}
+        pinned = {name: t.is_cuda and torch.cuda.is_available() for name, t in targets.items()}  # fast copies back to the GPU
+
+        def allocate() -> dict[str, Tensor]:
+            return {n: torch.empty_like(t, device="cpu", pin_memory=pinned[n]) for n, t in targets.items()}
+
         if self._swap_backup_in_use:
-            return {n: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()) for n, t in targets.items()}
-        if self._swap_backup is None or self._swap_backup_shapes != shapes:
-            self._swap_backup = {n: torch.empty_like(t, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available()) for n, t in targets.items()}
-            self._swap_backup_shapes = shapes
+            return allocate()
+        kept = self._swap_backup
+        if kept is None or kept.keys() != targets.keys() or any(
+            kept[n].shape != t.shape or kept[n].dtype != t.dtype or kept[n].is_pinned() != pinned[n] for n, t in targets.items()
+        ):
+            kept = self._swap_backup = allocate()
         self._swap_backup_in_use = True
-        return self._swap_backup
+        return kept
 
     def _targets(self, model: nn.Module) -> dict[str, Tensor]:
         if self._store is None or self.full_layout is None:
