@@ -12,7 +12,8 @@ import errno
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -681,29 +682,43 @@ class DiskStore:
 
     # -- merging ----------------------------------------------------------------------------------
 
+    @contextmanager
+    def _reading(self, records: list[dict[str, Any]]) -> Iterator[Callable[[int, torch.dtype, int, int, Tensor], Tensor]]:
+        """``read(i, dtype, lo, hi, out)``: elements ``[lo, hi)`` of group ``dtype`` of file
+        ``records[i]``, each file opened once and its checksums verified on the first full pass.
+        A damaged file is dropped from the window (``CorruptSnapshotError`` goes on); files read
+        through without error count as verified."""
+        readers: dict[int, SnapshotReader] = {}
+
+        def read(i: int, dtype: torch.dtype, lo: int, hi: int, out: Tensor) -> Tensor:
+            if i not in readers:
+                readers[i] = self._reader(records[i])
+            readers[i].verify = (records[i]["file"], dtype) not in self._verified
+            return readers[i].read(dtype, lo, hi, out)
+
+        try:
+            yield read
+        except CorruptSnapshotError as err:
+            self._quarantine(Path(err.path).name)
+            raise
+        finally:
+            for reader in readers.values():
+                reader.close()
+        for i, reader in readers.items():
+            self._verified.update((records[i]["file"], d) for d in reader.verified_groups())
+
     def iter_blocks(self) -> Iterator[tuple[torch.dtype, Block, list[Tensor]]]:
         """Every block of every group, as one row per held snapshot (oldest first), read from the
         files block by block (one block per snapshot in memory), checksums verified as a merge
         does: a damaged file is dropped from the window and raises ``CorruptSnapshotError``."""
         self.flush()
         records = list(self._records)
-        readers = [self._reader(r) for r in records]
-        try:
+        with self._reading(records) as read:
             for dtype, blocks in self.layout.blocks.items():
                 size = min(self.layout.block_numel, self.layout.group_numel[dtype])
                 buffers = [torch.empty(size, dtype=dtype) for _ in records]
                 for block in blocks:
-                    rows = []
-                    for reader, record, buffer in zip(readers, records, buffers, strict=True):
-                        reader.verify = (record["file"], dtype) not in self._verified
-                        rows.append(reader.read(dtype, block.lo, block.hi, buffer[: block.hi - block.lo]))
-                    yield dtype, block, rows
-        except CorruptSnapshotError as err:
-            self._quarantine(Path(err.path).name)
-            raise
-        finally:
-            for reader in readers:
-                reader.close()
+                    yield dtype, block, [read(i, dtype, block.lo, block.hi, b[: block.hi - block.lo]) for i, b in enumerate(buffers)]
 
     def scratch(self) -> dict[str, Tensor]:
         """A merge output to copy elsewhere at once, with no allocation after the first: views of
@@ -717,42 +732,23 @@ class DiskStore:
         self.flush()
         records = list(self._records)
         buffers = {d: torch.empty(min(self.layout.block_numel, n), dtype=d) for d, n in self.layout.group_numel.items()}
-        readers: dict[int, SnapshotReader] = {}
-
-        def reader(i: int) -> SnapshotReader:
-            if i not in readers:
-                readers[i] = self._reader(records[i])
-            return readers[i]
-
-        def read(i: int, dtype: torch.dtype, lo: int, hi: int) -> Tensor:
-            r = reader(i)
-            r.verify = (records[i]["file"], dtype) not in self._verified
-            return r.read(dtype, lo, hi, buffers[dtype])
-
         live = [(i, c) for i, c in enumerate(coefficients) if c != 0.0]
-
-        def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
-            return ((read(i, dtype, lo, hi), c) for i, c in live)
-
-        def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
-            return read(live[-1][0], dtype, lo, hi)  # the newest snapshot merged, not one excluded by before=
-
         reading = len(live) * self.layout.nbytes
         bar = progress_bar(reading, f"ckptavg: merging {len(live)} snapshots from {self.dirpath}") if reading >= PROGRESS_BYTES else None
         numel = sum(self.layout.group_numel.values())
         try:
-            merged = merge_blocks(self.layout, rows, newest, out, None if bar is None else lambda n: bar.update(reading * n / numel))
-        except CorruptSnapshotError as err:
-            self._quarantine(Path(err.path).name)
-            raise
+            with self._reading(records) as read:
+
+                def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
+                    return ((read(i, dtype, lo, hi, buffers[dtype]), c) for i, c in live)
+
+                def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
+                    return read(live[-1][0], dtype, lo, hi, buffers[dtype])  # the newest merged, not one excluded by before=
+
+                return merge_blocks(self.layout, rows, newest, out, None if bar is None else lambda n: bar.update(reading * n / numel))
         finally:
-            for r in readers.values():
-                r.close()
             if bar is not None:
                 bar.close()
-        for i, r in readers.items():
-            self._verified.update((records[i]["file"], d) for d in r.verified_groups())
-        return merged
 
     def _quarantine(self, name: str) -> None:
         """Drop a bad file from the window, keeping it as ``*.corrupt`` for inspection (a reader
