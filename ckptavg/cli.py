@@ -33,15 +33,15 @@ import torch
 from torch import Tensor
 
 from .files import CorruptSnapshotError, atomic_write_bytes, human_size, snapshot_header, tensor_bytes
-from .layout import Layout, accumulation_dtype, dtype_code, is_averaged
+from .kernels import weighted_sum_
+from .layout import BLOCK_NUMEL, Entry, Layout, accumulation_dtype, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
-from .offline import consolidate, load_merged_weights, load_state_file
+from .offline import consolidate, consolidated_steps, load_merged_weights, load_state_file
 from .storage import MANIFEST, progress_bar, rank_dirpaths
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-CHUNK_NUMEL = 1 << 22  # elements per write chunk: bounds the output's memory to one chunk per tensor
 
 
 class UsageError(ValueError):
@@ -142,27 +142,42 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def file_order(layout: Layout) -> list[Entry]:
+    """The entries in the order their bytes lie in a file written by :func:`write_safetensors`:
+    dtype groups, then offsets."""
+    groups = list(layout.group_numel)
+    return sorted(layout, key=lambda e: (groups.index(e.dtype), e.offset))
+
+
 def merged_chunks(layout: Layout, sources: Sequence[Mapping[str, Tensor]], weights: Sequence[float], progress: Any) -> Iterator[memoryview]:
-    """The merged tensors' bytes in ``layout`` order (dtype groups, then offsets), computed one
-    chunk at a time: fp32 accumulation (fp64 for fp64), integer tensors from the newest input."""
+    """The merged tensors' bytes in file order, computed one block at a time with the window's
+    kernel (:func:`ckptavg.kernels.weighted_sum_`: fp32 accumulation, fp64 for fp64); integer
+    tensors from the newest input."""
     live = [(s, w) for s, w in zip(sources, weights, strict=True) if w != 0.0]
-    order = sorted(layout, key=lambda e: (list(layout.group_numel).index(e.dtype), e.offset))
-    for entry in order:
+    accumulators: dict[torch.dtype, tuple[Tensor, Tensor]] = {}  # per accumulation dtype: (acc, scratch), reused
+    for entry in file_order(layout):
         if not is_averaged(entry.dtype):
             yield tensor_bytes(sources[-1][entry.name].reshape(-1).contiguous())
             progress(entry.numel * entry.dtype.itemsize)
             continue
         rows = [(s[entry.name].reshape(-1), w) for s, w in live]
         acc_dtype = accumulation_dtype(entry.dtype)
-        for lo in range(0, entry.numel, CHUNK_NUMEL):
-            hi = min(lo + CHUNK_NUMEL, entry.numel)
-            acc = torch.zeros(hi - lo, dtype=acc_dtype)
-            for row, w in rows:
-                acc.add_(row[lo:hi].to(acc_dtype), alpha=w)
-            if not torch.isfinite(acc).all():
+        if acc_dtype not in accumulators:
+            accumulators[acc_dtype] = (torch.empty(BLOCK_NUMEL, dtype=acc_dtype), torch.empty(BLOCK_NUMEL, dtype=acc_dtype))
+        acc, scratch = accumulators[acc_dtype]
+        for lo in range(0, entry.numel, BLOCK_NUMEL):
+            hi = min(lo + BLOCK_NUMEL, entry.numel)
+            block = weighted_sum_(acc[: hi - lo], ((row[lo:hi], w) for row, w in rows), scratch)
+            if not torch.isfinite(block).all():
                 raise UsageError(f"tensor {entry.name!r}: the merge is not finite (NaN or Inf in an input, or weights that overflow)")
-            yield tensor_bytes(acc.to(entry.dtype))
+            yield tensor_bytes(block.to(entry.dtype))
             progress((hi - lo) * entry.dtype.itemsize)
+
+
+def tensor_chunks(layout: Layout, tensors: Mapping[str, Tensor]) -> Iterator[memoryview]:
+    """The bytes of tensors already in memory (a merge done elsewhere), in file order."""
+    for entry in file_order(layout):
+        yield tensor_bytes(tensors[entry.name].reshape(-1).contiguous())
 
 
 def write_safetensors(path: Path, layout: Layout, chunks: Iterator[memoryview], metadata: dict[str, str]) -> None:
@@ -194,14 +209,10 @@ def command_merge(args: argparse.Namespace) -> int:
         if len(paths) != 1:
             raise UsageError(f"{windows[0]} is a ckptavg window folder: merge it on its own (its snapshots are the inputs)")
         merged = consolidate(paths[0], method, args.alpha, **options)
+        steps = consolidated_steps(paths[0])
+        metadata = _metadata(method, coefficients(method, steps, args.alpha, **options), [str(paths[0])], options, steps)
         layout = Layout.from_tensors(merged)
-        steps = _window_steps(paths[0])
-        weights = coefficients(method, steps, args.alpha, **options)
-        sources: list[Mapping[str, Tensor]] = [merged]
-        metadata = _metadata(method, weights, [str(paths[0])], options, steps)
-        bar = progress_bar(layout.nbytes, f"writing {output}", args.quiet)
-        write_safetensors(_output_file(output, None), layout, merged_chunks(layout, sources, [1.0], bar.update), metadata)
-        bar.close()
+        write_safetensors(_output_file(output), layout, tensor_chunks(layout, merged), metadata)
         _say(args, f"merged {len(steps)} snapshots of {paths[0]} into {output}")
         return 0
     if len(paths) < 1:
@@ -211,27 +222,21 @@ def command_merge(args: argparse.Namespace) -> int:
     layout = _checked_layout(opened)
     metadata = _metadata(method, weights, [str(p) for p in paths], options, None)
     first = opened[0]
-    total = len([w for w in weights if w]) * layout.nbytes
-    bar = progress_bar(total, f"merging {len(opened)} checkpoints", args.quiet)
-    scale = total / max(layout.nbytes, 1)
+    live = sum(1 for w in weights if w)
+    bar = progress_bar(live * layout.nbytes, f"merging {len(opened)} checkpoints", args.quiet)  # the bytes read
+
+    def progress(written: int) -> None:
+        bar.update(written * live)
+
     try:
         if first.shards is not None or (first.path.is_dir() and not str(output).endswith(".safetensors")):
-            _write_hf_folder(output, first, layout, [s.tensors for s in opened], weights, metadata, lambda n: bar.update(n * scale))
+            _write_hf_folder(output, first, layout, [s.tensors for s in opened], weights, metadata, progress)
         else:
-            chunks = merged_chunks(layout, [s.tensors for s in opened], weights, lambda n: bar.update(n * scale))
-            write_safetensors(_output_file(output, None), layout, chunks, metadata)
+            write_safetensors(_output_file(output), layout, merged_chunks(layout, [s.tensors for s in opened], weights, progress), metadata)
     finally:
         bar.close()
     _say(args, f"merged {len(opened)} checkpoints ({args.method if weights_arg is None else 'weights'}: {[round(w, 4) for w in weights]}) into {output}")
     return 0
-
-
-def _window_steps(folder: Path) -> list[int]:
-    from .storage import DiskStore
-
-    manifests = [DiskStore.read_manifest(f) for f in rank_dirpaths(folder)]
-    held = [{int(r["step"]) for r in m["snapshots"]} for m in manifests]
-    return sorted(set.intersection(*held))
 
 
 def _checked_layout(sources: Sequence[Source]) -> Layout:
@@ -262,10 +267,10 @@ def _metadata(method: Any, weights: Sequence[float], inputs: list[str], options:
     return metadata
 
 
-def _output_file(output: Path, name: str | None) -> Path:
-    if output.is_dir() or name is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        return output / (name or HF_SINGLE)
+def _output_file(output: Path) -> Path:
+    """``-o``: a file, or an existing folder (the file is then its ``model.safetensors``)."""
+    if output.is_dir():
+        return output / HF_SINGLE
     output.parent.mkdir(parents=True, exist_ok=True)
     return output
 
@@ -293,10 +298,9 @@ def _write_hf_folder(
 def command_export(args: argparse.Namespace) -> int:
     """The merged weights a Lightning checkpoint recorded (``ckptavg.load_merged_weights``)."""
     merged = load_merged_weights(args.checkpoint, averager=args.averager)
-    tensors = {name: t.contiguous() for name, t in merged.items()}
-    layout = Layout.from_tensors(tensors)
+    layout = Layout.from_tensors(merged)
     metadata = {"format": "ckptavg.merged", "source": str(args.checkpoint)}
-    write_safetensors(_output_file(Path(args.output), None), layout, merged_chunks(layout, [tensors], [1.0], lambda n: None), metadata)
+    write_safetensors(_output_file(Path(args.output)), layout, tensor_chunks(layout, merged), metadata)
     _say(args, f"wrote the merged weights of {args.checkpoint} to {args.output}")
     return 0
 
@@ -313,7 +317,7 @@ def _sha256(path: Path, bar: Any) -> str:
     return digest.hexdigest()
 
 
-def inspect_path(path: Path, quiet: bool = True, verify: bool = True) -> dict[str, Any]:
+def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlation: bool = True) -> dict[str, Any]:
     """What a window folder, checkpoint file or Hugging Face folder holds (never changes it)."""
     if is_window(path):
         from .window import CheckpointWindow
@@ -323,7 +327,7 @@ def inspect_path(path: Path, quiet: bool = True, verify: bool = True) -> dict[st
             with CheckpointWindow.open(folder, readonly=True) as window:
                 layout = window.full_layout if window.sharding is None else window.layout
                 damaged = window.verify() if verify else None
-                diagnostic = window.correlation() if window.sharding is None and len(window) >= 2 else None
+                diagnostic = window.correlation() if correlation and window.sharding is None and len(window) >= 2 else None
                 report["ranks"].append({
                     "folder": str(folder), "steps": window.steps, "window": window.window,
                     "stored_bytes": window.stored_nbytes, "tensors": _tensor_summary(layout) if layout else {},
@@ -395,7 +399,7 @@ def command_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not is_window(path):
         raise UsageError(f"{path} is not a ckptavg window folder (no {MANIFEST})")
-    report = inspect_path(path, quiet=True, verify=True)
+    report = inspect_path(path, quiet=True, verify=True, correlation=False)  # reading every file back is the whole job
     damaged = [(r["folder"], d) for r in report["ranks"] for d in r["damaged"]]
     for folder, name in damaged:
         print(f"damaged: {Path(folder) / name}")

@@ -151,6 +151,27 @@ def consolidate(
     """
     from .window import CheckpointWindow
 
+    folders, manifests, common = _consolidation(dirpath, before)
+    chosen = dict(zip(common, coefficients(method, common, alpha, **options), strict=True))
+
+    def rank_merges() -> Iterator[tuple[dict[str, Tensor], Mapping[str, Placement]]]:
+        for folder, manifest in zip(folders, manifests, strict=True):  # one rank's merge in memory at a time
+            with CheckpointWindow.open(folder, readonly=True) as window:
+                merged = window.merge([chosen.get(step, 0.0) for step in window.steps])
+            sharding = manifest.get("sharding")
+            yield merged, sharding["placements"] if sharding else replicated_placements(merged)
+
+    return assemble(rank_merges(), where=str(dirpath))
+
+
+def consolidated_steps(dirpath: str | os.PathLike[str], *, before: int | None = None) -> list[int]:
+    """The steps :func:`consolidate` merges: those every rank's folder holds (``< before``)."""
+    return _consolidation(dirpath, before)[2]
+
+
+def _consolidation(dirpath: str | os.PathLike[str], before: int | None) -> tuple[list[Path], list[dict[str, Any]], list[int]]:
+    """Every rank's folder and manifest, and the steps all of them hold; refused, naming the
+    folder, when the ranks are not one run's or share no step."""
     folders = rank_dirpaths(dirpath)
     manifests = [DiskStore.read_manifest(folder) for folder in folders]
     worlds = {int((m.get("sharding") or {}).get("world_size", 1)) for m in manifests}
@@ -165,16 +186,7 @@ def consolidate(
         common = [s for s in common if s < before]
     if not common:
         raise ValueError(f"{dirpath}: no snapshot step is held by every rank (held: {held})")
-    chosen = dict(zip(common, coefficients(method, common, alpha, **options), strict=True))
-
-    def rank_merges() -> Iterator[tuple[dict[str, Tensor], Mapping[str, Placement]]]:
-        for folder, manifest in zip(folders, manifests, strict=True):  # one rank's merge in memory at a time
-            with CheckpointWindow.open(folder, readonly=True) as window:
-                merged = window.merge([chosen.get(step, 0.0) for step in window.steps])
-            sharding = manifest.get("sharding")
-            yield merged, sharding["placements"] if sharding else replicated_placements(merged)
-
-    return assemble(rank_merges(), where=str(dirpath))
+    return folders, manifests, common
 
 
 def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | None = None) -> dict[str, Tensor]:
