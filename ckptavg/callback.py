@@ -257,9 +257,6 @@ class CheckpointAverager(Callback):
         self.every_n_epochs = every_n_epochs
         self._cadence: tuple[int | None, int | None] = (every_n_steps, every_n_epochs)  # (steps, epochs) in effect
         self.start_step = start_step
-        self.merge = merge.lower()
-        self.merge_options = merge_options
-        self.alpha = check_alpha(alpha)
         self.storage = storage
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.preview = preview
@@ -291,6 +288,19 @@ class CheckpointAverager(Callback):
         self._last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, dict[str, float]]] | None = None
         self._final = self._main  # the merge the end of fit holds (select= may choose another)
         self.selection: dict[str, Any] | None = None  # with select=: what was picked, and every candidate's score
+
+    @property
+    def merge(self) -> str:
+        """The main merge's method (previews, restores, the end of fit)."""
+        return self._main.method
+
+    @property
+    def alpha(self) -> float:
+        return self._main.alpha
+
+    @property
+    def merge_options(self) -> dict[str, Any]:
+        return self._main.options
 
     @property
     def state_key(self) -> str:

@@ -46,7 +46,7 @@ def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
-def _check_batches(batches: Iterable[Any], what: str) -> list[Any]:
+def check_batches(batches: Iterable[Any], what: str) -> list[Any]:
     batches = list(batches)
     if not batches:
         raise ValueError(f"{what} needs at least one batch of held-out data ((inputs, targets) pairs)")
@@ -145,7 +145,7 @@ def learn_weights(
             "learn_weights needs the full snapshots in one process; this window holds one rank's part. Learn the weights "
             "offline on the consolidated snapshots, or on one rank's full window (spread=False)"
         )
-    batches = _check_batches(batches, "learn_weights")
+    batches = check_batches(batches, "learn_weights")
     start = window.weights(init) if isinstance(init, str) else window.weights(list(init))
     if any(w < 0 for w in start):
         raise ValueError(f"learn_weights: init must be non-negative coefficients (a convex combination), got {start}")
@@ -240,7 +240,7 @@ def np_merge(
                 raise ValueError(f"np_merge: states[{index}][{name!r}] has shape {tuple(state[name].shape)}, the model {tuple(target.shape)}")
             if state[name].is_floating_point() and not torch.isfinite(state[name]).all():
                 raise ValueError(f"np_merge: states[{index}][{name!r}] holds NaN or Inf")
-    batches = _check_batches(batches, "np_merge")
+    batches = check_batches(batches, "np_merge")
     merged = {name: t.detach().to(targets[name].device) for name, t in states[0].items()}
     for other in states[1:]:
         merged = _np_pair(model, targets, merged, other, loss_fn, batches, steps, lr, granularity)

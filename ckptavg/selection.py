@@ -14,7 +14,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from .learning import call_with
+from .learning import call_with, check_batches
 from .methods import Evaluate, Method
 
 Candidate = Union[Method, tuple[str, Mapping[str, Any]]]
@@ -26,9 +26,7 @@ def evaluator(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: 
     (``(inputs, targets)`` pairs, kept in a list), with the merged weights in place of the
     model's, in eval mode and without gradients (``torch.func.functional_call``; tied weights
     are given once). The model itself is left as it is."""
-    batches = list(batches)
-    if not batches:
-        raise ValueError("evaluator needs at least one batch of held-out data")
+    batches = check_batches(batches, "evaluator")
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
 
     @torch.no_grad()
