@@ -59,6 +59,7 @@ from models import ByteGPT, batch_at, stdlib_bytes, validation_batches  # noqa: 
 
 from ckptavg import CheckpointWindow, CkptavgWarning, SpikeGuard, evaluator  # noqa: E402
 from ckptavg.methods import coefficients  # noqa: E402
+from ckptavg.methods.posthoc import gamma_of  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -334,7 +335,7 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
     window = CheckpointWindow(window=cfg.stored)
     guard = SpikeGuard(window)  # recovery on, with the default policy, as a user would run it
     select_on = evaluator(scratch, task.loss_fn, task.select)
-    power = {0.05: PowerEma(base.model, 16.97), 0.10: PowerEma(base.model, 6.94)}
+    power = {sigma: PowerEma(base.model, gamma_of(sigma)) for sigma in (0.05, 0.10)}  # the widths the post-hoc rows reconstruct
     curves: dict[str, list[tuple[int, float]]] = {"constant (raw)": [], "preview (SMA, default window)": []}
     checks: list[dict[str, Any]] = []
     check_steps = {int(round(f * steps / cfg.base_interval)) * cfg.base_interval for f in cfg.check_points}
@@ -408,12 +409,13 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
         results[name] = merged_loss(weights)
     for sigma, ema in power.items():
         results[f"true power EMA sigma_rel={sigma:.2f} (every step)"] = measure(task, ema.model(base.model).eval())
-    lost = {sigma: (window.steps[0] - cfg.base_interval / 2) ** (g + 1) / steps ** (g + 1) for sigma, g in ((0.05, 16.97), (0.10, 6.94))}
+    # the profile's mass before the window, as posthoc.py drops it (window.steps[-1] == steps)
+    lost = {sigma: ((window.steps[0] - cfg.base_interval / 2) / steps) ** (ema.gamma + 1) for sigma, ema in power.items()}
     log("merges done")
     return {
         "seed": seed,
         "results": results,
-        "vectors": {name: v for name, v in vectors.items()},
+        "vectors": vectors,
         "selected": chosen_name,
         "select_table": [{"name": r["name"], "score": r["score"]} for r in table],
         "checks": checks,
@@ -435,7 +437,7 @@ def canonical(name: str) -> str:
     return name.split(": ")[0]  # "selected (...): sma-newest-9" -> one row over seeds
 
 
-def summarize(task_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     names = list(dict.fromkeys(canonical(n) for run in runs for n in run["results"]))
     rows = []
     for name in names:
@@ -553,7 +555,7 @@ def main() -> None:
     else:
         done = [run_seed(*job) for job in jobs]
     runs_by_task = {task: [r for r, job in zip(done, jobs, strict=True) if job[0] == task] for task in tasks}
-    summaries = {task: summarize(task, runs) for task, runs in runs_by_task.items()}
+    summaries = {task: summarize(runs) for task, runs in runs_by_task.items()}
     extra = {
         "tasks": {task: {"summary": summaries[task], "runs": runs_by_task[task]} for task in tasks},
         "config": {"steps": steps, "seeds": seeds, "stored": Config(steps).stored, "interval": Config(steps).base_interval},

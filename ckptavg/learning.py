@@ -146,7 +146,7 @@ def learn_weights(
             "offline on the consolidated snapshots, or on one rank's full window (spread=False)"
         )
     batches = check_batches(batches, "learn_weights")
-    start = window.weights(init) if isinstance(init, str) else window.weights(list(init))
+    start = window.weights(init)
     if any(w < 0 for w in start):
         raise ValueError(f"learn_weights: init must be non-negative coefficients (a convex combination), got {start}")
     if steps == 0:
