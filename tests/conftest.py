@@ -110,3 +110,6 @@ def run_ranks(worker: str, out: Path, *args: str, torchrun: bool = False) -> lis
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+# Test workers are scripts: pytest must never import them (they would run with its arguments).
+collect_ignore_glob = ["*_worker.py"]

@@ -12,21 +12,27 @@ import torch
 
 from ckptavg import CheckpointWindow
 
-dirpath = Path(sys.argv[1])
-if (dirpath / "manifest.json").exists():
-    win = CheckpointWindow.open(dirpath)
-else:
-    win = CheckpointWindow(window=4, storage="disk", dirpath=dirpath)
-step = win.steps[-1] + 1 if win.steps else 0
-state = {
-    "big": torch.zeros(1_000_000),
-    "half": torch.zeros(300_000, dtype=torch.bfloat16),
-    "count": torch.zeros((), dtype=torch.int64),
-}
-print("ready", flush=True)
-while True:
-    for tensor in state.values():
-        tensor.fill_(step)
-    win.snapshot(state, step=step)
-    print(step, flush=True)
-    step += 1
+
+def main() -> None:
+    dirpath = Path(sys.argv[1])
+    if (dirpath / "manifest.json").exists():
+        win = CheckpointWindow.open(dirpath)
+    else:
+        win = CheckpointWindow(window=4, storage="disk", dirpath=dirpath)
+    step = win.steps[-1] + 1 if win.steps else 0
+    state = {
+        "big": torch.zeros(1_000_000),
+        "half": torch.zeros(300_000, dtype=torch.bfloat16),
+        "count": torch.zeros((), dtype=torch.int64),
+    }
+    print("ready", flush=True)
+    while True:
+        for tensor in state.values():
+            tensor.fill_(step)
+        win.snapshot(state, step=step)
+        print(step, flush=True)
+        step += 1
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from ckptavg import CheckpointAverager
 from ckptavg.testing import InjectDivergence
 from lit_helpers import Recorder, Regression, data, finish, trainer
 
-root = Path(sys.argv[1])
+root = Path()  # set by main() from the command line
 
 
 class ShardedRegression(Regression):
@@ -53,33 +53,40 @@ def full(model) -> dict:
     return {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
 
 
-if len(sys.argv) > 2 and sys.argv[2] == "resume":
-    # cpu tier: each rank's shards go into the checkpoint rank 0 writes, and come back on resume.
-    def averager(name):
-        return CheckpointAverager(window=4, every_n_steps=2, dirpath=root / name / "out", recover=False)
+def main() -> None:
+    global root
+    root = Path(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "resume":
+        # cpu tier: each rank's shards go into the checkpoint rank 0 writes, and come back on resume.
+        def averager(name):
+            return CheckpointAverager(window=4, every_n_steps=2, dirpath=root / name / "out", recover=False)
 
-    whole = averager("a")
-    run, model_a = fit("a", [whole], max_epochs=3)
-    fit("b", [averager("b"), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
-    second = averager("b")
-    _, model_b = fit("b", [second], ckpt_path=root / "ckpt" / "last.ckpt", max_epochs=3)
-    result = {"a": full(model_a), "b": full(model_b), "steps_a": whole.window.steps, "steps_b": second.window.steps}
-    torch.save(result, root / f"rank{run.global_rank}.pt")
+        whole = averager("a")
+        run, model_a = fit("a", [whole], max_epochs=3)
+        fit("b", [averager("b"), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
+        second = averager("b")
+        _, model_b = fit("b", [second], ckpt_path=root / "ckpt" / "last.ckpt", max_epochs=3)
+        result = {"a": full(model_a), "b": full(model_b), "steps_a": whole.window.steps, "steps_b": second.window.steps}
+        torch.save(result, root / f"rank{run.global_rank}.pt")
+        finish()
+
+    averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", storage="disk", recover={"warmup": 4})
+    recorder = FullRecorder()
+    run, model = fit("", [recorder, averager, InjectDivergence({12}, rank=1)], max_epochs=2)
+    merged = run.callback_metrics.get("merged/val_loss")
+    torch.save(
+        {
+            "final": full(model),
+            "local_shapes": {e.name: e.shape for e in averager.window.layout},
+            "steps": averager.window.steps,
+            "states": {s: recorder.states[s] for s in averager.window.steps},
+            "merged_val_loss": None if merged is None else float(merged),
+            "restores": [(e.step, e.steps_merged) for e in averager.recovery_events],
+        },
+        root / f"rank{run.global_rank}.pt",
+    )
     finish()
 
-averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", storage="disk", recover={"warmup": 4})
-recorder = FullRecorder()
-run, model = fit("", [recorder, averager, InjectDivergence({12}, rank=1)], max_epochs=2)
-merged = run.callback_metrics.get("merged/val_loss")
-torch.save(
-    {
-        "final": full(model),
-        "local_shapes": {e.name: e.shape for e in averager.window.layout},
-        "steps": averager.window.steps,
-        "states": {s: recorder.states[s] for s in averager.window.steps},
-        "merged_val_loss": None if merged is None else float(merged),
-        "restores": [(e.step, e.steps_merged) for e in averager.recovery_events],
-    },
-    root / f"rank{run.global_rank}.pt",
-)
-finish()
+
+if __name__ == "__main__":
+    main()
