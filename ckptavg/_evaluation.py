@@ -6,6 +6,8 @@ reuses the fit loop's validation loop instead of reimplementing it. Everything t
 touch is isolated and restored afterwards: the other callbacks (checkpointing, early stopping and
 progress bars never see it), the loggers, the logged and callback metrics, the loop's progress
 counters, the train/eval mode capture, the RNG state and the state of every torchmetrics object.
+Progress bars stay in ``trainer.callbacks`` with their hooks muted: Lightning and Rich's refresh
+thread look the bar up there at any moment.
 
 This is the one module that touches Lightning internals; each is looked up defensively.
 """
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import RunningStage
 
 _METRIC_DICTS = ("_callback_metrics", "_logged_metrics", "_progress_bar_metrics")
@@ -99,7 +102,8 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
         loop._module_mode = type(loop._module_mode)()  # the outer run's capture must survive
     for name in saved_metrics:
         getattr(connector, name).clear()
-    trainer.callbacks = []  # type: ignore[attr-defined]
+    trainer.callbacks = [cb for cb in saved_callbacks if isinstance(cb, ProgressBar)]  # type: ignore[attr-defined]
+    muted = [_mute(bar) for bar in trainer.callbacks]  # type: ignore[attr-defined]
     trainer.loggers = []
     trainer.state.stage = RunningStage.VALIDATING
     try:
@@ -118,6 +122,8 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
             target = getattr(connector, name)
             target.clear()
             target.update(values)
+        for restore in muted:
+            restore()
         trainer.callbacks = saved_callbacks  # type: ignore[attr-defined]
         trainer.loggers = saved_loggers
         trainer.state.stage = saved_stage
@@ -127,6 +133,25 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
         restore_metric_states(saved_metric_states)
         for name, m in module.named_modules():
             m.train(saved_training.get(name, m.training))
+
+
+_HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_") or name in ("setup", "teardown"))
+
+
+def _mute(callback: Callback) -> Callable[[], None]:
+    """Silence every hook of ``callback`` (instance attributes shadow the methods) and return the
+    function that gives them back. The object itself stays, so lookups of it still find it."""
+    own = {name: callback.__dict__[name] for name in _HOOKS if name in callback.__dict__}
+    for name in _HOOKS:
+        setattr(callback, name, _ignore)
+
+    def restore() -> None:
+        for name in _HOOKS:
+            delattr(callback, name)
+        for name, value in own.items():
+            setattr(callback, name, value)
+
+    return restore
 
 
 def collected_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
