@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
-from .files import human_size
+from .files import human_size, safetensors_metadata
 from .layout import local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, check_alpha, coefficients, method_names
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
@@ -804,14 +804,14 @@ class CheckpointAverager(Callback):
             return None
         steps = self.window.steps
         final = self._final
-        metadata = {
-            "format": "ckptavg.merged",
-            "method": final.method,
-            "alpha": repr(final.alpha),
-            "steps": json.dumps(steps),
-            "coefficients": json.dumps(final.weights(self.window)),
-            "options": json.dumps({k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in final.options.items()}),
-        }
+        metadata = safetensors_metadata(
+            "merged",
+            method=final.method,
+            alpha=repr(final.alpha),
+            steps=json.dumps(steps),
+            coefficients=json.dumps(final.weights(self.window)),
+            options=json.dumps({k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in final.options.items()}),
+        )
         if self.selection is not None:
             metadata["selected"] = self.selection["picked"]
             metadata["selected_by"] = f"{self.selection['by']} ({self.selection['mode']})"

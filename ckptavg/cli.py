@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .files import CorruptSnapshotError, atomic_write_bytes, human_size, snapshot_header, tensor_bytes
+from .files import CorruptSnapshotError, atomic_write_bytes, human_size, safetensors_metadata, snapshot_header, tensor_bytes
 from .kernels import weighted_sum_
 from .layout import BLOCK_NUMEL, Entry, Layout, accumulation_dtype, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
@@ -255,13 +255,13 @@ def _checked_layout(sources: Sequence[Source]) -> Layout:
 
 
 def _metadata(method: Any, weights: Sequence[float], inputs: list[str], options: dict[str, Any], steps: list[int] | None) -> dict[str, str]:
-    metadata = {
-        "format": "ckptavg.merged",
-        "method": method if isinstance(method, str) else "weights",
-        "coefficients": json.dumps(list(weights)),
-        "inputs": json.dumps(inputs),
-        "options": json.dumps(options),
-    }
+    metadata = safetensors_metadata(
+        "merged",
+        method=method if isinstance(method, str) else "weights",
+        coefficients=json.dumps(list(weights)),
+        inputs=json.dumps(inputs),
+        options=json.dumps(options),
+    )
     if steps is not None:
         metadata["steps"] = json.dumps(steps)
     return metadata
@@ -299,7 +299,7 @@ def command_export(args: argparse.Namespace) -> int:
     """The merged weights a Lightning checkpoint recorded (``ckptavg.load_merged_weights``)."""
     merged = load_merged_weights(args.checkpoint, averager=args.averager)
     layout = Layout.from_tensors(merged)
-    metadata = {"format": "ckptavg.merged", "source": str(args.checkpoint)}
+    metadata = safetensors_metadata("merged", source=str(args.checkpoint))
     write_safetensors(_output_file(Path(args.output)), layout, tensor_chunks(layout, merged), metadata)
     _say(args, f"wrote the merged weights of {args.checkpoint} to {args.output}")
     return 0

@@ -184,11 +184,20 @@ def snapshot_header(layout: Layout, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(body)) + body
 
 
-SNAPSHOT_FORMAT = "ckptavg.snapshot"
+def safetensors_metadata(kind: str, **fields: str) -> dict[str, str]:
+    """The metadata of every safetensors file ckptavg writes: ``"format": "pt"`` (transformers
+    refuses a file whose format is anything else), and ``"ckptavg"`` naming what the file holds
+    (``"snapshot"``, ``"merged"``)."""
+    return {"format": "pt", "ckptavg": kind, **fields}
 
 
 def snapshot_metadata(step: int) -> dict[str, str]:
-    return {"format": SNAPSHOT_FORMAT, "step": str(step)}
+    return safetensors_metadata("snapshot", step=str(step))
+
+
+def _legacy_snapshot_metadata(step: int) -> dict[str, str]:
+    """What snapshots written before 0.2 carry: folders from then still open."""
+    return {"format": "ckptavg.snapshot", "step": str(step)}
 
 
 def check_against_file(path: Path, fd: int | None, layout: Layout, record: dict[str, Any], field: str) -> None:
@@ -212,7 +221,7 @@ def check_against_file(path: Path, fd: int | None, layout: Layout, record: dict[
         os.close(opened)
     if zlib.crc32(header) != record["header_crc32"]:
         return
-    if header != snapshot_header(layout, snapshot_metadata(record["step"])):
+    if all(header != snapshot_header(layout, metadata(record["step"])) for metadata in (snapshot_metadata, _legacy_snapshot_metadata)):
         raise ValueError(
             f"field 'layout' (and '{field}') disagree with the header of {path}, which matches its checksum: the "
             "manifest was edited or belongs to other files; nothing was changed"

@@ -164,3 +164,62 @@ def test_help_shows_examples():
     done = subprocess.run([sys.executable, "-m", "ckptavg", "--help"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0 and "ckptavg merge run/ckpts/*.safetensors --last 8" in done.stdout
     assert "ckptavg verify" in done.stdout
+
+
+def tiny_gpt2(seed):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=32))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_merged_hugging_face_folders_load_in_transformers(tmp_path, sharded):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    models = [tiny_gpt2(seed) for seed in (0, 1)]
+    for i, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"hf-{i}", max_shard_size="20KB" if sharded else "5GB")
+    assert (tmp_path / "hf-0" / "model.safetensors.index.json").exists() == sharded
+    done = ckptavg("merge", "hf-0", "hf-1", "-o", "merged", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for file in (tmp_path / "merged").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            assert f.metadata()["format"] == "pt" and f.metadata()["ckptavg"] == "merged"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    expected = {k: (a.double() + b.double()) / 2 for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True)}
+    for name, tensor in loaded.state_dict().items():
+        assert torch.allclose(tensor.double(), expected[name], atol=1e-6), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_every_safetensors_file_ckptavg_writes_says_format_pt(tmp_path):
+    window = CheckpointWindow(window=2, storage="disk", dirpath=tmp_path / "window")
+    for s in states(2):
+        window.snapshot(s, step=int(s["step"]) + 1)
+    window.close()
+    assert ckptavg("merge", "window", "-o", "m.safetensors", "-q", cwd=tmp_path).returncode == 0
+    files = [*(tmp_path / "window").glob("*.safetensors"), tmp_path / "m.safetensors"]
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            assert f.metadata()["format"] == "pt", file
+
+
+def test_a_window_written_before_format_pt_still_opens(tmp_path, monkeypatch):
+    from ckptavg import files
+
+    legacy = files._legacy_snapshot_metadata
+    monkeypatch.setattr("ckptavg.storage.snapshot_metadata", legacy)  # write as ckptavg 0.1 did
+    window = CheckpointWindow(window=3, storage="disk", dirpath=tmp_path / "window")
+    snaps = states(3)
+    for s in snaps:
+        window.snapshot(s, step=int(s["step"]) + 1)
+    window.close()
+    monkeypatch.undo()
+    with safe_open(str(next((tmp_path / "window").glob("*.safetensors"))), "pt") as f:
+        assert f.metadata()["format"] == "ckptavg.snapshot"
+    with CheckpointWindow.open(tmp_path / "window") as reopened:
+        assert reopened.verify() == []
+        merged = reopened.merge("sma")
+    assert torch.allclose(merged["w"].double(), reference(snaps, [1 / 3] * 3)["w"], atol=1e-6)
