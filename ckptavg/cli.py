@@ -1,18 +1,25 @@
-"""``ckptavg``: merge, inspect and verify checkpoints from the command line (no Lightning needed).
+"""``ckptavg``: merge, export, inspect and verify checkpoints from the command line (no Lightning needed).
 
     ckptavg merge run/ckpts/*.safetensors --last 8 --method decay --option shape=1-sqrt -o merged.safetensors
     ckptavg merge a.ckpt b.ckpt --weights 0.3,0.7 -o merged.safetensors
-    ckptavg merge hf-step-1000/ hf-step-2000/ -o hf-merged/        # Hugging Face folders: same sharding, configs copied
+    ckptavg merge "out/checkpoint-*" --last 4 -o out/merged          # Hugging Face folders: a folder output keeps the sharding and the model's files
+    ckptavg merge run.pt other.pt --key model -o merged.safetensors  # torch.save({"model": ..., "optimizer": ...}) files
     ckptavg merge lightning_logs/version_0/ckptavg/window -o merged.safetensors   # a disk window (any number of ranks)
     ckptavg export lightning_logs/version_0/checkpoints/best.ckpt -o best-merged.safetensors   # the merge a checkpoint measured
     ckptavg inspect merged.safetensors --json
-    ckptavg verify lightning_logs/version_0/ckptavg/window          # exit status 1 names every damaged file
+    ckptavg verify out/merged                                       # exit status 1 names every damaged file
 
-Inputs are merged oldest first, in the order given (globs sorted by name). Files are read lazily,
-tensor by tensor, and the output is written as it is computed: peak memory is about the largest
-tensor times the number of inputs, never a whole model per input. Torch files are loaded with
-``weights_only=True``: nothing is unpickled but tensors. Exit status: 0 done, 1 damage found,
-2 bad input (the message names the file, key or argument).
+Inputs are merged oldest first: ordered by the training step each names (the last number in its
+name, else the step recorded inside), in the order given when some name none; the order used is
+printed. The output path decides the output's form: a ``.safetensors`` path is one file, any other
+path a folder (a Hugging Face folder when the inputs are). An existing output is replaced only with
+``--force``, and never when it is, holds or lies inside an input. Files are read lazily, tensor by
+tensor, and written as they are computed, into a temporary name renamed at the end: peak memory is
+about the largest tensor times the number of inputs, and a failure leaves nothing half-written.
+Torch files are loaded with ``weights_only=True``: nothing is unpickled but tensors.
+
+Exit status: 0 done, 1 damage found (inspect, verify), 2 bad input (the message names the file,
+key or argument), 3 an internal error (a bug: please report it).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,16 +41,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import __version__
 from .files import CorruptSnapshotError, atomic_write_bytes, human_size, safetensors_metadata, snapshot_header, tensor_bytes
 from .kernels import weighted_sum_
 from .layout import BLOCK_NUMEL, Entry, Layout, accumulation_dtype, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
-from .offline import consolidate, consolidated_steps, load_merged_weights, load_state_file
+from .offline import consolidate, consolidated_steps, find_state_dict, load_merged_weights, load_state_file, read_torch_file
 from .storage import MANIFEST, progress_bar, rank_dirpaths
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+MODEL_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|[\w.-]*tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
+    r"|vocab\.(json|txt)|merges\.txt|spiece\.model|[\w.-]*preprocessor_config\.json|processor_config\.json"
+    r"|chat_template\.(json|jinja)|[\w-]+\.py)$"
+)
+"""The files of a Hugging Face folder a merged model needs beside its weights (configuration,
+tokenizer, processor, remote code); training state, other weight formats and the rest stay behind."""
 
 
 class UsageError(ValueError):
@@ -58,20 +75,45 @@ class Source:
     path: Path
     tensors: Mapping[str, Tensor]
     shards: dict[str, str] | None = None  # Hugging Face: tensor name -> shard file name
+    recorded_step: int | None = None  # the training step the checkpoint records inside, if any
+    key: str | None = None  # where the state dict sat inside a torch file
+
+    @property
+    def step(self) -> int | None:
+        """The training step this input stands for: the last number in its name, else the one recorded inside."""
+        numbers = re.findall(r"\d+", self.path.name.removesuffix(self.path.suffix) if self.path.is_file() else self.path.name)
+        return int(numbers[-1]) if numbers else self.recorded_step
 
 
 class _Sharded(Mapping[str, Tensor]):
-    """The tensors of a sharded Hugging Face folder, each read from its shard when asked for."""
+    """The tensors of a sharded Hugging Face folder, each read from its shard when asked for;
+    the index is checked against the shards' headers when it is opened."""
 
     def __init__(self, folder: Path, weight_map: Mapping[str, str]):
-        self._files = {name: load_state_file(folder / name) for name in sorted(set(weight_map.values()))}
+        self._files = {}
+        for name in sorted(set(weight_map.values())):
+            try:
+                self._files[name] = load_state_file(folder / name)
+            except FileNotFoundError:
+                raise UsageError(f"{folder / HF_INDEX} names the shard {name}, which does not exist") from None
         self._map = dict(weight_map)
+        for tensor, shard in self._map.items():
+            if tensor not in self._files[shard]:
+                raise UsageError(f"{folder / HF_INDEX} maps tensor {tensor!r} to {shard}, which does not hold it")
+        for shard, reader in self._files.items():
+            unlisted = sorted(set(reader) - {t for t, s in self._map.items() if s == shard})
+            if unlisted:
+                raise UsageError(f"{folder / shard} holds tensors its index {HF_INDEX} does not list: {unlisted[:5]}")
 
     def __getitem__(self, name: str) -> Tensor:
         return self._files[self._map[name]][name]
 
     def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self._files[self._map[name]].spec(name)  # type: ignore[attr-defined]  # shards are safetensors files
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return next(iter(self._files.values())).metadata  # type: ignore[attr-defined,no-any-return]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._map)
@@ -84,7 +126,28 @@ def is_window(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def open_source(path: Path) -> Source:
+def _trainer_step(folder: Path) -> int | None:
+    """The step a Hugging Face Trainer checkpoint folder records (``trainer_state.json``)."""
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _recorded_step(value: Any) -> int | None:
+    for name in ("global_step", "step"):
+        step = value.get(name) if isinstance(value, Mapping) else None
+        if isinstance(step, str) and step.isdigit():
+            step = int(step)
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    return None
+
+
+def open_source(path: Path, key: str | None = None) -> Source:
+    if path.is_file() and path.name == HF_INDEX:
+        path = path.parent  # the index stands for its folder
     if path.is_dir():
         if (path / HF_INDEX).is_file():
             try:
@@ -93,30 +156,48 @@ def open_source(path: Path) -> Source:
                 raise UsageError(f"{path / HF_INDEX}: cannot read its 'weight_map': {err!r}") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v.endswith(".safetensors") for v in weight_map.values()):
                 raise UsageError(f"{path / HF_INDEX}: 'weight_map' must map tensor names to .safetensors files in the folder")
-            return Source(path, _Sharded(path, weight_map), shards=dict(weight_map))
+            return Source(path, _Sharded(path, weight_map), shards=dict(weight_map), recorded_step=_trainer_step(path))
         if (path / HF_SINGLE).is_file():
-            return Source(path, load_state_file(path / HF_SINGLE))
+            return Source(path, load_state_file(path / HF_SINGLE), recorded_step=_trainer_step(path))
         raise UsageError(f"{path} is a folder with no {HF_SINGLE}, {HF_INDEX} or ckptavg window manifest")
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
-    try:
-        return Source(path, load_state_file(path))
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+    if path.suffix == ".safetensors":
+        tensors = load_state_file(path, key=key)
+        return Source(path, tensors, recorded_step=_recorded_step(getattr(tensors, "metadata", None)))
+    obj = read_torch_file(path)
+    found, tensors = find_state_dict(obj, path, key)
+    return Source(path, tensors, recorded_step=_recorded_step(obj), key=found)
+
+
+def _natural(path: str) -> list[Any]:
+    """``checkpoint-500`` before ``checkpoint-1500``: numbers compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
 def expand(patterns: Sequence[str]) -> list[Path]:
-    """Paths in the order given; a pattern that is not an existing path is a glob (sorted)."""
+    """Paths in the order given; a pattern that is not an existing path is a glob (its matches in
+    natural order)."""
     paths: list[Path] = []
     for pattern in patterns:
         if Path(pattern).exists():
             paths.append(Path(pattern))
             continue
-        matches = sorted(glob.glob(pattern))
+        matches = sorted(glob.glob(pattern), key=_natural)
         if not matches:
             raise UsageError(f"{pattern}: no such file, folder or matching path")
         paths.extend(Path(m) for m in matches)
     return paths
+
+
+def oldest_first(sources: list[Source]) -> tuple[list[Source], list[int] | None]:
+    """The inputs ordered by the step each stands for, when every one names a step (ties keep the
+    order given); else in the order given. Returns the steps too (``None`` when some have none)."""
+    steps = [s.step for s in sources]
+    if any(step is None for step in steps):
+        return sources, None
+    order = sorted(range(len(sources)), key=lambda i: steps[i])  # type: ignore[arg-type,return-value]
+    return [sources[i] for i in order], [int(steps[i]) for i in order]  # type: ignore[arg-type]
 
 
 def describe(tensors: Mapping[str, Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -124,6 +205,54 @@ def describe(tensors: Mapping[str, Tensor]) -> dict[str, tuple[torch.dtype, tupl
     memory-mapped)."""
     spec = getattr(tensors, "spec", None)
     return {name: spec(name) if spec is not None else (tensors[name].dtype, tuple(tensors[name].shape)) for name in tensors}
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+def check_output(output: Path, inputs: Sequence[Path], force: bool, *, folder: bool) -> None:
+    """Before anything is read or written: the output is no input, holds none and lies in none,
+    and an existing one is replaced only with ``--force`` (and only by the same kind)."""
+    target = output.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or source in target.parents:
+            raise UsageError(f"-o {output}: the output would be written {'over' if target == source else 'inside'} the input {path}")
+        if target in source.parents:
+            raise UsageError(f"-o {output}: the output folder holds the input {path}; choose another output")
+    if output.is_symlink() or output.exists():
+        if not force:
+            raise UsageError(f"-o {output} already exists: give --force to replace it, or choose another output")
+        if folder != output.is_dir():
+            raise UsageError(f"-o {output} is {'a folder' if output.is_dir() else 'a file'}; --force replaces it only with the same kind")
+
+
+def _sibling(output: Path, tag: str) -> Path:
+    return output.with_name(f".{output.name}.ckptavg-{tag}-{os.getpid()}")
+
+
+def build_folder(output: Path, write: Any) -> None:
+    """Call ``write(folder)`` on a fresh folder beside ``output``, then put it in place in one rename
+    (an existing output moves aside first and is removed last): an error or an interrupt leaves
+    the old output, or nothing, never a partial folder."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(output, "new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        if output.is_symlink() or output.is_file():
+            output.unlink()
+        if output.exists():
+            old = _sibling(output, "old")
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 # -- merging -------------------------------------------------------------------------------------
@@ -152,12 +281,13 @@ def file_order(layout: Layout) -> list[Entry]:
 def merged_chunks(layout: Layout, sources: Sequence[Mapping[str, Tensor]], weights: Sequence[float], progress: Any) -> Iterator[memoryview]:
     """The merged tensors' bytes in file order, computed one block at a time with the window's
     kernel (:func:`ckptavg.kernels.weighted_sum_`: fp32 accumulation, fp64 for fp64); integer
-    tensors from the newest input."""
+    tensors from the newest input with a non-zero weight, as in the window."""
     live = [(s, w) for s, w in zip(sources, weights, strict=True) if w != 0.0]
+    newest = live[-1][0]
     accumulators: dict[torch.dtype, tuple[Tensor, Tensor]] = {}  # per accumulation dtype: (acc, scratch), reused
     for entry in file_order(layout):
         if not is_averaged(entry.dtype):
-            yield tensor_bytes(sources[-1][entry.name].reshape(-1).contiguous())
+            yield tensor_bytes(newest[entry.name].reshape(-1).contiguous())
             progress(entry.numel * entry.dtype.itemsize)
             continue
         rows = [(s[entry.name].reshape(-1), w) for s, w in live]
@@ -188,15 +318,14 @@ def write_safetensors(path: Path, layout: Layout, chunks: Iterator[memoryview], 
         yield snapshot_header(layout, metadata)
         yield from chunks
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, stream())
 
 
 def command_merge(args: argparse.Namespace) -> int:
     paths = expand(args.inputs)
-    if args.last is not None:
-        if args.last < 1:
-            raise UsageError(f"--last must be a positive integer, got {args.last}")
-        paths = paths[-args.last :]
+    if args.last is not None and args.last < 1:
+        raise UsageError(f"--last must be a positive integer, got {args.last}")
     options = parse_options(args.option)
     try:
         weights_arg = [float(w) for w in args.weights.split(",")] if args.weights else None
@@ -204,38 +333,61 @@ def command_merge(args: argparse.Namespace) -> int:
         raise UsageError(f"--weights {args.weights!r}: expected numbers separated by commas, e.g. --weights 0.2,0.8") from None
     method: Any = weights_arg if weights_arg is not None else args.method
     output = Path(args.output)
+    as_folder = output.suffix != ".safetensors"
+    check_output(output, paths, args.force, folder=as_folder)
     windows = [p for p in paths if is_window(p)]
     if windows:
         if len(paths) != 1:
             raise UsageError(f"{windows[0]} is a ckptavg window folder: merge it on its own (its snapshots are the inputs)")
-        merged = consolidate(paths[0], method, args.alpha, **options)
-        steps = consolidated_steps(paths[0])
-        metadata = _metadata(method, coefficients(method, steps, args.alpha, **options), [str(paths[0])], options, steps)
-        layout = Layout.from_tensors(merged)
-        write_safetensors(_output_file(output), layout, tensor_chunks(layout, merged), metadata)
-        _say(args, f"merged {len(steps)} snapshots of {paths[0]} into {output}")
-        return 0
-    if len(paths) < 1:
-        raise UsageError("no inputs")
-    opened = [open_source(p) for p in paths]
-    weights = coefficients(method, len(opened), args.alpha, **options)
+        return _merge_window(args, paths[0], method, options, output, as_folder)
+    opened, steps = oldest_first([open_source(p, args.key) for p in paths])
+    if args.last is not None:
+        if args.last > len(opened):
+            raise UsageError(f"--last {args.last}: only {len(opened)} inputs were given")
+        opened, steps = opened[-args.last :], None if steps is None else steps[-args.last :]
+    _say(args, "inputs, oldest first: " + ", ".join(f"{s.path}" + ("" if s.step is None else f" (step {s.step})") for s in opened))
+    try:
+        weights = coefficients(method, steps if steps is not None else list(range(1, len(opened) + 1)), args.alpha, **options)
+    except ValueError as err:
+        if steps is None:
+            raise
+        raise UsageError(f"{err} (the steps were read from the inputs' names, or recorded inside them: {steps})") from None
     layout = _checked_layout(opened)
-    metadata = _metadata(method, weights, [str(p) for p in paths], options, None)
-    first = opened[0]
+    metadata = _metadata(method, weights, [str(s.path) for s in opened], options, steps)
     live = sum(1 for w in weights if w)
     bar = progress_bar(live * layout.nbytes, f"merging {len(opened)} checkpoints", args.quiet)  # the bytes read
 
     def progress(written: int) -> None:
         bar.update(written * live)
 
+    tensors = [s.tensors for s in opened]
     try:
-        if first.shards is not None or (first.path.is_dir() and not str(output).endswith(".safetensors")):
-            _write_hf_folder(output, first, layout, [s.tensors for s in opened], weights, metadata, progress)
+        if as_folder:
+            model_files = next((s for s in opened if s.path.is_dir()), None)  # the oldest Hugging Face input
+            build_folder(output, lambda folder: _write_hf_folder(folder, model_files, layout, tensors, weights, metadata, progress))
         else:
-            write_safetensors(_output_file(output), layout, merged_chunks(layout, [s.tensors for s in opened], weights, progress), metadata)
+            write_safetensors(output, layout, merged_chunks(layout, tensors, weights, progress), metadata)
     finally:
         bar.close()
     _say(args, f"merged {len(opened)} checkpoints ({args.method if weights_arg is None else 'weights'}: {[round(w, 4) for w in weights]}) into {output}")
+    return 0
+
+
+def _merge_window(args: argparse.Namespace, window: Path, method: Any, options: dict[str, Any], output: Path, as_folder: bool) -> int:
+    """A window folder's snapshots are the inputs (``--last N``: its newest ``N``)."""
+    steps = consolidated_steps(window)
+    chosen = steps if args.last is None else steps[-args.last :]
+    if args.last is not None and args.last > len(steps):
+        raise UsageError(f"--last {args.last}: {window} holds {len(steps)} snapshots (steps {steps})")
+    weights = coefficients(method, chosen, args.alpha, **options)
+    merged = consolidate(window, [0.0] * (len(steps) - len(chosen)) + list(weights))
+    metadata = _metadata(method, weights, [str(window)], options, chosen)
+    layout = Layout.from_tensors(merged)
+    if as_folder:
+        build_folder(output, lambda folder: write_safetensors(folder / HF_SINGLE, layout, tensor_chunks(layout, merged), metadata))
+    else:
+        write_safetensors(output, layout, tensor_chunks(layout, merged), metadata)
+    _say(args, f"merged {len(chosen)} snapshots of {window} (steps {chosen[0]}..{chosen[-1]}) into {output}")
     return 0
 
 
@@ -267,40 +419,35 @@ def _metadata(method: Any, weights: Sequence[float], inputs: list[str], options:
     return metadata
 
 
-def _output_file(output: Path) -> Path:
-    """``-o``: a file, or an existing folder (the file is then its ``model.safetensors``)."""
-    if output.is_dir():
-        return output / HF_SINGLE
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return output
-
-
 def _write_hf_folder(
-    output: Path, first: Source, layout: Layout, sources: list[Mapping[str, Tensor]], weights: Sequence[float], metadata: dict[str, str], progress: Any
+    folder: Path, model_files: Source | None, layout: Layout, sources: list[Mapping[str, Tensor]], weights: Sequence[float], metadata: dict[str, str], progress: Any
 ) -> None:
-    """A Hugging Face folder: the first input's sharding (each shard written as it is computed),
-    its index, and its other files (configs, tokenizer) copied."""
-    output.mkdir(parents=True, exist_ok=True)
-    shards = first.shards or {e.name: HF_SINGLE for e in layout}
+    """A Hugging Face folder: the sharding of ``model_files`` (one ``model.safetensors`` when it
+    has none), each shard written as it is computed, its index, and the files a model needs
+    beside its weights (:data:`MODEL_FILES`)."""
+    shards = (model_files.shards if model_files is not None else None) or {e.name: HF_SINGLE for e in layout}
     for shard in sorted(set(shards.values())):
         names = [e.name for e in layout if shards[e.name] == shard]
         part = Layout([(n, layout.entries[n].dtype, layout.entries[n].shape) for n in names])
-        write_safetensors(output / shard, part, merged_chunks(part, sources, weights, progress), metadata)
-    if first.shards is not None:
-        index = json.loads((first.path / HF_INDEX).read_text())
-        index.setdefault("metadata", {})["ckptavg"] = metadata
-        (output / HF_INDEX).write_text(json.dumps(index, indent=2))
-    for item in sorted(first.path.iterdir()):
-        if item.is_file() and not item.is_symlink() and item.suffix not in WEIGHT_SUFFIXES and item.name != HF_INDEX:
-            shutil.copy2(item, output / item.name)
+        write_safetensors(folder / shard, part, merged_chunks(part, sources, weights, progress), metadata)
+    if len(set(shards.values())) > 1:
+        index = {"metadata": {"total_size": layout.nbytes, "ckptavg": metadata}, "weight_map": shards}
+        (folder / HF_INDEX).write_text(json.dumps(index, indent=2))
+    if model_files is not None and model_files.path.is_dir():
+        for item in sorted(model_files.path.iterdir()):
+            if item.is_file() and not item.is_symlink() and MODEL_FILES.match(item.name):
+                shutil.copy2(item, folder / item.name)
 
 
 def command_export(args: argparse.Namespace) -> int:
     """The merged weights a Lightning checkpoint recorded (``ckptavg.load_merged_weights``)."""
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"-o {output}: export writes one .safetensors file")
+    check_output(output, [Path(args.checkpoint)], args.force, folder=False)
     merged = load_merged_weights(args.checkpoint, averager=args.averager)
     layout = Layout.from_tensors(merged)
-    metadata = safetensors_metadata("merged", source=str(args.checkpoint))
-    write_safetensors(_output_file(Path(args.output)), layout, tensor_chunks(layout, merged), metadata)
+    write_safetensors(output, layout, tensor_chunks(layout, merged), safetensors_metadata("merged", source=str(args.checkpoint)))
     _say(args, f"wrote the merged weights of {args.checkpoint} to {args.output}")
     return 0
 
@@ -317,7 +464,7 @@ def _sha256(path: Path, bar: Any) -> str:
     return digest.hexdigest()
 
 
-def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlation: bool = True) -> dict[str, Any]:
+def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlation: bool = True, key: str | None = None) -> dict[str, Any]:
     """What a window folder, checkpoint file or Hugging Face folder holds (never changes it)."""
     if is_window(path):
         from .window import CheckpointWindow
@@ -335,17 +482,47 @@ def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlatio
                     "correlation": None if diagnostic is None else {**diagnostic.summary(), "reason": diagnostic.reason},
                 })  # fmt: skip
         return report
-    source = open_source(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    source = open_source(path, key)
+    files = [source.path] if source.path.is_file() else sorted(p for p in source.path.iterdir() if p.suffix == ".safetensors")
     total = sum(f.stat().st_size for f in files)
-    bar = progress_bar(total, f"checksums of {path}", quiet)
+    bar = progress_bar(total, f"checksums of {source.path}", quiet)
     try:
         checksums = {str(f): _sha256(f, bar) for f in files}
     finally:
         bar.close()
     layout = Layout([(n, d, s) for n, (d, s) in describe(source.tensors).items()])
-    return {"path": str(path), "kind": "Hugging Face folder" if path.is_dir() else "checkpoint file",
-            "tensors": _tensor_summary(layout), "sha256": checksums}  # fmt: skip
+    report = {"path": str(source.path), "kind": "Hugging Face folder" if source.path.is_dir() else "checkpoint file",
+              "tensors": _tensor_summary(layout), "sha256": checksums, "step": source.step}  # fmt: skip
+    if source.key is not None:
+        report["state_dict_key"] = source.key
+    metadata = getattr(source.tensors, "metadata", None)
+    if metadata:
+        report["metadata"] = {k: _parsed(v) for k, v in metadata.items()}
+    if source.path.is_file() and source.path.suffix not in (".safetensors",):
+        averagers = _averager_states(source.path)
+        if averagers:
+            report["averagers"] = averagers
+            report["hint"] = f"this checkpoint holds a ckptavg window: ckptavg export {source.path} -o merged.safetensors writes the merge it measured"
+    return report
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _averager_states(path: Path) -> dict[str, Any]:
+    """The ``CheckpointAverager`` states a Lightning checkpoint carries: window steps and merge."""
+    obj = read_torch_file(path)
+    callbacks = obj.get("callbacks") if isinstance(obj, Mapping) else None
+    found = {}
+    for name, state in (callbacks or {}).items():
+        if str(name).startswith("CheckpointAverager") and isinstance(state, Mapping):
+            window = state.get("window") or {}
+            found[str(name)] = {"merge": state.get("merge"), "storage": window.get("storage"), "steps": list(window.get("steps", []))}
+    return found
 
 
 def _tensor_summary(layout: Layout) -> dict[str, Any]:
@@ -365,7 +542,7 @@ def _manifest_files(folder: Path) -> list[dict[str, Any]]:
 
 
 def command_inspect(args: argparse.Namespace) -> int:
-    report = inspect_path(Path(args.path), quiet=args.quiet or args.json, verify=not args.no_verify)
+    report = inspect_path(Path(args.path), quiet=args.quiet or args.json, verify=not args.no_verify, key=args.key)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -375,7 +552,7 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    print(f"{report['path']}: {report['kind']}")
+    print(f"{report['path']}: {report['kind']}" + (f", step {report['step']}" if report.get("step") is not None else ""))
     for rank in report.get("ranks", []):
         t = rank["tensors"]
         print(f"  {rank['folder']}: steps {rank['steps']} (window {rank['window']}), {human_size(rank['stored_bytes'])} stored")
@@ -390,23 +567,79 @@ def _print_report(report: dict[str, Any]) -> None:
             print(f"    verify: {'damaged: ' + ', '.join(rank['damaged']) if rank['damaged'] else 'every file reads back and matches its checksums'}")
     if "sha256" in report:
         t = report["tensors"]
+        if report.get("state_dict_key"):
+            print(f"  the state dict is its entry {report['state_dict_key']!r}")
         print(f"  {t['count']} tensors, {t['elements'] / 1e6:.2f}M elements by dtype {t['elements_by_dtype']}, largest {t['largest']}")
+        metadata = report.get("metadata") or {}
+        if metadata.get("ckptavg") == "merged" or metadata.get("format") == "ckptavg.merged":
+            print(f"  a ckptavg merge: method {metadata.get('method')}, steps {metadata.get('steps', 'not recorded')}, coefficients {metadata.get('coefficients')}")
+            for name in ("options", "inputs", "selected", "selected_by", "candidate_scores", "source", "module"):
+                if name in metadata:
+                    print(f"    {name}: {metadata[name]}")
+        for name, state in (report.get("averagers") or {}).items():
+            print(f"  {name}: a {state['storage']} window of steps {state['steps']}, merge {state['merge']}")
+        if report.get("hint"):
+            print(f"  {report['hint']}")
         for name, digest in report["sha256"].items():
             print(f"  sha256 {digest}  {name}")
 
 
+def verify_path(path: Path, key: str | None = None) -> list[str]:
+    """Every problem found reading ``path`` back: a window folder's files against their checksums;
+    any other checkpoint's headers, sizes, shards and values (NaN or Inf in a float tensor is
+    reported). Returns ``"<file>: <problem>"`` lines; empty when everything reads back."""
+    if is_window(path):
+        report = inspect_path(path, quiet=True, verify=True, correlation=False)  # reading every file back is the whole job
+        return [f"{Path(r['folder']) / name}: its checksums do not match" for r in report["ranks"] for name in r["damaged"]]
+    try:
+        source = open_source(path, key)
+    except (UsageError, ValueError) as err:
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            return [f"{path}: {err}"]  # unreadable: a damaged file
+        raise
+    problems = []
+    if source.path.is_dir():
+        for file in sorted(source.path.glob("*.safetensors")):
+            problems += _safetensors_size_problems(file)
+    elif source.path.suffix == ".safetensors":
+        problems += _safetensors_size_problems(source.path)
+    if problems:
+        return problems
+    for name in source.tensors:
+        try:
+            tensor = source.tensors[name]
+        except Exception as err:  # a shard cut short, a bad offset
+            problems.append(f"{source.path}: tensor {name!r} cannot be read: {err}")
+            continue
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{source.path}: tensor {name!r} holds NaN or Inf")
+    return problems
+
+
+def _safetensors_size_problems(file: Path) -> list[str]:
+    """A safetensors file's size against what its header says its data takes."""
+    try:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return [f"{file}: its header cannot be read: {err}"]
+    size, expected = file.stat().st_size, 8 + length + end
+    return [] if size == expected else [f"{file}: {size} bytes, its header describes {expected}"]
+
+
 def command_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not is_window(path):
-        raise UsageError(f"{path} is not a ckptavg window folder (no {MANIFEST})")
-    report = inspect_path(path, quiet=True, verify=True, correlation=False)  # reading every file back is the whole job
-    damaged = [(r["folder"], d) for r in report["ranks"] for d in r["damaged"]]
-    for folder, name in damaged:
-        print(f"damaged: {Path(folder) / name}")
-    if not damaged and not args.quiet:
-        held = sum(len(r["steps"]) for r in report["ranks"])
-        print(f"{path}: {held} snapshots, every file reads back and matches its checksums")
-    return 1 if damaged else 0
+    problems = verify_path(path, args.key)
+    if args.json:
+        print(json.dumps({"path": str(path), "ok": not problems, "damaged": problems}, indent=1))
+    else:
+        for problem in problems:
+            print(f"damaged: {problem}")
+        if not problems and not args.quiet:
+            print(f"{path}: every file reads back" + (" and matches its checksums" if is_window(path) else ", with finite values"))
+    return 1 if problems else 0
 
 
 # -- plumbing ------------------------------------------------------------------------------------
@@ -417,34 +650,51 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text)
 
 
+def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)  # type: ignore[no-any-return]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptavg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ckptavg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="merge checkpoints (oldest first) into one", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Merge checkpoints, oldest first, with one coefficient vector.\n\n" + __doc__.split("\n\n")[1])  # fmt: skip
+    merge = _command(commands, "merge", "merge checkpoints (oldest first) into one",
+                     "Merge checkpoints, oldest first, with one coefficient vector.\n\n" + __doc__.split("\n\n")[2])  # fmt: skip
     merge.add_argument("inputs", nargs="+", help="files (.safetensors .pt .pth .bin .ckpt), Hugging Face folders, a window folder, or globs")
     merge.add_argument("--method", default="sma", help=f"merge method: {', '.join(method_names())} (default sma)")
     merge.add_argument("--weights", help="explicit weights, one per input, oldest first: 0.2,0.8 (scaled to sum to 1)")
     merge.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="EMA coefficient (default 0.2)")
     merge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option: --option shape=1-sqrt")
-    merge.add_argument("--last", type=int, help="merge only the last N inputs")
-    merge.add_argument("-o", "--output", required=True, help="output .safetensors file, or folder (Hugging Face inputs)")
+    merge.add_argument("--last", type=int, help="merge only the newest N inputs (of a window folder: its newest N snapshots)")
+    merge.add_argument("--key", help="the entry of torch files that holds the state dict (default: the file itself, or state_dict, model, module, ema, ...)")
+    merge.add_argument("-o", "--output", required=True, help="a .safetensors path writes one file; any other path a folder (Hugging Face inputs: sharded as the oldest, with its config and tokenizer)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output (never an input)")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     merge.set_defaults(run=command_merge)
-    export = commands.add_parser("export", help="the merged weights a Lightning checkpoint of a CheckpointAverager run measured")
+    export = _command(commands, "export", "write the merged weights a Lightning checkpoint measured",
+                      "Write the merged weights of a Lightning checkpoint saved with a CheckpointAverager: the merge of the window it recorded.")  # fmt: skip
     export.add_argument("checkpoint", help="a Lightning .ckpt saved with CheckpointAverager in the callbacks")
     export.add_argument("-o", "--output", required=True, help="output .safetensors file")
     export.add_argument("--averager", help="a part of the averager's state key, when the run had several")
+    export.add_argument("--force", action="store_true", help="replace an existing output")
     export.add_argument("-q", "--quiet", action="store_true", help="no summary")
     export.set_defaults(run=command_export)
-    inspect = commands.add_parser("inspect", help="what a window, checkpoint or Hugging Face folder holds")
-    inspect.add_argument("path")
+    inspect = _command(commands, "inspect", "what a window, checkpoint or Hugging Face folder holds",
+                       "Show what a window folder, checkpoint file or Hugging Face folder holds: tensors, steps, checksums, a merge's\n"
+                       "recorded method, steps and coefficients, and whether a Lightning checkpoint carries a window. Exit 1 when\n"
+                       "a window's file is damaged.")  # fmt: skip
+    inspect.add_argument("path", help="a window folder, a checkpoint file, a Hugging Face folder or its model.safetensors.index.json")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--no-verify", action="store_true", help="window folders: skip reading every file back")
+    inspect.add_argument("--key", help="the entry of a torch file that holds the state dict")
     inspect.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(run=command_inspect)
-    verify = commands.add_parser("verify", help="read every file of a window folder back; exit 1 naming damaged ones")
-    verify.add_argument("path")
+    verify = _command(commands, "verify", "read a window, checkpoint or Hugging Face folder back; exit 1 naming what is damaged",
+                      "Read every file back: a window's files against their checksums; any other checkpoint's headers, sizes,\n"
+                      "shards and values (NaN or Inf is damage). Exit 1 naming each damaged file; nothing is changed.")  # fmt: skip
+    verify.add_argument("path", help="a window folder, a checkpoint file or a Hugging Face folder")
+    verify.add_argument("--key", help="the entry of a torch file that holds the state dict")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.add_argument("-q", "--quiet", action="store_true", help="print only damaged files")
     verify.set_defaults(run=command_verify)
     return parser
@@ -455,9 +705,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (UsageError, ValueError, FileNotFoundError, CorruptSnapshotError) as err:
+    except (UsageError, ValueError, KeyError, OSError, CorruptSnapshotError) as err:
         print(f"ckptavg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug: say so, without a traceback
+        print(f"ckptavg {args.command}: internal error ({type(err).__name__}): {err}. Please report it", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,7 @@ class _SafetensorsFile(Mapping[str, Tensor]):
 
         self.path = path
         with safe_open(str(path), framework="pt", device="cpu") as f:
+            self.metadata: dict[str, str] = dict(f.metadata() or {})
             self._keys = list(f.keys())
             self._specs = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in self._keys}
 
@@ -55,24 +56,80 @@ class _SafetensorsFile(Mapping[str, Tensor]):
             raise ValueError(f"{self.path}: tensor {name!r}: {err}") from None
 
 
-def load_state_file(path: str | os.PathLike[str]) -> Mapping[str, Tensor]:
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ema", "model_ema", "state_dict_ema")
+"""Where training scripts usually keep the weights inside a saved dict, most common first."""
+
+
+def load_state_file(path: str | os.PathLike[str], *, key: str | None = None) -> Mapping[str, Tensor]:
     """A state dict from a file, never unpickling code: safetensors (read lazily), or a torch file
-    (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``: its ``state_dict`` entry) loaded with
-    ``weights_only=True``."""
+    (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``) loaded with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        key: where the state dict sits inside a torch file that holds more (``"model"`` in
+            ``torch.save({"model": ..., "optimizer": ..., "epoch": 3})``; dotted for nesting,
+            ``"model.ema"``). By default the file itself when it maps names to tensors, else the
+            first entry among :data:`STATE_DICT_KEYS` that does; anything else is refused with the
+            file's keys listed, never read as an empty state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
+            if key is not None:
+                raise ValueError(f"{path}: key={key!r} applies to torch files; a safetensors file is one state dict")
             return _SafetensorsFile(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # safetensors and torch raise a variety of types for bad files
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises a variety of types for bad files
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    return find_state_dict(read_torch_file(path), path, key)[1]
+
+
+def read_torch_file(path: Path) -> Any:
+    """Everything a torch file holds, loaded with ``weights_only=True`` (memory-mapped)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises a variety of types for bad files
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def find_state_dict(obj: Any, where: str | os.PathLike[str], key: str | None = None) -> tuple[str | None, Mapping[str, Tensor]]:
+    """The mapping of names to tensors inside a loaded checkpoint ``obj`` and the key it was found
+    under (``None``: ``obj`` itself); see :func:`load_state_file` for the rule."""
+    if key is not None:
+        found = obj
+        for part in key.split("."):
+            if not isinstance(found, Mapping) or part not in found:
+                keys = sorted(map(str, found)) if isinstance(found, Mapping) else type(found).__name__
+                raise ValueError(f"{where}: key {key!r}: no entry {part!r} (found {keys})")
+            found = found[part]
+        _check_tensors(found, where, f"entry {key!r}")
+        return key, found
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
-    return obj
+        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict")
+    if _all_tensors(obj):
+        return None, obj
+    for candidate in STATE_DICT_KEYS:
+        if _all_tensors(obj.get(candidate)):
+            return candidate, obj[candidate]
+    raise ValueError(
+        f"{where} holds no state dict: its entries are {sorted(map(str, obj))}, none a mapping of names to tensors. "
+        "Name the entry with key= (--key on the command line), dotted for nesting"
+    )
+
+
+def _all_tensors(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _check_tensors(obj: Any, where: str | os.PathLike[str], what: str) -> None:
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{where}: {what} is {'empty' if isinstance(obj, Mapping) else 'a ' + type(obj).__name__}, not a state dict")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{where}: {what} is not a state dict: {bad[:5]} are not tensors")
 
 
 def _describe(source: CheckpointSource, index: int) -> str:
@@ -94,7 +151,7 @@ def merge_state_dicts(
     name with its ``options`` (see :mod:`ckptavg.methods`; the checkpoints count as evenly spaced)
     or one number per checkpoint (scaled to sum to 1). Floats are
     accumulated in fp32 (fp64 in fp64) and cast back once; integer and bool tensors come from the
-    last checkpoint. Tensors are paired by name; any difference in names, shapes or dtypes raises
+    newest checkpoint with a non-zero weight. Tensors are paired by name; any difference in names, shapes or dtypes raises
     ``ValueError`` naming the key and the checkpoint.
 
     >>> import torch
@@ -109,17 +166,21 @@ def merge_state_dicts(
     coeffs = coefficients("sma" if weights is None else weights, len(sources), alpha, **options)
     loaded = [load_state_file(s) if isinstance(s, (str, os.PathLike)) else s for s in sources]
     dicts = [state_tensors(d) for d in loaded]
+    for index, (source, tensors) in enumerate(zip(sources, dicts, strict=True)):
+        if not tensors and isinstance(source, Mapping):  # {"model": ..., "optimizer": ..., "epoch": 3}
+            dicts[index] = dict(find_state_dict(source, _describe(source, index))[1])
     layout = Layout.from_tensors(dicts[0])
     for index, (source, tensors) in enumerate(zip(sources, dicts, strict=True)):
         layout.check(tensors, what=_describe(source, index))
 
     live = [(d, c) for d, c in zip(dicts, coeffs, strict=True) if c != 0.0]
+    newest = live[-1][0]  # integer tensors: from the newest checkpoint that is merged, as in the window
     merged: dict[str, Tensor] = {}
     for entry in layout:
         out = torch.empty(entry.shape, dtype=entry.dtype)
         merged[entry.name] = out
         if not is_averaged(entry.dtype):
-            out.copy_(local_tensor(dicts[-1][entry.name]))
+            out.copy_(local_tensor(newest[entry.name]))
             continue
         rows = [(flat_local(d[entry.name]), c) for d, c in live]  # each file read once
         flat = out.view(-1)

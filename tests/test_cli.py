@@ -223,3 +223,175 @@ def test_a_window_written_before_format_pt_still_opens(tmp_path, monkeypatch):
         assert reopened.verify() == []
         merged = reopened.merge("sma")
     assert torch.allclose(merged["w"].double(), reference(snaps, [1 / 3] * 3)["w"], atol=1e-6)
+
+
+def trainer_checkpoints(tmp_path, steps):
+    """Hugging Face Trainer output folders (checkpoint-<step>) of tiny GPT-2s, with the training
+    state and other weight formats a Trainer and hub downloads leave beside the model."""
+    folders = []
+    for i, step in enumerate(steps):
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        tiny_gpt2(i).save_pretrained(folder)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for junk in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "tf_model.h5", "flax_model.msgpack", "model.onnx", "pytorch_model.bin.index.json"):
+            (folder / junk).write_bytes(b"not a model")
+        (folder / "tokenizer_config.json").write_text("{}")
+        folders.append(folder)
+    return folders
+
+
+def test_last_n_orders_trainer_checkpoints_by_step_and_the_output_holds_only_model_files(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    trainer_checkpoints(tmp_path, [500, 1000, 1500])  # by name, checkpoint-1500 sorts before checkpoint-500
+    done = ckptavg("merge", "out/checkpoint-*", "--last", "2", "--method", "wma", "-o", "merged", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "inputs, oldest first: out/checkpoint-1000 (step 1000), out/checkpoint-1500 (step 1500)" in done.stdout
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    newer, older = (load_file(str(tmp_path / "out" / f"checkpoint-{s}" / "model.safetensors")) for s in (1500, 1000))
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.allclose(loaded.state_dict()[name].double(), (older[name].double() + 2 * newer[name].double()) / 3, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    done = ckptavg("merge", "out/checkpoint-*", "--last", "4", "-o", "m.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "--last 4: only 3 inputs" in done.stderr
+
+
+def test_a_safetensors_output_is_one_file_whatever_the_inputs(tmp_path):
+    pytest.importorskip("transformers")
+    for i in range(2):
+        tiny_gpt2(i).save_pretrained(tmp_path / f"hf-{i}", max_shard_size="20KB")
+    done = ckptavg("merge", "hf-0", "hf-1", "-o", "single.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "single.safetensors").is_file() and len(load_file(str(tmp_path / "single.safetensors"))) > 10
+    again = ckptavg("merge", "hf-0", "hf-1", "-o", "single.safetensors", "-q", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists: give --force" in again.stderr
+    assert ckptavg("merge", "hf-0", "hf-1", "-o", "single.safetensors", "-q", "--force", cwd=tmp_path).returncode == 0
+
+
+def test_the_command_line_never_writes_over_or_into_its_inputs(tmp_path):
+    pytest.importorskip("transformers")
+    snaps = states(2)
+    for i, s in enumerate(snaps):
+        save_file(s, tmp_path / f"s{i}.safetensors")
+    for i in range(2):
+        tiny_gpt2(i).save_pretrained(tmp_path / f"hf-{i}", max_shard_size="20KB")
+    before = folder_digest(tmp_path)
+    for output in ("s1.safetensors", "hf-0", "hf-1/inner", "."):
+        for force in ([], ["--force"]):
+            inputs = ("s0.safetensors", "s1.safetensors") if output.endswith(".safetensors") else ("hf-0", "hf-1")
+            done = ckptavg("merge", *inputs, "-o", output, *force, cwd=tmp_path)
+            assert done.returncode == 2, (output, done.stderr)
+            assert "input" in done.stderr
+    assert folder_digest(tmp_path) == before
+
+
+def test_a_failed_folder_merge_leaves_nothing_and_a_forced_one_replaces_whole(tmp_path):
+    pytest.importorskip("transformers")
+    for i in range(2):
+        tiny_gpt2(i).save_pretrained(tmp_path / f"hf-{i}", max_shard_size="20KB")
+    index = json.loads((tmp_path / "hf-1" / "model.safetensors.index.json").read_text())
+    name = next(n for n, shard in index["weight_map"].items() if shard.endswith("00001-of-00003.safetensors") or shard == sorted(set(index["weight_map"].values()))[-1])
+    shard = tmp_path / "hf-1" / index["weight_map"][name]
+    data = load_file(str(shard))
+    data[name] = torch.full_like(data[name], float("nan"))  # fails only when that shard is merged
+    save_file(data, shard, metadata={"format": "pt"})
+    done = ckptavg("merge", "hf-0", "hf-1", "-o", "merged", cwd=tmp_path)
+    assert done.returncode == 2 and "not finite" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-0", "hf-1"]  # no partial folder, no staging left
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "old.txt").write_text("from before")
+    done = ckptavg("merge", "hf-0", "hf-0", "-o", "merged", "--force", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "merged" / "old.txt").exists() and (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-0", "hf-1", "merged"]
+
+
+def test_torch_files_holding_more_than_a_state_dict(tmp_path):
+    snaps = states(2)
+    for i, s in enumerate(snaps):
+        torch.save({"model": s, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3}, tmp_path / f"run{i}.pt")
+    done = ckptavg("merge", "run0.pt", "run1.pt", "-o", "m.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_matches(tmp_path / "m.safetensors", reference(snaps, [0.5, 0.5]))
+    report = ckptavg("inspect", "run0.pt", "--json", cwd=tmp_path)
+    assert report.returncode == 0 and json.loads(report.stdout)["state_dict_key"] == "model"
+    torch.save({"weights": {"inner": snaps[0]}, "epoch": 3}, tmp_path / "odd.pt")
+    for command in (("merge", "odd.pt", "run1.pt", "-o", "x.safetensors"), ("inspect", "odd.pt")):
+        done = ckptavg(*command, cwd=tmp_path)
+        assert done.returncode == 2 and "odd.pt holds no state dict: its entries are ['epoch', 'weights']" in done.stderr
+        assert "Traceback" not in done.stderr
+    done = ckptavg("merge", "odd.pt", "odd.pt", "--key", "weights.inner", "-o", "x.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from ckptavg import merge_state_dicts
+
+    merged = merge_state_dicts([tmp_path / "run0.pt", tmp_path / "run1.pt"])
+    assert set(merged) == set(snaps[0])
+    with pytest.raises(ValueError, match="holds no state dict"):
+        merge_state_dicts([tmp_path / "odd.pt", tmp_path / "run1.pt"])
+
+
+def test_odd_inputs_are_named_errors_never_tracebacks(tmp_path):
+    snaps = states(3)
+    for i, s in enumerate(snaps):
+        save_file(s, tmp_path / f"s{i}.safetensors")
+    # integers come from the newest input that is merged, not from one weighted zero
+    assert ckptavg("merge", "s0.safetensors", "s1.safetensors", "s2.safetensors", "--weights", "1,1,0", "-o", "m.safetensors", "-q", cwd=tmp_path).returncode == 0
+    assert int(load_file(str(tmp_path / "m.safetensors"))["step"]) == 100
+    # post-hoc EMA over separate files: numbered 1, 2, 3 when their names give no steps
+    for i, name in enumerate("abc"):
+        save_file(snaps[i], tmp_path / f"{name}.safetensors")
+    done = ckptavg("merge", "a.safetensors", "b.safetensors", "c.safetensors", "--method", "posthoc", "--option", "sigma_rel=0.1", "--option", "max_lost=1.0", "-o", "p.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    done = ckptavg("merge", "s0.safetensors", "s1.safetensors", "--method", "posthoc", "--option", "sigma_rel=0.1", "-o", "q.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and "steps must be positive" in done.stderr and "read from the inputs' names" in done.stderr
+    # an index that maps a tensor to a shard that does not hold it
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"w": snaps[0]["w"]}, folder / "model-00001-of-00002.safetensors")
+    save_file({"b": snaps[0]["b"]}, folder / "model-00002-of-00002.safetensors")
+    weight_map = {"w": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for command in (("merge", "hf", "hf", "-o", "x"), ("inspect", "hf"), ("inspect", "hf/model.safetensors.index.json")):
+        done = ckptavg(*command, cwd=tmp_path)
+        assert done.returncode == 2 and "maps tensor 'w' to model-00002-of-00002.safetensors, which does not hold it" in done.stderr, done.stderr
+
+
+def test_last_n_of_a_window_folder(tmp_path):
+    snaps = states(4)
+    window = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "window")
+    for s in snaps:
+        window.snapshot(s, step=int(s["step"]) + 1)
+    window.close()
+    done = ckptavg("merge", "window", "--last", "2", "-o", "m.safetensors", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_matches(tmp_path / "m.safetensors", reference(snaps[2:], [0.5, 0.5]))
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["steps"]) == [201, 301]
+    assert ckptavg("merge", "window", "--last", "5", "-o", "n.safetensors", cwd=tmp_path).returncode == 2
+
+
+def test_inspect_shows_a_merges_record_and_a_checkpoints_window_and_verify_reads_any_file(tmp_path):
+    snaps = states(2)
+    for i, s in enumerate(snaps):
+        save_file(s, tmp_path / f"s{i}.safetensors")
+    assert ckptavg("merge", "s0.safetensors", "s1.safetensors", "--method", "wma", "-o", "m.safetensors", "-q", cwd=tmp_path).returncode == 0
+    report = json.loads(ckptavg("inspect", "m.safetensors", "--json", cwd=tmp_path).stdout)
+    assert report["metadata"]["method"] == "wma" and report["metadata"]["steps"] == [0, 1]
+    assert report["metadata"]["coefficients"] == pytest.approx([1 / 3, 2 / 3])
+    text = ckptavg("inspect", "m.safetensors", cwd=tmp_path).stdout
+    assert "a ckptavg merge: method wma, steps [0, 1]" in text
+    assert ckptavg("verify", "m.safetensors", cwd=tmp_path).returncode == 0
+    bad = dict(snaps[0], w=snaps[0]["w"].clone())
+    bad["w"][3, 3] = float("nan")
+    save_file(bad, tmp_path / "nan.safetensors")
+    done = ckptavg("verify", "nan.safetensors", "--json", cwd=tmp_path)
+    assert done.returncode == 1 and json.loads(done.stdout)["damaged"] == [f"nan.safetensors: tensor 'w' holds NaN or Inf"]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "s0.safetensors").read_bytes()[:-100])
+    done = ckptavg("verify", "cut.safetensors", cwd=tmp_path)
+    assert done.returncode == 1 and "damaged: cut.safetensors" in done.stdout
+    assert ckptavg("--version", cwd=tmp_path).stdout.startswith("ckptavg ")
+    for command in ("merge", "export", "inspect", "verify"):
+        help_text = ckptavg(command, "--help", cwd=tmp_path).stdout
+        assert "usage:" in help_text and "-h, --help" in help_text and len(help_text.splitlines()) > 8
