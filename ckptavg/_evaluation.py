@@ -197,25 +197,52 @@ def has_validation(trainer: pl.Trainer) -> bool:
 
 def batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], float] | None:
     """A callable returning the module's training loss on ``batch`` with its current weights,
-    leaving no trace: no gradients, nothing logged, RNG and torchmetrics states restored. ``None``
-    under manual optimization (there ``training_step`` steps the optimizers itself)."""
+    leaving no trace: nothing logged, and every tensor of the module (parameters, buffers such as
+    BatchNorm statistics, tensor attributes such as an EMA teacher or a counter), the RNG and
+    torchmetrics states as they were. It runs with autograd on, as in training, so a step that
+    calls ``torch.autograd.grad`` works; no ``.grad`` is touched (it never calls ``backward``).
+    ``None`` under manual optimization (there ``training_step`` steps the optimizers itself)."""
     if not pl_module.automatic_optimization:
         return None
 
     def evaluate() -> float:
-        saved_rng, saved_metrics = rng_state(), metric_states(pl_module)
+        saved_rng, saved_metrics, saved_tensors = rng_state(), metric_states(pl_module), module_tensors(pl_module)
         pl_module.log = pl_module.log_dict = _ignore  # type: ignore[method-assign]  # instance attributes shadow the methods
         try:
-            with torch.no_grad():
+            with torch.enable_grad():
                 output = pl_module.training_step(batch, batch_idx)
+                loss = output.get("loss") if isinstance(output, Mapping) else output
+                return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
         finally:
             del pl_module.log, pl_module.log_dict
             set_rng_state(saved_rng)
             restore_metric_states(saved_metrics)
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
+            restore_module_tensors(saved_tensors)
 
     return evaluate
+
+
+_Saved = tuple[torch.nn.Module, str, str, torch.Tensor, torch.Tensor]
+
+
+def module_tensors(module: torch.nn.Module) -> list[_Saved]:
+    """A copy of every tensor a module and its submodules hold (parameters, buffers, persistent or
+    not, and plain tensor attributes), with the objects they are bound to."""
+    saved: list[_Saved] = []
+    for owner in module.modules():
+        for where, tensors in (("_parameters", owner._parameters), ("_buffers", owner._buffers), ("__dict__", vars(owner))):
+            for name, tensor in tensors.items():
+                if isinstance(tensor, torch.Tensor) and (where != "__dict__" or not isinstance(tensor, torch.nn.Parameter)):
+                    saved.append((owner, where, name, tensor, tensor.detach().clone()))
+    return saved
+
+
+@torch.no_grad()
+def restore_module_tensors(saved: list[_Saved]) -> None:
+    """Bind every name back to its own tensor (a step may have rebound it) and restore its values."""
+    for owner, where, name, tensor, value in saved:
+        (vars(owner) if where == "__dict__" else getattr(owner, where))[name] = tensor
+        tensor.copy_(value)
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:

@@ -277,6 +277,7 @@ class CheckpointAverager(Callback):
         self._loss_sum: torch.Tensor | None = None  # losses of the micro-batches of the current step
         self._loss_count = 0
         self._grad_norm: float | None = None
+        self._unwatched_warned = False  # training_step returned no loss to watch (said once per fit)
         self._scaled_lrs: list[tuple[dict[str, Any], float]] = []
         self._last_watched_step = 0
         self._restored_at = -1
@@ -414,7 +415,7 @@ class CheckpointAverager(Callback):
         if self._window is None or len(self._window) == 0:
             self._check_cost(trainer, pl_module)
         self._last_watched_step = trainer.global_step
-        self._loss_sum, self._loss_count = None, 0
+        self._loss_sum, self._loss_count, self._unwatched_warned = None, 0, False
         if self._window is not None and self._window.steps and self._window.steps[-1] > trainer.global_step:
             # A new fit with the same callback object: its snapshots belong to another run.
             rank_zero_warn(
@@ -570,8 +571,18 @@ class CheckpointAverager(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().float()
+            if pl_module.automatic_optimization:
+                loss = loss * trainer.accumulate_grad_batches  # Lightning hands hooks the loss divided for accumulation
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._loss_count += 1
+        elif not pl_module.automatic_optimization and not self._unwatched_warned:
+            self._unwatched_warned = True
+            rank_zero_warn(
+                f"CheckpointAverager: {type(pl_module).__name__}.training_step returned no loss, so recovery cannot watch "
+                "the run and is off (NaN snapshots are still refused). Return the loss from training_step (under "
+                "manual optimization too: `return loss`) to turn it on, or pass recover=False to silence this",
+                stacklevel=1,
+            )
         step = trainer.global_step
         if step == self._last_watched_step or self._loss_count == 0:
             return  # still accumulating gradients: no optimizer step yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -46,3 +47,99 @@ def test_the_rich_progress_bar_survives_the_preview(tmp_path, explicit):
     assert isinstance(run.progress_bar_callback, RichProgressBar)  # Lightning's default when rich is installed
     assert all(bar is run.progress_bar_callback for bar in model.bars)  # the preview's runs too
     assert "merged/val_loss" in run.callback_metrics
+
+
+# -- recovery: steps that need autograd, module state, units, silence ------------------------------
+
+
+class StatefulRegression(Regression):
+    """A training step as people write them: a gradient penalty through torch.autograd.grad,
+    BatchNorm statistics, an EMA teacher and a step counter updated in place, a rebound buffer."""
+
+    def __init__(self):
+        super().__init__(lr=0.005)
+        self.net.insert(1, torch.nn.BatchNorm1d(32))
+        self.teacher = torch.nn.Linear(8, 1)
+        self.teacher.requires_grad_(False)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("rebound", torch.zeros(()), persistent=False)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        prediction = self(x)
+        (slope,) = torch.autograd.grad(prediction.sum(), x, create_graph=True)
+        loss = torch.nn.functional.mse_loss(prediction, y) + 1e-3 * slope.pow(2).mean()
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), (self.net[0].weight[:1], self.net[0].bias[:1]), strict=True):
+                t.mul_(0.9).add_(0.1 * s.reshape(t.shape))
+            self.updates += 1
+        self.rebound = self.rebound + 1  # a new tensor bound to the buffer's name
+        self.losses.append(float(loss))
+        return loss
+
+
+def test_the_recovery_check_runs_steps_that_need_autograd_and_leaves_no_module_state_behind(tmp_path):
+    from test_recovery import ScrambleWeights
+
+    model = StatefulRegression()
+    train, _ = data(shuffle=True)
+    torch.manual_seed(0)
+    averager = CheckpointAverager(window=8, every_n_steps=4, preview=False, merge_at_end=False)
+    trainer(tmp_path, [averager, ScrambleWeights(120)], max_epochs=12, limit_val_batches=0).fit(model, train)
+    (event,) = averager.recovery_events
+    assert event.action == "restored" and math.isfinite(event.batch_loss)
+    # training_step ran 192 + 2 times (twice for the check); only the 192 real steps left state behind
+    # (the restore itself rolls the persistent state back to the merged point, counters included)
+    assert len(model.losses) == 194 and float(model.rebound) == 192
+    assert int(model.updates) == int(model.net[1].num_batches_tracked)
+
+
+def test_the_recovery_check_leaves_every_tensor_of_the_module_as_it_was():
+    from ckptavg import _evaluation
+
+    model = StatefulRegression()
+    model.train()
+    x, y = data()[0].dataset.tensors
+    batch = (x[:16], y[:16])
+    model.training_step(batch, 0)  # a real step first: non-trivial statistics
+    before = {name: t.detach().clone() for name, t in [*model.state_dict().items(), ("rebound", model.rebound)]}
+    bound = model.rebound
+    loss = _evaluation.batch_loss(model, batch, 0)()
+    assert math.isfinite(loss) and len(model.losses) == 2
+    after = {name: t for name, t in [*model.state_dict().items(), ("rebound", model.rebound)]}
+    assert model.rebound is bound
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+def test_recovery_watches_the_real_loss_under_gradient_accumulation(tmp_path):
+    model = StatefulRegression()
+    train, _ = data()
+    averager = CheckpointAverager(window=4, every_n_steps=2, preview=False, merge_at_end=False)
+    trainer(tmp_path, [averager], max_steps=6, accumulate_grad_batches=4, limit_val_batches=0).fit(model, train)
+    assert averager.guard.loss_level.seen == 6
+    assert averager.guard.last_loss == pytest.approx(sum(model.losses[-4:]) / 4, rel=1e-5)
+
+
+class ManualRegression(Regression):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()  # and returns nothing, as Lightning's docs show
+
+
+def test_manual_optimization_without_a_returned_loss_says_recovery_is_off(tmp_path):
+    train, _ = data()
+    averager = CheckpointAverager(window=4, every_n_steps=2, preview=False, merge_at_end=False)
+    with pytest.warns(UserWarning, match="training_step returned no loss, so recovery cannot watch the run and is off") as caught:
+        trainer(tmp_path, [averager], max_steps=8, limit_val_batches=0).fit(ManualRegression(), train)
+    assert sum("returned no loss" in str(w.message) for w in caught) == 1  # said once
