@@ -183,6 +183,13 @@ def publish(trainer: pl.Trainer, metrics: Mapping[str, Mapping[str, Any]]) -> No
         connector.log_metrics(dict(metrics["log"]))
 
 
+def has_validation_step(trainer: pl.Trainer) -> bool:
+    """Whether the module defines validation and the trainer runs it at all (before its data is set up)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("validation_step", trainer.lightning_module) and trainer.limit_val_batches != 0
+
+
 def has_validation(trainer: pl.Trainer) -> bool:
     """Whether fitting runs a validation loop with at least one batch."""
     from lightning.pytorch.utilities.model_helpers import is_overridden

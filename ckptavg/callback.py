@@ -241,8 +241,10 @@ class CheckpointAverager(Callback):
             alpha = 1.0 - float(decay)
         self._main = MergeSpec.checked(str(merge).lower(), merge, alpha, merge_options, "merge")  # before anything runs
         self.candidates = parse_candidates(candidates, alpha, self._main)
-        if select is not None and (not isinstance(select, str) or not select):
+        if select is not None and (not isinstance(select, str) or not select.removeprefix(MERGED_PREFIX) or select.startswith(ENSEMBLE_PREFIX)):
             raise ValueError(f"select must be the name of a validation metric (e.g. 'val_loss'), got {select!r}")
+        if select is not None:
+            select = select.removeprefix(MERGED_PREFIX)  # every candidate is a merge: merged/val_loss is val_loss of each
         if select is not None and not self.candidates:
             raise ValueError(f"select={select!r} chooses among candidates: give candidates=[...] as well")
         self.select = select
@@ -278,6 +280,7 @@ class CheckpointAverager(Callback):
         self._loss_count = 0
         self._grad_norm: float | None = None
         self._unwatched_warned = False  # training_step returned no loss to watch (said once per fit)
+        self._names_checked = False  # select and monitor were found among the logged metrics
         self._scaled_lrs: list[tuple[dict[str, Any], float]] = []
         self._last_watched_step = 0
         self._restored_at = -1
@@ -377,7 +380,34 @@ class CheckpointAverager(Callback):
         self._spread = self.spread and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
         root = trainer.log_dir or trainer.default_root_dir  # log_dir is broadcast from rank 0
         self._default_dirpath = Path(root) / "ckptavg"
+        self._names_checked = not _evaluation.has_validation_step(trainer)
+        self._check_no_clash(trainer)
         self._run_before_merged_monitors(trainer)
+
+    def _check_no_clash(self, trainer: pl.Trainer) -> None:
+        """Two averagers in one Trainer must not publish the same metrics, write the same files or
+        both restore the model: refused before the first step, naming what they would share."""
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self:
+                return  # each pair is checked once, by the later of the two
+            if not isinstance(other, CheckpointAverager):
+                continue
+            shared = []
+            if self.preview and other.preview and _evaluation.has_validation_step(trainer):
+                shared.append(f"the metrics {MERGED_PREFIX}<name> (preview=True)")
+            same_folder = self._resolved_dirpath().absolute() == other._resolved_dirpath().absolute()
+            if same_folder and self.merge_at_end and other.merge_at_end:
+                shared.append(f"the file {self._resolved_dirpath() / MERGED_FILENAME} (merge_at_end=True)")
+            if same_folder and self.storage == other.storage == "disk":
+                shared.append(f"the disk window in {self._window_dirpath()}")
+            if self.recovery is not None and other.recovery is not None:
+                shared.append("restoring the model after a spike (recover)")
+            if shared:
+                raise ValueError(
+                    "CheckpointAverager: two CheckpointAveragers in this Trainer would share " + "; ".join(shared) + ". "
+                    "To preview several merges of one window use candidates=[...]; otherwise give the second its own dirpath "
+                    "and preview=False, merge_at_end=False or recover=False where they overlap"
+                )
 
     def _run_before_merged_monitors(self, trainer: pl.Trainer) -> None:
         """Callbacks that monitor ``merged/<metric>`` (EarlyStopping, ModelCheckpoint, ...) read it in
@@ -432,9 +462,10 @@ class CheckpointAverager(Callback):
     def _choose_cadence(self, trainer: pl.Trainer) -> None:
         """Without an explicit cadence: a snapshot every ``steps // (10 x window)`` steps, so that a
         full window spans the last tenth of the run, whatever its epochs are."""
-        if self.every_n_steps is not None or self.every_n_epochs is not None:
-            return
         total = trainer.estimated_stepping_batches
+        if self.every_n_steps is not None or self.every_n_epochs is not None:
+            self._warn_if_never(trainer, total)
+            return
         if not math.isfinite(total):
             self._cadence = (None, 1)
             rank_zero_warn(
@@ -448,6 +479,25 @@ class CheckpointAverager(Callback):
             f"CheckpointAverager: a snapshot every {every} optimizer steps: the window of {self.window_size} spans the last "
             f"{every * self.window_size} of {int(total)} steps (set every_n_steps or every_n_epochs to choose)"
         )
+
+    def _warn_if_never(self, trainer: pl.Trainer, total: float) -> None:
+        """An explicit cadence that no step or epoch of this run reaches: say so now, not after training."""
+        if self.every_n_steps is not None and math.isfinite(total):
+            first = (max(self.start_step, trainer.global_step) // self.every_n_steps + 1) * self.every_n_steps
+            if first > total:
+                rank_zero_warn(
+                    f"CheckpointAverager: every_n_steps={self.every_n_steps} (after start_step={self.start_step}) is never reached "
+                    f"in this run of {int(total)} optimizer steps, so no snapshot will be taken; choose a smaller every_n_steps "
+                    "or leave it unset for the automatic cadence",
+                    stacklevel=1,
+                )
+        max_epochs = trainer.max_epochs
+        if self.every_n_epochs is not None and max_epochs is not None and 0 < max_epochs < self.every_n_epochs:
+            rank_zero_warn(
+                f"CheckpointAverager: every_n_epochs={self.every_n_epochs} is never reached in a run of max_epochs={max_epochs}, "
+                "so no snapshot will be taken; choose a smaller every_n_epochs",
+                stacklevel=1,
+            )
 
     def _check_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Say what the window will cost, and refuse, before the first step, a window that cannot fit."""
@@ -606,7 +656,11 @@ class CheckpointAverager(Callback):
     # -- performance preview ------------------------------------------------------------------------
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.state.fn != "fit":
+            return
+        if not self._names_checked:
+            self._check_metric_names(trainer)
+        if trainer.sanity_checking:
             return
         raw = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith(MERGED_PREFIX)}
         measured: dict[str, dict[str, float]] = {}
@@ -628,6 +682,20 @@ class CheckpointAverager(Callback):
                 if ensemble_metrics is not None:
                     self._publish(trainer, ensemble_metrics, ENSEMBLE_PREFIX, progress_bar=False)
         self._last_validation = (trainer.global_step, tuple(self.window.steps), raw, measured)
+
+    def _check_metric_names(self, trainer: pl.Trainer) -> None:
+        """At the first validation (the sanity check, when the trainer runs one): ``select`` and
+        ``monitor`` must name metrics the module logs, before any training is spent."""
+        logged = sorted(k for k in trainer.callback_metrics if not k.startswith((MERGED_PREFIX, ENSEMBLE_PREFIX, "ckptavg/", "train")))
+        if not logged:
+            return  # this run logged nothing yet (a sanity check can): the next validation checks
+        self._names_checked = True
+        for argument, name in (("select", self.select), ("monitor", None if self.monitor is None else self.monitor.removeprefix(MERGED_PREFIX))):
+            if name is not None and not any(k == name or k.startswith(name + "/dataloader_idx_") for k in logged):
+                raise ValueError(
+                    f"CheckpointAverager: {argument}={getattr(self, argument)!r} is not a metric the module logs in validation "
+                    f"(it logs {logged}); name one of those (merged/<name> for the merge's)"
+                )
 
     def _evaluate_ensemble(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]] | None:
         """Run validation once more with the module's forward replaced by the mean of its outputs
@@ -784,13 +852,18 @@ class CheckpointAverager(Callback):
         return keep_raw
 
     def _monitored(self, trainer: pl.Trainer) -> tuple[str, str]:
+        """The metric that judges raw against merged, with its own direction: ``monitor`` (with
+        ``mode``), else ``select`` (with ``mode``), else the monitor of the trainer's
+        ModelCheckpoint or EarlyStopping (with its mode), else ``val_loss`` (lower is better)."""
         if self.monitor is not None:
             return self.monitor.removeprefix(MERGED_PREFIX), self.mode
+        if self.select is not None:
+            return self.select, self.mode
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
             monitor = getattr(cb, "monitor", None)
             if isinstance(monitor, str) and monitor and cb is not self:
-                return monitor.removeprefix(MERGED_PREFIX), str(getattr(cb, "mode", self.mode))
-        return "val_loss", self.mode
+                return monitor.removeprefix(MERGED_PREFIX), str(getattr(cb, "mode", "min"))
+        return "val_loss", "min"
 
     @staticmethod
     def _scalars(collected: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -873,6 +946,9 @@ class CheckpointAverager(Callback):
             "merge": self.merge,  # what the merged weights of this checkpoint are (see ckptavg.load_merged_weights)
             "alpha": self.alpha,
             "merge_options": {k: v for k, v in self.merge_options.items() if isinstance(v, (int, float, str, bool))},
+            # The main merge's coefficients over the window as saved: what load_merged_weights and
+            # `ckptavg export` apply (an option such as a callable decay shape cannot be stored).
+            "coefficients": self._main.weights(self._window) if self._window is not None and len(self._window) else None,
         }
 
     def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:

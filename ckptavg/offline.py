@@ -291,8 +291,10 @@ def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | N
     window = state.get("window") if isinstance(state, Mapping) else None
     if window is None:
         return weights
-    method, alpha = state.get("merge", "sma"), state.get("alpha", DEFAULT_ALPHA)
-    weights.update(_merge_window_state(window, method, alpha, dict(state.get("merge_options") or {}), where=path))
+    method, alpha, options = state.get("merge", "sma"), state.get("alpha", DEFAULT_ALPHA), dict(state.get("merge_options") or {})
+    if state.get("coefficients") is not None:  # what the run applied (since 0.2): options need not be rebuilt
+        method, options = [float(c) for c in state["coefficients"]], {}
+    weights.update(_merge_window_state(window, method, alpha, options, where=path))
     return weights
 
 

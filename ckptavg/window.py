@@ -386,7 +386,10 @@ class CheckpointWindow:
             method, options = as_method(candidate)
             weights = self.weights(method, evaluate=evaluate, **options)
             tried.append((name, float(evaluate(self._merge_with(weights))), weights))
-        _, _, best = min(tried, key=lambda row: row[1] if not math.isnan(row[1]) else math.inf)
+        finite = [row for row in tried if math.isfinite(row[1])]  # a NaN score is never best
+        if not finite:
+            raise ValueError(f"select: no candidate scored a finite value on the held-out data ({ {name: score for name, score, _ in tried} })")
+        _, _, best = min(finite, key=lambda row: row[1])
         return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
 
     def correlation(self) -> Correlation:

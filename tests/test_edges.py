@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import threading
 
+import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from ckptavg import CheckpointAverager
 from lit_helpers import Regression, data, trainer
@@ -143,3 +144,94 @@ def test_manual_optimization_without_a_returned_loss_says_recovery_is_off(tmp_pa
     with pytest.warns(UserWarning, match="training_step returned no loss, so recovery cannot watch the run and is off") as caught:
         trainer(tmp_path, [averager], max_steps=8, limit_val_batches=0).fit(ManualRegression(), train)
     assert sum("returned no loss" in str(w.message) for w in caught) == 1  # said once
+
+
+# -- cadence, choosing with bad scores, what a checkpoint rebuilds, two averagers -------------------
+
+
+def test_a_cadence_that_never_snapshots_warns_at_fit_start(tmp_path):
+    class Stop(Exception):
+        pass
+
+    class StopAtFirstStep(Callback):
+        def on_train_batch_start(self, *args):
+            raise Stop
+
+    train, val = data()
+    for cadence, runs in (({"every_n_steps": 500}, {"max_steps": 220}), ({"every_n_epochs": 5}, {"max_epochs": 3})):
+        with pytest.warns(UserWarning, match="is never reached"), pytest.raises(Stop):
+            trainer(tmp_path, [CheckpointAverager(**cadence), StopAtFirstStep()], **runs).fit(Regression(), train, val)
+
+
+class NanScore(Regression):
+    """Validation reports NaN for val_score and a real val_loss."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_score", -torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+
+def test_greedy_soup_and_select_never_pick_a_nan_score():
+    from ckptavg import CheckpointWindow
+
+    win = CheckpointWindow(3)
+    for step in range(1, 4):
+        win.snapshot({"a": torch.full((2,), float(step))}, step=step)
+    score = {1.0: 1.0, 2.0: math.nan, 3.0: 0.5}
+    weights = win.weights("greedy_soup", evaluate=lambda sd: score.get(float(sd["a"][0]), 0.75))
+    assert weights == [0.0, 0.0, 1.0] or weights[1] == 0.0  # the NaN-scored snapshot never joins
+    with pytest.raises(ValueError, match="every snapshot scored NaN"):
+        win.weights("greedy_soup", evaluate=lambda sd: math.nan)
+    with pytest.raises(ValueError, match="no candidate scored a finite value"):
+        win.select(lambda sd: math.nan)
+
+
+def test_keep_best_judges_each_metric_in_its_own_direction(tmp_path):
+    L.seed_everything(0)
+    averager = CheckpointAverager(window=3, every_n_steps=4, candidates=["wma"], select="merged/val_score", mode="max", keep="best")
+    assert averager.select == "val_score"  # merged/<metric> names the same metric of each merge
+    train, val = data()
+    run = trainer(tmp_path, [averager], max_epochs=2)
+    run.fit(NanScore(), train, val)
+    assert averager._monitored(run) == ("val_score", "max")
+    assert averager.selection["by"] == "val_score"
+    plain = CheckpointAverager(window=3, mode="max")
+    assert plain._monitored(run) == ("val_loss", "min")  # the default metric keeps its own direction
+
+
+def test_select_and_monitor_name_logged_metrics_or_fail_at_the_sanity_check(tmp_path):
+    train, val = data()
+    for kwargs in ({"candidates": ["wma"], "select": "val_acc"}, {"monitor": "merged/val_acc"}):
+        model = Regression()
+        with pytest.raises(ValueError, match=r"is not a metric the module logs in validation \(it logs \['val_loss', 'val_mae'\]\)"):
+            trainer(tmp_path, [CheckpointAverager(window=3, every_n_steps=4, **kwargs)], max_epochs=1).fit(model, train, val)
+        assert model.global_step == 0  # refused before training
+
+
+def test_a_callable_decay_shape_is_rebuilt_from_the_stored_coefficients(tmp_path):
+    from ckptavg import load_merged_weights
+
+    L.seed_everything(0)
+    shape = lambda x: (1 - x) ** 3  # noqa: E731 - a shape no name stands for
+    averager = CheckpointAverager(window=4, every_n_steps=4, merge="decay", merge_options={"shape": shape}, merge_at_end=False)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = Regression()
+    trainer(tmp_path, [averager, saver], max_epochs=2, limit_val_batches=0, enable_checkpointing=True).fit(model, data()[0])
+    expected = averager.window.merge("decay", shape=shape)
+    assert averager.window.weights("decay", shape=shape) != averager.window.weights("sma")
+    rebuilt = load_merged_weights(tmp_path / "ckpt" / "last.ckpt")
+    for name, tensor in expected.items():
+        assert torch.equal(rebuilt[name], tensor), name
+
+
+def test_two_averagers_that_would_clash_are_refused_at_setup(tmp_path):
+    train, val = data()
+    both = [CheckpointAverager(window=3, every_n_steps=4), CheckpointAverager(window=4, every_n_steps=4, merge="ema")]
+    model = Regression()
+    with pytest.raises(ValueError, match=r"would share the metrics merged/<name> \(preview=True\); the file .*merged.safetensors.*restoring the model"):
+        trainer(tmp_path, both, max_epochs=1).fit(model, train, val)
+    assert model.global_step == 0
+    disk = [CheckpointAverager(window=3, storage="disk", preview=False, recover=False, merge_at_end=False, dirpath=tmp_path / "w"),
+            CheckpointAverager(window=4, storage="disk", preview=False, recover=False, merge_at_end=False, dirpath=tmp_path / "w")]  # fmt: skip
+    with pytest.raises(ValueError, match="would share the disk window in"):
+        trainer(tmp_path, disk, max_epochs=1).fit(Regression(), train, val)
