@@ -31,6 +31,8 @@ from .window import CheckpointWindow
 MERGED_PREFIX = "merged/"
 ENSEMBLE_PREFIX = "ensemble/"
 MERGED_FILENAME = "merged.safetensors"
+RAW_STATE_KEY = "ckptavg_raw_state_dict"  # a Lightning checkpoint's raw weights, when its state_dict holds a merge
+HOLDS_KEY = "ckptavg_state_dict_holds"  # which merge, of which steps, its state_dict holds
 RUN_FRACTION_DIVISOR = 10  # the default window spans the last tenth of the run (see benchmarks/anneal.py)
 
 
@@ -202,7 +204,7 @@ class CheckpointAverager(Callback):
         start_step: int = 0,
         merge: str = "sma",
         alpha: float = DEFAULT_ALPHA,
-        storage: Literal["cpu", "disk"] = "cpu",
+        storage: Literal["auto", "cpu", "disk"] = "auto",
         dirpath: str | os.PathLike[str] | None = None,
         preview: bool = True,
         merge_at_end: bool = True,
@@ -252,14 +254,15 @@ class CheckpointAverager(Callback):
         self.preview_ensemble = bool(preview_ensemble)
         self._ensemble_unsupported = False  # the module's validation never called its forward
         self.last_correlation: dict[str, Any] | None = None  # log_correlation: the latest summary
-        if storage not in ("cpu", "disk"):
-            raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
+        if storage not in ("auto", "cpu", "disk"):
+            raise ValueError(f"storage must be 'auto', 'cpu' or 'disk', got {storage!r}")
         self.window_size = window
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self._cadence: tuple[int | None, int | None] = (every_n_steps, every_n_epochs)  # (steps, epochs) in effect
         self.start_step = start_step
         self.storage = storage
+        self._storage: Literal["cpu", "disk"] = "cpu" if storage == "auto" else storage  # resolved at setup
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.preview = preview
         self.merge_at_end = merge_at_end
@@ -281,6 +284,7 @@ class CheckpointAverager(Callback):
         self._grad_norm: float | None = None
         self._unwatched_warned = False  # training_step returned no loss to watch (said once per fit)
         self._names_checked = False  # select and monitor were found among the logged metrics
+        self._checkpoint_merge: MergeSpec | None = None  # what checkpoints' state_dict holds (None: the raw weights)
         self._scaled_lrs: list[tuple[dict[str, Any], float]] = []
         self._last_watched_step = 0
         self._restored_at = -1
@@ -309,9 +313,12 @@ class CheckpointAverager(Callback):
     @property
     def state_key(self) -> str:
         # Two averagers in one Trainer (say an SMA and an EMA window) keep separate checkpoint state.
+        return self._key_for(self.storage)
+
+    def _key_for(self, storage: str) -> str:
         return self._generate_state_key(
             window=self.window_size, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs,
-            merge=self.merge, storage=self.storage, dirpath=None if self.dirpath is None else str(self.dirpath),
+            merge=self.merge, storage=storage, dirpath=None if self.dirpath is None else str(self.dirpath),
         )  # fmt: skip
 
     # -- where things live --------------------------------------------------------------------------
@@ -352,8 +359,8 @@ class CheckpointAverager(Callback):
 
     def _build_window(self) -> CheckpointWindow:
         self._dirpath_in_use = self._resolved_dirpath()
-        dirpath = self._window_dirpath() if self.storage == "disk" else None
-        win = CheckpointWindow(self.window_size, storage=self.storage, dirpath=dirpath, spread=self._spread)
+        dirpath = self._window_dirpath() if self._storage == "disk" else None
+        win = CheckpointWindow(self.window_size, storage=self._storage, dirpath=dirpath, spread=self._spread)
         state = self._pending_state or {}
         if state.get("window") is not None:
             win.load_state_dict(self._own_part(state["window"]))
@@ -376,10 +383,17 @@ class CheckpointAverager(Callback):
                 "flat parameters, whose state_dict() gathers every full tensor on every rank; use "
                 "ModelParallelStrategy and torch.distributed.fsdp.fully_shard in configure_model() instead"
             )
+        if self.storage == "auto":
+            # A run that writes checkpoints keeps its window on disk: a cpu window would ride in every
+            # checkpoint (window x model each); checkpoints then carry the folder's path and steps.
+            self._storage = "disk" if trainer.checkpoint_callbacks else "cpu"
+        self._checkpoint_merge = self._checkpoint_holds(trainer)
         # DDP replicas are identical: each rank keeps 1/world of the window (FSDP2 shards are already apart).
         self._spread = self.spread and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
         root = trainer.log_dir or trainer.default_root_dir  # log_dir is broadcast from rank 0
-        self._default_dirpath = Path(root) / "ckptavg"
+        averagers = [cb for cb in trainer.callbacks if isinstance(cb, CheckpointAverager)]  # type: ignore[attr-defined]
+        index = next(i for i, cb in enumerate(averagers) if cb is self)
+        self._default_dirpath = Path(root) / ("ckptavg" if index == 0 else f"ckptavg-{index}")  # a second averager: its own folder
         self._names_checked = not _evaluation.has_validation_step(trainer)
         self._check_no_clash(trainer)
         self._run_before_merged_monitors(trainer)
@@ -398,7 +412,7 @@ class CheckpointAverager(Callback):
             same_folder = self._resolved_dirpath().absolute() == other._resolved_dirpath().absolute()
             if same_folder and self.merge_at_end and other.merge_at_end:
                 shared.append(f"the file {self._resolved_dirpath() / MERGED_FILENAME} (merge_at_end=True)")
-            if same_folder and self.storage == other.storage == "disk":
+            if same_folder and self._storage == other._storage == "disk":
                 shared.append(f"the disk window in {self._window_dirpath()}")
             if self.recovery is not None and other.recovery is not None:
                 shared.append("restoring the model after a spike (recover)")
@@ -408,6 +422,55 @@ class CheckpointAverager(Callback):
                     "To preview several merges of one window use candidates=[...]; otherwise give the second its own dirpath "
                     "and preview=False, merge_at_end=False or recover=False where they overlap"
                 )
+
+    def _checkpoint_holds(self, trainer: pl.Trainer) -> MergeSpec | None:
+        """Which weights a Lightning checkpoint's ``state_dict`` holds: the merge its
+        ModelCheckpoint monitors (``merged/<metric>``: the main merge; ``merged/<candidate>/<metric>``:
+        that candidate), the raw weights when every ModelCheckpoint monitors a raw metric, and with no
+        monitor the main merge when the run ends with it (``merge_at_end``). ``None``: raw."""
+        monitors = [str(m) for cb in trainer.checkpoint_callbacks if (m := getattr(cb, "monitor", None))]
+        merged = [m for m in monitors if m.startswith(MERGED_PREFIX)]
+        if not merged:
+            return None if monitors or not self.merge_at_end else self._main
+        specs = [self.candidates.get(m.removeprefix(MERGED_PREFIX).split("/")[0], self._main) for m in merged]
+        spec = specs[0]
+        if len(merged) < len(monitors) or len({s.name for s in specs}) > 1:
+            rank_zero_warn(
+                f"CheckpointAverager: the trainer's ModelCheckpoints monitor {monitors}; every checkpoint holds the "
+                f"{spec.name} merge as its state_dict, so the others' scores were measured on other weights",
+                stacklevel=1,
+            )
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "save_weights_only", False) and str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX):
+                rank_zero_warn(
+                    f"CheckpointAverager: ModelCheckpoint(monitor={cb.monitor!r}, save_weights_only=True) saves the raw weights: "  # type: ignore[attr-defined]
+                    "Lightning calls no callback when it saves weights only. Drop save_weights_only to save the merged ones",
+                    stacklevel=1,
+                )
+        return spec
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's ``state_dict`` holds the weights its monitored metric measured (see
+        :meth:`_checkpoint_holds`); the raw weights ride beside them, for resuming."""
+        spec = self._checkpoint_merge
+        if spec is None or self._window is None or len(self._window) == 0 or RAW_STATE_KEY in checkpoint:
+            return
+        with self.window.swapped(pl_module, spec.weights(self.window)):
+            merged = {k: v.detach().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
+        checkpoint[RAW_STATE_KEY], checkpoint["state_dict"] = checkpoint["state_dict"], merged
+        checkpoint[HOLDS_KEY] = {"merge": spec.name, "steps": self.window.steps}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Resuming continues the raw run (Lightning has just loaded the merged state_dict); testing or
+        # validating a checkpoint keeps the merged weights it scored.
+        if trainer.state.fn == "fit" and RAW_STATE_KEY in checkpoint:
+            trainer.strategy.load_model_state_dict({"state_dict": checkpoint[RAW_STATE_KEY]}, strict=pl_module.strict_loading)
+        states = checkpoint.get("callbacks") or {}
+        if self.storage == "auto" and self.state_key not in states:
+            # A checkpoint of ckptavg 0.1, whose default tier was "cpu": its window continues here.
+            legacy = next((states[k] for k in (self._key_for("cpu"), self._key_for("disk")) if k in states), None)
+            if legacy is not None:
+                self.load_state_dict(legacy)
 
     def _run_before_merged_monitors(self, trainer: pl.Trainer) -> None:
         """Callbacks that monitor ``merged/<metric>`` (EarlyStopping, ModelCheckpoint, ...) read it in
@@ -456,7 +519,7 @@ class CheckpointAverager(Callback):
             self._window, self._guard, self._dirpath_in_use = None, None, None
         if self._pending_state is not None:
             self._check_resumed_model(pl_module)
-        elif self.storage == "disk" and self._window is None:
+        elif self._storage == "disk" and self._window is None:
             self._check_folder_is_free()
 
     def _choose_cadence(self, trainer: pl.Trainer) -> None:
@@ -505,7 +568,7 @@ class CheckpointAverager(Callback):
         snapshot = model // self._world_size if self._spread else model
         # The ring's spare row (cpu), or the file written before the oldest is deleted (disk).
         held = (self.window_size + 1) * snapshot
-        if self.storage == "cpu":
+        if self._storage == "cpu":
             held += model  # swapped()'s copy of the raw weights, kept for previews and restore checks
             where, room = "host memory", _available_memory()
             extra = " (the ring, its spare row, and one copy of the model for previews)"
@@ -518,7 +581,7 @@ class CheckpointAverager(Callback):
             raise ValueError(
                 f"CheckpointAverager: a window of {self.window_size} snapshots of {human_size(snapshot)} needs {human_size(held)} of "
                 f"{where}, and {human_size(room)} is available. Choose a smaller window"
-                + (", or storage='disk'" if self.storage == "cpu" else ", or another dirpath")
+                + (", or storage='disk'" if self._storage == "cpu" else ", or another dirpath")
             )
         message = f"CheckpointAverager: a window of {self.window_size} snapshots of {human_size(snapshot)}: {human_size(held)} of {where}{extra}"
         if room is not None and held > room / 2:
@@ -527,8 +590,17 @@ class CheckpointAverager(Callback):
             rank_zero_info(message)
 
     def _check_folder_is_free(self) -> None:
-        """A new disk window needs a folder of its own: say so at the start, not at the first snapshot."""
+        """A new disk window needs a folder of its own: the default folder, when an earlier run's
+        window holds it, moves on to ``ckptavg_1``, ``ckptavg_2``, ... (as Lightning's versions do);
+        a ``dirpath`` given explicitly is refused at the start, not at the first snapshot."""
         folder = self._window_dirpath()
+        if self.dirpath is None and self._default_dirpath is not None and (folder / MANIFEST).exists():
+            base, version = self._default_dirpath, 1
+            while (base.with_name(f"{base.name}_{version}") / "window" / MANIFEST).exists():
+                version += 1
+            self._default_dirpath = base.with_name(f"{base.name}_{version}")
+            rank_zero_info(f"CheckpointAverager: {folder} holds an earlier run's window; this run's goes in {self._window_dirpath()}")
+            return
         if (folder / MANIFEST).exists():
             raise FileExistsError(
                 f"CheckpointAverager: {folder} already holds a checkpoint window from an earlier run. Resume that run "
@@ -791,7 +863,7 @@ class CheckpointAverager(Callback):
             self._hold_merged(pl_module)
         if validate:
             self._report_final(trainer, raw, merged_metrics)
-        if self.storage == "disk":
+        if self._storage == "disk":
             folder = self._window_dirpath()
             size = sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
             rank_zero_info(
@@ -973,6 +1045,18 @@ class CheckpointAverager(Callback):
             self._window, self._guard = None, None
         self._dirpath_in_use = None
         self._pending_state = dict(state_dict)  # applied when the window is first used
+        recorded = _recorded_storage(state_dict.get("window"))
+        if self.storage == "auto" and recorded is not None:
+            self._storage = recorded  # the window continues in the tier it was kept in
+
+
+def _recorded_storage(window: Any) -> Literal["cpu", "disk"] | None:
+    """The tier a checkpoint's window state was kept in (``None``: no window)."""
+    if not isinstance(window, Mapping):
+        return None
+    part = (window.get("ranks") or [None])[0] if "ranks" in window else window
+    storage = part.get("storage") if isinstance(part, Mapping) else None
+    return storage if storage in ("cpu", "disk") else None
 
 
 def _available_memory() -> int | None:

@@ -61,7 +61,8 @@ def main() -> None:
 
     if mode == "resize":
         # 2 epochs on 2 processes, checkpointed; the test resumes the run in a single process.
-        recorder, first = Recorder(), CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", recover=False)
+        # storage="cpu": a cpu window re-spreads over another number of processes (a disk one does not)
+        recorder, first = Recorder(), CheckpointAverager(window=4, every_n_steps=2, storage="cpu", dirpath=root / "out", recover=False)
         run, _ = fit("b", [recorder, first, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=2,
                      enable_checkpointing=True)  # fmt: skip
         torch.save({"states": recorder.states, "steps": first.window.steps}, root / f"rank{run.global_rank}.pt")

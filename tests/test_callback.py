@@ -401,7 +401,7 @@ def test_spread_window_resumes_in_a_single_process(tmp_path):
     assert ranks[0]["steps"] == [10, 12, 14, 16]
     L.seed_everything(0)
     model = Regression()
-    recorder, averager = Recorder(), CheckpointAverager(window=4, every_n_steps=2, dirpath=tmp_path / "out", recover=False)
+    recorder, averager = Recorder(), CheckpointAverager(window=4, every_n_steps=2, storage="cpu", dirpath=tmp_path / "out", recover=False)
     train, val = data()
     trainer(tmp_path / "single", [recorder, averager], max_steps=18).fit(model, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert averager.window.steps == [12, 14, 16, 18] and averager.window.sharding is None
