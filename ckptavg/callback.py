@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +18,11 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _evaluation
-from .files import human_size, safetensors_metadata
+from .files import CkptavgWarning, human_size, safetensors_metadata
 from .layout import local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, check_alpha, coefficients, method_names
 from .recovery import RecoveryEvent, RecoveryPolicy, SpikeGuard
@@ -430,6 +432,15 @@ class CheckpointAverager(Callback):
         monitor the main merge when the run ends with it (``merge_at_end``). ``None``: raw."""
         monitors = [str(m) for cb in trainer.checkpoint_callbacks if (m := getattr(cb, "monitor", None))]
         merged = [m for m in monitors if m.startswith(MERGED_PREFIX)]
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            # Sharded strategies save distributed checkpoints, loaded in place: they keep the raw weights.
+            if merged:
+                rank_zero_warn(
+                    f"CheckpointAverager: under {type(trainer.strategy).__name__} checkpoints hold the raw weights; the merge "
+                    f"that {merged[0]} measured is ckptavg.load_merged_weights(checkpoint) (or `ckptavg export`)",
+                    stacklevel=1,
+                )
+            return None
         if not merged:
             return None if monitors or not self.merge_at_end else self._main
         specs = [self.candidates.get(m.removeprefix(MERGED_PREFIX).split("/")[0], self._main) for m in merged]
@@ -652,7 +663,8 @@ class CheckpointAverager(Callback):
         steps = self.window.steps
         if steps and step <= steps[-1]:
             return  # the same optimizer step seen again (gradient accumulation, or a resumed run)
-        self.window.snapshot(pl_module, step=step, overlap=True)  # CUDA: the copy overlaps the next forward/backward
+        with _warnings_at(pl_module):
+            self.window.snapshot(pl_module, step=step, overlap=True)  # CUDA: the copy overlaps the next forward/backward
         if self.log_correlation and len(self.window) >= 3 and self.window.sharding is None:
             self._log_correlation(trainer)
 
@@ -715,9 +727,10 @@ class CheckpointAverager(Callback):
         self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
         known = len(guard.events)
         evaluate = _evaluation.batch_loss(pl_module, batch, batch_idx)  # run only when a restore is due, to check it helps
-        if guard.observe(step, mean_loss, self._grad_norm, model=pl_module, evaluate=evaluate):  # every rank acts at the same step
-            if guard.restore(pl_module, trainer.optimizers, step).action == "restored":
-                self._restored_at = step  # the restored weights are a merge: not a snapshot of training
+        with _warnings_at(pl_module):
+            if guard.observe(step, mean_loss, self._grad_norm, model=pl_module, evaluate=evaluate):  # every rank acts at the same step
+                if guard.restore(pl_module, trainer.optimizers, step).action == "restored":
+                    self._restored_at = step  # the restored weights are a merge: not a snapshot of training
         for event in guard.events[known:]:  # the guard has warned; the loggers get the evidence too
             metrics = {"ckptavg/restores": float(len(guard.restores)), "ckptavg/trigger_level": event.level, "ckptavg/trigger_limit": event.limit}
             if event.action != "restored":
@@ -1048,6 +1061,25 @@ class CheckpointAverager(Callback):
         recorded = _recorded_storage(state_dict.get("window"))
         if self.storage == "auto" and recorded is not None:
             self._storage = recorded  # the window continues in the tier it was kept in
+
+
+@contextmanager
+def _warnings_at(pl_module: pl.LightningModule) -> Iterator[None]:
+    """ckptavg's warnings from inside a hook point at the module's ``training_step`` (the user's code
+    that produced the step), not at a line of this callback."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CkptavgWarning)
+        yield
+    step_fn = type(pl_module).training_step
+    try:
+        filename, lineno = inspect.getsourcefile(step_fn) or "<unknown>", inspect.getsourcelines(step_fn)[1]
+    except (OSError, TypeError):
+        filename, lineno = "<unknown>", 0
+    for warning in caught:
+        if issubclass(warning.category, CkptavgWarning):
+            warnings.warn_explicit(warning.message, warning.category, filename, lineno, module=type(pl_module).__module__)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _recorded_storage(window: Any) -> Literal["cpu", "disk"] | None:

@@ -717,6 +717,8 @@ def _checked_state_layout(state: Mapping[str, Any]) -> Layout | None:
         layout = Layout.from_json(state["layout"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"the CheckpointWindow state's field 'layout' is malformed: {err}") from None
+    if state.get("storage") == "cpu" and steps and "snapshots" not in state:
+        raise ValueError("the CheckpointWindow state lacks ['snapshots'] (a cpu window's stored tensors)")
     if state.get("storage") == "cpu" and "snapshots" in state:
         snapshots = state["snapshots"]
         if not isinstance(snapshots, Mapping):

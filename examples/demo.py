@@ -78,7 +78,7 @@ def read_losses(metrics_csv: Path) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row["train_loss"])) for row in csv.DictReader(f) if row.get("train_loss")]
 
 
-def plot(metrics_csv: Path, out: Path, restores: list[int], spike_at: int, without: list[tuple[int, float]]) -> Path:
+def plot(metrics_csv: Path, out: Path, restores: list, spike_at: int, without: list[tuple[int, float]]) -> Path:
     """Left: validation loss of the raw and the merged weights (the preview), on a scale that shows
     their gap. Right: the training loss, with the injected spike and the restore."""
     import matplotlib
@@ -108,26 +108,34 @@ def plot(metrics_csv: Path, out: Path, restores: list[int], spike_at: int, witho
     left.set_title("performance preview: raw vs merged weights")
     left.legend()
     left.grid(alpha=0.3)
-    finite = [(s, v) for s, v in train if v == v and v != float("inf")]
+    # Right: the steps around the spike. A NaN loss has no place on a loss axis: the spike is marked
+    # at the top edge, the restore on the curve, and the run without recovery shades the steps it lost.
+    near = lambda step: spike_at - 60 <= step <= spike_at + 60  # noqa: E731
+    finite = [(s, v) for s, v in train if math.isfinite(v) and near(s)]
     if finite:
-        right.plot(*zip(*finite), color="tab:gray", lw=0.8, label="train_loss")
+        right.plot(*zip(*finite), color="tab:gray", lw=0.9, label="train_loss, with recovery")
+    top = right.get_xaxis_transform()  # x in data, y in axes fraction
+    right.plot([spike_at], [0.96], marker="v", color="tab:red", ms=11, transform=top, clip_on=False, ls="none",
+               label=f"step {spike_at}: NaN loss (a poisoned batch, injected)")  # fmt: skip
+    for event in restores:
+        after = next(((s, v) for s, v in finite if s > event.step), None)
+        if after is not None:
+            right.plot(*after, marker="o", color="tab:green", ms=8, ls="none",
+                       label=f"step {event.step}: weights restored (SMA of steps {event.steps_merged[0]}..{event.steps_merged[-1]})")  # fmt: skip
     if without:
         lost = [s for s, v in without if not math.isfinite(v)]
-        kept = [(s, v) for s, v in without if math.isfinite(v)]
+        kept = [(s, v) for s, v in without if math.isfinite(v) and near(s)]
         if kept:
-            right.plot(*zip(*kept), color="tab:orange", lw=1.2, label="without recovery (the same spike)")
-        right.annotate(
-            f"without recovery: the loss is NaN at {len(lost)} of\nthe {len(without)} steps from the spike on",
-            xy=(0.35, 0.55), xycoords="axes fraction", color="tab:orange",
-        )
-    right.axvline(spike_at, color="tab:red", ls="--", label=f"NaN batch injected at step {spike_at}")
-    for step in restores:
-        right.axvline(step, color="tab:green", ls=":", label=f"merged stable point restored at step {step}")
+            right.plot(*zip(*kept), color="tab:orange", lw=1.2, label="train_loss, without recovery")
+        if lost:
+            right.axvspan(min(lost), max(lost), color="tab:orange", alpha=0.15,
+                          label=f"without recovery: NaN at {len(lost)} of the {len(without)} steps from the spike on")  # fmt: skip
+    right.set_xlim(spike_at - 60, spike_at + 60)
     right.set_yscale("log")
     right.set_xlabel("optimizer step")
     right.set_ylabel("training loss (log scale)")
-    right.set_title("crash recovery: training goes on")
-    right.legend()
+    right.set_title(f"crash recovery: the steps around the spike at {spike_at}")
+    right.legend(loc="upper left", fontsize=8)
     right.grid(alpha=0.3)
     fig.suptitle("ckptavg demo: ByteGPT on the Python standard library, constant learning rate")
     fig.tight_layout()
@@ -174,17 +182,21 @@ def main() -> None:
     val = DataLoader(validation_batches(val_bytes, count=4, batch_size=32, context=128), batch_size=None)
     trainer.fit(module, DataLoader(StepBatches(train, steps, 16, 128), batch_size=None), val)
 
-    restores = [e.step for e in averager.recovery_events]
+    events = [e for e in averager.recovery_events if e.action == "restored"]
+    restores = [e.step for e in events]
     # The same spike without recovery: 40 steps from the checkpoint taken just before it.
     print(f"\nthe same spike without recovery: 40 steps from the checkpoint of step {spike_at - 1}")
     plain_logger = L.pytorch.loggers.CSVLogger(out, name="without_recovery")
+    # The same averager with recovery off: it puts back the raw weights the checkpoint carries
+    # beside its merged state_dict, so this run continues exactly where the first one was.
+    unprotected = CheckpointAverager(window=8, every_n_steps=interval, merge="sma", recover=False, preview=False, merge_at_end=False)
     L.Trainer(
-        max_steps=spike_at + 39, log_every_n_steps=1, callbacks=[InjectDivergence({spike_at})], logger=plain_logger,
+        max_steps=spike_at + 39, log_every_n_steps=1, callbacks=[unprotected, InjectDivergence({spike_at})], logger=plain_logger,
         default_root_dir=out, accelerator="cpu", enable_checkpointing=False, enable_model_summary=False,
         limit_val_batches=0, enable_progress_bar=False,
     ).fit(ByteLM(), DataLoader(StepBatches(train, steps, 16, 128), batch_size=None), ckpt_path=next((out / "before_spike").glob("*.ckpt")))  # fmt: skip
     without = read_losses(Path(plain_logger.log_dir) / "metrics.csv")
-    figure = plot(Path(logger.log_dir) / "metrics.csv", out, restores, spike_at, without)
+    figure = plot(Path(logger.log_dir) / "metrics.csv", out, events, spike_at, without)
     final = averager.final_metrics
     raw, merged = final["raw"]["val_loss"], final["merged"]["val_loss"]
     merged_file = averager.merged_path

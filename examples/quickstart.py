@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--out", default="runs/quickstart")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread (and no machine is oversubscribed)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

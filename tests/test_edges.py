@@ -307,3 +307,15 @@ def test_a_rerun_in_the_same_folder_gets_the_next_default_window_folder(tmp_path
         trainer(tmp_path, [CheckpointAverager(window=3, every_n_steps=4), saver], max_epochs=1, logger=False, enable_checkpointing=True).fit(Regression(), train, val)
     assert (tmp_path / "ckptavg" / "window" / "manifest.json").exists()
     assert (tmp_path / "ckptavg_1" / "window" / "manifest.json").exists() and (tmp_path / "ckptavg_1" / "merged.safetensors").exists()
+
+
+def test_a_cpu_window_state_without_its_tensors_is_a_value_error_naming_the_field():
+    from ckptavg import CheckpointWindow
+
+    window = CheckpointWindow(3)
+    for step in range(1, 4):
+        window.snapshot({"a": torch.ones(4) * step}, step=step)
+    state = window.state_dict()
+    del state["snapshots"]
+    with pytest.raises(ValueError, match=r"lacks \['snapshots'\]"):
+        CheckpointWindow(3).load_state_dict(state)
