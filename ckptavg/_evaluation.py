@@ -167,7 +167,7 @@ def collected_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
 def last_validation_metrics(trainer: pl.Trainer) -> dict[str, dict[str, Any]]:
     """What the validation run that just ended logged (read in ``on_validation_end``), in the form
     of :func:`collected_metrics`."""
-    results = trainer.fit_loop.epoch_loop.val_loop._results  # type: ignore[attr-defined]
+    results = trainer.fit_loop.epoch_loop.val_loop._results
     metrics = results.metrics(False)  # the epoch-level values, as the connector received them
     return {"callback": dict(metrics["callback"]), "log": dict(metrics["log"]), "pbar": dict(metrics["pbar"])}
 

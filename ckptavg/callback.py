@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from . import _evaluation
 from .files import CkptavgWarning, human_size, safetensors_metadata
@@ -512,7 +513,7 @@ class CheckpointAverager(Callback):
         self._choose_cadence(trainer)
         self._final, self.selection = self._main, None
         if self.candidates and self.preview:
-            rank_zero_info(
+            _info(
                 f"CheckpointAverager: each validation also previews {len(self.candidates)} candidate merge(s) "
                 f"({', '.join(self.candidates)}): {len(self.candidates) + 1} extra validation runs"
             )
@@ -549,7 +550,7 @@ class CheckpointAverager(Callback):
             return
         every = max(1, int(total) // (RUN_FRACTION_DIVISOR * self.window_size))
         self._cadence = (every, None)
-        rank_zero_info(
+        _info(
             f"CheckpointAverager: a snapshot every {every} optimizer steps: the window of {self.window_size} spans the last "
             f"{every * self.window_size} of {int(total)} steps (set every_n_steps or every_n_epochs to choose)"
         )
@@ -598,7 +599,7 @@ class CheckpointAverager(Callback):
         if room is not None and held > room / 2:
             rank_zero_warn(message + f"; that is more than half of the {human_size(room)} available")
         else:
-            rank_zero_info(message)
+            _info(message)
 
     def _check_folder_is_free(self) -> None:
         """A new disk window needs a folder of its own: the default folder, when an earlier run's
@@ -610,7 +611,7 @@ class CheckpointAverager(Callback):
             while (base.with_name(f"{base.name}_{version}") / "window" / MANIFEST).exists():
                 version += 1
             self._default_dirpath = base.with_name(f"{base.name}_{version}")
-            rank_zero_info(f"CheckpointAverager: {folder} holds an earlier run's window; this run's goes in {self._window_dirpath()}")
+            _info(f"CheckpointAverager: {folder} holds an earlier run's window; this run's goes in {self._window_dirpath()}")
             return
         if (folder / MANIFEST).exists():
             raise FileExistsError(
@@ -858,7 +859,7 @@ class CheckpointAverager(Callback):
             todo = [spec for spec in pool if spec.name not in measured]
             if todo or not raw:
                 steps = self.window.steps
-                rank_zero_info(
+                _info(
                     f"CheckpointAverager: validating the raw weights and {', '.join(spec.name for spec in todo)} over steps "
                     f"{steps[0]}..{steps[-1]} ({len(todo) + 1} validation runs)"
                 )
@@ -879,7 +880,7 @@ class CheckpointAverager(Callback):
         if self._storage == "disk":
             folder = self._window_dirpath()
             size = sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
-            rank_zero_info(
+            _info(
                 f"CheckpointAverager: the disk window ({len(self.window)} snapshots, {human_size(size)}) stays in {folder} for "
                 "offline merges (ckptavg.consolidate); delete the folder when you no longer need it"
             )
@@ -907,7 +908,7 @@ class CheckpointAverager(Callback):
         picked = str(trainer.strategy.broadcast(picked, src=0))  # every rank loads the same merge
         self.selection = {"by": self.select, "mode": self.mode, "picked": picked, "scores": {n: v if math.isfinite(v) else None for n, v in scores.items()}}
         lines = [f"  {name:<24} {score:>12.6g}{'  <- picked' if name == picked else ''}" for name, score in scores.items()]
-        rank_zero_info(f"CheckpointAverager: {self.select} of each candidate merge (mode {self.mode}):\n" + "\n".join(lines))
+        _info(f"CheckpointAverager: {self.select} of each candidate merge (mode {self.mode}):\n" + "\n".join(lines))
         return next(spec for spec in pool if spec.name == picked)
 
     def _hold_merged(self, pl_module: pl.LightningModule) -> None:
@@ -1001,7 +1002,7 @@ class CheckpointAverager(Callback):
             tmp.unlink(missing_ok=True)  # a full disk keeps no half-written model
             raise
         self.merged_path = path
-        rank_zero_info(f"CheckpointAverager: wrote the {final.name} merge of steps {steps[0]}..{steps[-1]} to {path}")
+        _info(f"CheckpointAverager: wrote the {final.name} merge of steps {steps[0]}..{steps[-1]} to {path}")
         return path
 
     def _report_final(self, trainer: pl.Trainer, raw: dict[str, float], merged: dict[str, float]) -> None:
@@ -1016,7 +1017,7 @@ class CheckpointAverager(Callback):
         for k in names:
             change = (merged[k] - raw[k]) / abs(raw[k]) * 100 if raw[k] else math.nan
             lines.append(f"{k:<{width}}  {raw[k]:>12.6g}  {merged[k]:>12.6g}  {change:>7.2f}%")
-        rank_zero_info("CheckpointAverager: final raw vs merged weights\n" + "\n".join(lines))
+        _info("CheckpointAverager: final raw vs merged weights\n" + "\n".join(lines))
 
     # -- checkpointing ------------------------------------------------------------------------------
 
@@ -1080,6 +1081,15 @@ def _warnings_at(pl_module: pl.LightningModule) -> Iterator[None]:
             warnings.warn_explicit(warning.message, warning.category, filename, lineno, module=type(pl_module).__module__)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+_log = logging.getLogger("lightning.pytorch.callbacks.ckptavg")  # Lightning's handler prints it; its level is ours
+
+
+@rank_zero_only
+def _info(message: str) -> None:
+    """What the callback does, said once (rank 0), through Lightning's logging."""
+    _log.info(message)
 
 
 def _recorded_storage(window: Any) -> Literal["cpu", "disk"] | None:

@@ -113,7 +113,7 @@ class _Sharded(Mapping[str, Tensor]):
 
     @property
     def metadata(self) -> dict[str, str]:
-        return next(iter(self._files.values())).metadata  # type: ignore[attr-defined,no-any-return]
+        return next(iter(self._files.values())).metadata  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._map)
@@ -651,7 +651,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
-    return commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)  # type: ignore[no-any-return]
+    return commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,7 @@ def distill(
     if not 0.0 <= hard_weight <= 1.0:
         raise ValueError(f"distill: hard_weight must be in [0, 1], got {hard_weight!r}")
     optimizer = optimizer or torch.optim.AdamW(student.parameters(), lr=lr)
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    from tqdm.auto import tqdm
 
     was_training = (student.training, teacher.training)
     student.train()

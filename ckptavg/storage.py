@@ -106,7 +106,7 @@ PROGRESS_BYTES = 2 << 30  # a disk merge reading this much shows a progress bar 
 
 def progress_bar(total: float, description: str, quiet: bool = False) -> Any:
     """A tqdm bar counting bytes, shown on a terminal only (and not with ``quiet``)."""
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=False, disable=True if quiet else None)
 

@@ -37,6 +37,11 @@ from ckptavg.testing import InjectDivergence  # noqa: E402
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+# The comparison run restarts from a mid-epoch checkpoint on purpose, without validation or the
+# first run's ModelCheckpoint: Lightning's notes about that are expected here.
+warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+warnings.filterwarnings("ignore", ".*callbacks used to create the checkpoint.*")
+warnings.filterwarnings("ignore", ".*ended before the epoch ended.*")
 
 
 class StepBatches(Dataset):
@@ -115,13 +120,16 @@ def plot(metrics_csv: Path, out: Path, restores: list, spike_at: int, without: l
     if finite:
         right.plot(*zip(*finite), color="tab:gray", lw=0.9, label="train_loss, with recovery")
     top = right.get_xaxis_transform()  # x in data, y in axes fraction
-    right.plot([spike_at], [0.96], marker="v", color="tab:red", ms=11, transform=top, clip_on=False, ls="none",
-               label=f"step {spike_at}: NaN loss (a poisoned batch, injected)")  # fmt: skip
+    right.plot([spike_at], [0.97], marker="v", color="tab:red", ms=11, transform=top, clip_on=False, ls="none")
+    right.annotate(f"step {spike_at}: a poisoned batch,\nloss NaN (off the scale)", xy=(spike_at, 0.97), xycoords=top,
+                   xytext=(-12, -4), textcoords="offset points", ha="right", va="top", color="tab:red", fontsize=9)  # fmt: skip
     for event in restores:
         after = next(((s, v) for s, v in finite if s > event.step), None)
         if after is not None:
-            right.plot(*after, marker="o", color="tab:green", ms=8, ls="none",
-                       label=f"step {event.step}: weights restored (SMA of steps {event.steps_merged[0]}..{event.steps_merged[-1]})")  # fmt: skip
+            right.plot(*after, marker="o", color="tab:green", ms=8, ls="none")
+            right.annotate(f"step {event.step}: restored the SMA\nof steps {event.steps_merged[0]}..{event.steps_merged[-1]};\n"
+                           "training goes on (the optimizer\nstate starts afresh)", xy=after, xytext=(12, -6),
+                           textcoords="offset points", ha="left", va="top", color="tab:green", fontsize=9)  # fmt: skip
     if without:
         lost = [s for s, v in without if not math.isfinite(v)]
         kept = [(s, v) for s, v in without if math.isfinite(v) and near(s)]
@@ -131,11 +139,13 @@ def plot(metrics_csv: Path, out: Path, restores: list, spike_at: int, without: l
             right.axvspan(min(lost), max(lost), color="tab:orange", alpha=0.15,
                           label=f"without recovery: NaN at {len(lost)} of the {len(without)} steps from the spike on")  # fmt: skip
     right.set_xlim(spike_at - 60, spike_at + 60)
-    right.set_yscale("log")
+    if finite:  # room above the curve for the spike's marker
+        low, high = min(v for _, v in finite), max(v for _, v in finite)
+        right.set_ylim(low - 0.05 * (high - low), high + 0.15 * (high - low))
     right.set_xlabel("optimizer step")
-    right.set_ylabel("training loss (log scale)")
+    right.set_ylabel("training loss (nats/byte)")
     right.set_title(f"crash recovery: the steps around the spike at {spike_at}")
-    right.legend(loc="upper left", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     right.grid(alpha=0.3)
     fig.suptitle("ckptavg demo: ByteGPT on the Python standard library, constant learning rate")
     fig.tight_layout()
@@ -152,8 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small model on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the callback's own lines stay
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.INFO)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # Lightning's own notes go ...
+    logging.getLogger("lightning.pytorch.callbacks.ckptavg").setLevel(logging.INFO)  # ... the averager's stay
     started = time.perf_counter()
     out = Path(args.out)
     train, val_bytes, files = stdlib_bytes()
@@ -189,7 +199,8 @@ def main() -> None:
     plain_logger = L.pytorch.loggers.CSVLogger(out, name="without_recovery")
     # The same averager with recovery off: it puts back the raw weights the checkpoint carries
     # beside its merged state_dict, so this run continues exactly where the first one was.
-    unprotected = CheckpointAverager(window=8, every_n_steps=interval, merge="sma", recover=False, preview=False, merge_at_end=False)
+    # (storage="cpu": this short run needs no window of its own on disk.)
+    unprotected = CheckpointAverager(window=8, every_n_steps=interval, storage="cpu", recover=False, preview=False, merge_at_end=False)
     L.Trainer(
         max_steps=spike_at + 39, log_every_n_steps=1, callbacks=[unprotected, InjectDivergence({spike_at})], logger=plain_logger,
         default_root_dir=out, accelerator="cpu", enable_checkpointing=False, enable_model_summary=False,
