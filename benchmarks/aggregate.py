@@ -35,7 +35,9 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
 
-def data() -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+def data() -> tuple[
+    tuple[torch.Tensor, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -89,12 +91,21 @@ def one_case(case: str, seed: int, train_set, held, test) -> dict[str, tuple[flo
     teacher = ensemble(mlp(), states, average="probs")
     torch.manual_seed(seed + 200)
     student = mlp()
-    distill(student, teacher, [(train_set[0][i : i + 64], train_set[1][i : i + 64]) for i in range(0, 1100, 64)], steps=800, lr=3e-3, progress=False)
+    distill(
+        student,
+        teacher,
+        [(train_set[0][i : i + 64], train_set[1][i : i + 64]) for i in range(0, 1100, 64)],
+        steps=800,
+        lr=3e-3,
+        progress=False,
+    )
     return {
         "model A alone": score(loaded(states[0]), test),
         "model B alone": score(loaded(states[1]), test),
         "plain average (SMA)": score(loaded(merge_state_dicts(states)), test),
-        "NP Merge (held-out 300)": score(loaded(np_merge(mlp(), states, torch.nn.functional.cross_entropy, held, steps=200)), test),
+        "NP Merge (held-out 300)": score(
+            loaded(np_merge(mlp(), states, torch.nn.functional.cross_entropy, held, steps=200)), test
+        ),
         "ensemble (mean probabilities)": score(teacher, test),
         "student distilled from the ensemble": score(student, test),
     }

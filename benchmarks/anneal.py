@@ -221,7 +221,11 @@ class Run:
             import schedulefree
 
             return schedulefree.AdamWScheduleFree(
-                model.parameters(), lr=self.task.peak_lr, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=self.cfg.warmup
+                model.parameters(),
+                lr=self.task.peak_lr,
+                betas=(0.9, 0.95),
+                weight_decay=0.1,
+                warmup_steps=self.cfg.warmup,
             )
         return torch.optim.AdamW(model.parameters(), lr=self.task.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -335,7 +339,9 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
     window = CheckpointWindow(window=cfg.stored)
     guard = SpikeGuard(window)  # recovery on, with the default policy, as a user would run it
     select_on = evaluator(scratch, task.loss_fn, task.select)
-    power = {sigma: PowerEma(base.model, gamma_of(sigma)) for sigma in (0.05, 0.10)}  # the widths the post-hoc rows reconstruct
+    power = {
+        sigma: PowerEma(base.model, gamma_of(sigma)) for sigma in (0.05, 0.10)
+    }  # the widths the post-hoc rows reconstruct
     curves: dict[str, list[tuple[int, float]]] = {"constant (raw)": [], "preview (SMA, default window)": []}
     checks: list[dict[str, Any]] = []
     check_steps = {int(round(f * steps / cfg.base_interval)) * cfg.base_interval for f in cfg.check_points}
@@ -357,15 +363,21 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
         if run.step % cfg.eval_every == 0 or run.step == steps:
             curves["constant (raw)"].append((run.step, run.evaluate()["loss"]))
             if len(window) >= 2:
-                curves["preview (SMA, default window)"].append((run.step, merged_loss(spread_over(window, default_subset(window, cfg), "sma"))["loss"]))
+                curves["preview (SMA, default window)"].append(
+                    (run.step, merged_loss(spread_over(window, default_subset(window, cfg), "sma"))["loss"])
+                )
         if run.step in check_steps and len(window) >= 2:
             preview = merged_loss(spread_over(window, default_subset(window, cfg), "sma"))["loss"]
             picked, _ = window.select(select_on)
             selected = merged_loss(picked)["loss"]
             cooled = run.branch()
             cooled.advance(cooldown(peak, run.step, steps // 10), run.step + steps // 10)
-            checks.append({"step": run.step, "preview": preview, "selected": selected, "cooldown": cooled.evaluate()["loss"]})
-            log(f"step {run.step}: preview {preview:.4f}, selected {selected:.4f}, after a cooldown {checks[-1]['cooldown']:.4f}")
+            checks.append(
+                {"step": run.step, "preview": preview, "selected": selected, "cooldown": cooled.evaluate()["loss"]}
+            )
+            log(
+                f"step {run.step}: preview {preview:.4f}, selected {selected:.4f}, after a cooldown {checks[-1]['cooldown']:.4f}"
+            )
         if run.step == wsd_start:
             branches["linear"], branches["1-sqrt"] = run.branch(), run.branch()
 
@@ -375,7 +387,9 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
 
     def track(name: str) -> Callable[[Run], None]:
         curves[name] = []
-        return lambda run: curves[name].append((run.step, run.evaluate()["loss"])) if run.step % cfg.eval_every == 0 else None
+        return lambda run: (
+            curves[name].append((run.step, run.evaluate()["loss"])) if run.step % cfg.eval_every == 0 else None
+        )
 
     for shape, label in (("linear", "WSD, 20% linear cooldown"), ("1-sqrt", "WSD, 20% 1-sqrt cooldown")):
         branches[shape].advance(cooldown(peak, wsd_start, steps - wsd_start, shape), steps, track(label))
@@ -404,13 +418,17 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
     picked, table = window.select(select_on)
     chosen_name = min(table, key=lambda row: row["score"])["name"]
     vectors[f"selected (32, selection data): {chosen_name}"] = picked
-    vectors["learned (32, selection data)"] = window.learn_weights(scratch, task.loss_fn, task.select, steps=cfg.learn_steps, lr=0.05)
+    vectors["learned (32, selection data)"] = window.learn_weights(
+        scratch, task.loss_fn, task.select, steps=cfg.learn_steps, lr=0.05
+    )
     for name, weights in vectors.items():
         results[name] = merged_loss(weights)
     for sigma, ema in power.items():
         results[f"true power EMA sigma_rel={sigma:.2f} (every step)"] = measure(task, ema.model(base.model).eval())
     # the profile's mass before the window, as posthoc.py drops it (window.steps[-1] == steps)
-    lost = {sigma: ((window.steps[0] - cfg.base_interval / 2) / steps) ** (ema.gamma + 1) for sigma, ema in power.items()}
+    lost = {
+        sigma: ((window.steps[0] - cfg.base_interval / 2) / steps) ** (ema.gamma + 1) for sigma, ema in power.items()
+    }
     log("merges done")
     return {
         "seed": seed,
@@ -430,7 +448,13 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
 # -- the tables ----------------------------------------------------------------------------------
 
 
-SCHEDULES = ["constant LR, last checkpoint", "cosine to 10%", "WSD, 20% linear cooldown", "WSD, 20% 1-sqrt cooldown", "schedule-free AdamW"]
+SCHEDULES = [
+    "constant LR, last checkpoint",
+    "cosine to 10%",
+    "WSD, 20% linear cooldown",
+    "WSD, 20% 1-sqrt cooldown",
+    "schedule-free AdamW",
+]
 
 
 def canonical(name: str) -> str:
@@ -443,8 +467,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for name in names:
         per_seed = [next(v for n, v in run["results"].items() if canonical(n) == name) for run in runs]
         losses = [r["loss"] for r in per_seed]
-        vs_wsd = [r["loss"] / run["results"]["WSD, 20% linear cooldown"]["loss"] - 1 for r, run in zip(per_seed, runs, strict=True)]
-        vs_free = [r["loss"] / run["results"]["schedule-free AdamW"]["loss"] - 1 for r, run in zip(per_seed, runs, strict=True)]
+        vs_wsd = [
+            r["loss"] / run["results"]["WSD, 20% linear cooldown"]["loss"] - 1
+            for r, run in zip(per_seed, runs, strict=True)
+        ]
+        vs_free = [
+            r["loss"] / run["results"]["schedule-free AdamW"]["loss"] - 1 for r, run in zip(per_seed, runs, strict=True)
+        ]
         row = {
             "variant": name,
             "cooldown steps": "20%" if name.startswith("WSD") else ("-" if name in SCHEDULES else "0"),
@@ -462,17 +491,32 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         rows.append(row)
     merges = [r for r in rows if r["cooldown steps"] == "0" and not r["variant"].startswith("true power")]
     best = min(merges, key=lambda r: r["val loss"])
-    errors = {kind: [c[kind] - c["cooldown"] for run in runs for c in run["checks"]] for kind in ("preview", "selected")}
-    ranks = {kind: [spearman([c[kind] for c in run["checks"]], [c["cooldown"] for c in run["checks"]]) for run in runs if len(run["checks"]) > 1] for kind in ("preview", "selected")}
+    errors = {
+        kind: [c[kind] - c["cooldown"] for run in runs for c in run["checks"]] for kind in ("preview", "selected")
+    }
+    ranks = {
+        kind: [
+            spearman([c[kind] for c in run["checks"]], [c["cooldown"] for c in run["checks"]])
+            for run in runs
+            if len(run["checks"]) > 1
+        ]
+        for kind in ("preview", "selected")
+    }
     return {
         "rows": rows,
         "best merge": best["variant"],
         "best merge vs WSD": best["vs WSD"],
         "best merge vs schedule-free": best["vs schedule-free"],
-        "best merge beats WSD in seeds": sum(l < run["results"]["WSD, 20% linear cooldown"]["loss"] for l, run in zip(best["per seed"], runs, strict=True)),
+        "best merge beats WSD in seeds": sum(
+            loss < run["results"]["WSD, 20% linear cooldown"]["loss"]
+            for loss, run in zip(best["per seed"], runs, strict=True)
+        ),
         "preview check": {
-            kind: {"mean abs error": float(np.mean(np.abs(e))) if e else math.nan, "mean error": float(np.mean(e)) if e else math.nan,
-                   "rank correlation (mean over seeds)": float(np.mean(ranks[kind])) if ranks[kind] else math.nan}
+            kind: {
+                "mean abs error": float(np.mean(np.abs(e))) if e else math.nan,
+                "mean error": float(np.mean(e)) if e else math.nan,
+                "rank correlation (mean over seeds)": float(np.mean(ranks[kind])) if ranks[kind] else math.nan,
+            }
             for kind, e in errors.items()
         },  # fmt: skip
     }
@@ -505,7 +549,7 @@ def plot(runs_by_task: dict[str, list[dict[str, Any]]]) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, points in first["curves"].items():
         if points:
-            ax.plot(*zip(*points), label=name, lw=1.2)
+            ax.plot(*zip(*points, strict=True), label=name, lw=1.2)
     low = min(min(v for _, v in pts) for pts in first["curves"].values() if pts)
     ax.set_ylim(low - 0.05, low + 0.6)
     ax.set(xlabel="optimizer step", ylabel="validation loss", title=f"{next(iter(runs_by_task))}, seed {first['seed']}")
@@ -517,7 +561,7 @@ def plot(runs_by_task: dict[str, list[dict[str, Any]]]) -> None:
     vectors = first["vectors"]
     steps = first["steps_stored"]
     fig, axes = plt.subplots(2, (len(vectors) + 1) // 2, figsize=(15, 5.5), sharex=True, sharey=True)
-    for ax, (name, weights) in zip(axes.flat, vectors.items()):
+    for ax, (name, weights) in zip(axes.flat, vectors.items(), strict=False):  # the grid may have a spare cell
         ax.bar(steps, weights, width=(steps[1] - steps[0]) * 0.8 if len(steps) > 1 else 1, color="tab:blue")
         ax.set_title(name.replace(" (", "\n("), fontsize=8)
         ax.axhline(0, color="black", lw=0.5)
@@ -538,7 +582,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="gpt,digits", help="comma-separated: gpt, digits")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one torch thread each)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps of every run (default 1000; 300 with --quick)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps of every run (default 1000; 300 with --quick)"
+    )
     parser.add_argument("--evals", type=int, default=30, help="evaluation points along each curve")
     parser.add_argument("--quick", action="store_true", help="300 steps, 1 seed")
     args = parser.parse_args()
@@ -551,17 +597,32 @@ def main() -> None:
         import multiprocessing
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(run_seed, *zip(*jobs)))
+            done = list(pool.map(run_seed, *zip(*jobs, strict=True)))
     else:
         done = [run_seed(*job) for job in jobs]
     runs_by_task = {task: [r for r, job in zip(done, jobs, strict=True) if job[0] == task] for task in tasks}
     summaries = {task: summarize(runs) for task, runs in runs_by_task.items()}
     extra = {
         "tasks": {task: {"summary": summaries[task], "runs": runs_by_task[task]} for task in tasks},
-        "config": {"steps": steps, "seeds": seeds, "stored": Config(steps).stored, "interval": Config(steps).base_interval},
+        "config": {
+            "steps": steps,
+            "seeds": seeds,
+            "stored": Config(steps).stored,
+            "interval": Config(steps).base_interval,
+        },
         "seconds": time.perf_counter() - started,
     }
-    columns = ["task", "variant", "cooldown steps", "val loss", "std", "vs WSD", "vs WSD std", "vs schedule-free", "accuracy"]
+    columns = [
+        "task",
+        "variant",
+        "cooldown steps",
+        "val loss",
+        "std",
+        "vs WSD",
+        "vs WSD std",
+        "vs schedule-free",
+        "accuracy",
+    ]
     table = [{"task": task, **row} for task in tasks for row in summaries[task]["rows"]]
     report("anneal", f"Annealing replacement: {steps} steps, {seeds} seeds (mean, sample std)", columns, table, extra)
     for task in tasks:

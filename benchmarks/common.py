@@ -93,7 +93,9 @@ def environment() -> dict[str, Any]:
     }
 
 
-def report(name: str, title: str, columns: list[str], rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
+def report(
+    name: str, title: str, columns: list[str], rows: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> Path:
     """Print ``rows`` as a Markdown table and write them, with the environment, as JSON."""
     print(f"\n{title}\n")
     print("| " + " | ".join(columns) + " |")
@@ -106,6 +108,8 @@ def report(name: str, title: str, columns: list[str], rows: list[dict[str, Any]]
         print("| " + " | ".join(cells) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": environment(), "rows": rows, **(extra or {})}, indent=1))
+    path.write_text(
+        json.dumps({"benchmark": name, "environment": environment(), "rows": rows, **(extra or {})}, indent=1)
+    )
     print(f"\nwritten to {path}")
     return path

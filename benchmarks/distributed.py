@@ -135,7 +135,7 @@ def cpu_part(params: float, repeats: int) -> list[dict]:
             }
         )
     rows[1]["load_into / full window's"] = rows[1]["load_into (ms)"] / rows[0]["load_into (ms)"]
-    for row, ranks in zip(rows, results.values()):
+    for row, ranks in zip(rows, results.values(), strict=True):
         row["model (MiB)"] = ranks[0]["model_bytes"] / 2**20
     return rows
 
@@ -149,7 +149,7 @@ def gpu_part(params: float, repeats: int) -> dict:
     work_b = torch.randn(4096, 4096, device=device)
 
     def plain_copy() -> None:
-        for h, w in zip(host, weights):
+        for h, w in zip(host, weights, strict=True):
             h.copy_(w)  # blocking: what a naive snapshot costs the training loop
         torch.cuda.synchronize()
 
@@ -173,7 +173,11 @@ def gpu_part(params: float, repeats: int) -> dict:
         plain_copy()
     with_snapshot, without, copies = [], [], []
     for _ in range(max(repeats, 5)):
-        for fn, times in ((lambda: step(None, 0), without), (lambda: step(window, next(counter)), with_snapshot), (plain_copy, copies)):
+        for fn, times in (
+            (lambda: step(None, 0), without),
+            (lambda: step(window, next(counter)), with_snapshot),
+            (plain_copy, copies),
+        ):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -196,7 +200,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = cpu_part(args.params, args.repeats)
-    gpu = gpu_part(args.gpu_params, args.repeats) if torch.cuda.is_available() else {"note": "no CUDA device: not measured"}
+    gpu = (
+        gpu_part(args.gpu_params, args.repeats)
+        if torch.cuda.is_available()
+        else {"note": "no CUDA device: not measured"}
+    )
     columns = [c for c in rows[0] if c != "model (MiB)"] + ["load_into / full window's"]
     report(
         "distributed",

@@ -148,7 +148,10 @@ def main() -> None:
             timer = fit(callbacks, args.steps)
             times[name].append(timer.step_time())
             hook_times[name].append(sum(c.hook_seconds for c in callbacks) / args.steps)
-            print(f"round {round_ + 1}: {name}: {times[name][-1] * 1e3:.2f} ms/step, hooks {hook_times[name][-1] * 1e3:.3f} ms/step", flush=True)
+            print(
+                f"round {round_ + 1}: {name}: {times[name][-1] * 1e3:.2f} ms/step, hooks {hook_times[name][-1] * 1e3:.3f} ms/step",
+                flush=True,
+            )
     params = sum(p.numel() for p in TinyGPT().parameters())
     base = min(times["no callback"])
     rows = [
@@ -162,7 +165,9 @@ def main() -> None:
     averager = TimedAverager(window=8, every_n_steps=50, merge_at_end=False)
     averager.previews = []
     timer = fit([averager], args.steps, val_every=100)
-    preview_ratio = statistics.median(p / v for p, v in zip(averager.previews, timer.validation[-len(averager.previews) :]))
+    preview_ratio = statistics.median(
+        p / v for p, v in zip(averager.previews, timer.validation[-len(averager.previews) :], strict=True)
+    )
     rows.append({"configuration": "one preview / the raw validation run it follows", "ms/step": statistics.median(averager.previews) * 1e3,
                  "end-to-end ratio": preview_ratio, "hook ms/step": float("nan"), "hook-time ratio": float("nan"),
                  "target": "info (ms: one preview)"})  # fmt: skip

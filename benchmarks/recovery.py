@@ -38,14 +38,16 @@ end-of-run merge with recovery, without it, and of the clean run.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import sysconfig
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +147,11 @@ def contrastive_task(steps: int) -> Task:
     train_x, val_x = x[:1437], x[1437:]
 
     def views(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        noisy = lambda: (images + 0.3 * torch.randn(images.shape, generator=g)) * (torch.rand(images.shape, generator=g) > 0.2)  # noqa: E731
+        def noisy() -> torch.Tensor:
+            return (images + 0.3 * torch.randn(images.shape, generator=g)) * (
+                torch.rand(images.shape, generator=g) > 0.2
+            )
+
         return noisy(), noisy()
 
     def info_nce(model: nn.Module, pair) -> torch.Tensor:
@@ -220,7 +226,13 @@ class Trouble:
         return 1.0
 
 
-TROUBLES = [Trouble("lr-blast", 3), Trouble("nan-batches", 3), Trouble("corrupt-stream", 40), Trouble("slow-divergence", 300), Trouble("optimizer-blowup", 1)]
+TROUBLES = [
+    Trouble("lr-blast", 3),
+    Trouble("nan-batches", 3),
+    Trouble("corrupt-stream", 40),
+    Trouble("slow-divergence", 300),
+    Trouble("optimizer-blowup", 1),
+]
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -277,7 +289,7 @@ def train(task: Task, seed: int, trouble: Trouble | None = None, at: int = 0, re
         optimizer.step()
         value = loss.item()
         if recover:
-            evaluate = lambda: _no_grad(task.loss, model, batch)  # noqa: E731 - the current batch, as the callback does
+            evaluate = functools.partial(_no_grad, task.loss, model, batch)  # the current batch, as the callback does
             if guard.observe(step, value, model=model, evaluate=evaluate):
                 guard.restore(model, [optimizer], step)
             if guard.onset is not None and result.first_held is None and step >= at:
@@ -367,14 +379,26 @@ def main() -> None:
                 "raw val loss, no recovery": unprotected.raw,
                 "clean merged val loss": float(np.mean([clean[task.name, s] for s in range(len(protected))])),
             }  # fmt: skip
-            print(f"{task.name} / {trouble.name}: detected {row['detected']}, {[str(e) for r in protected for e in r.events][:1]}", flush=True)
+            print(
+                f"{task.name} / {trouble.name}: detected {row['detected']}, {[str(e) for r in protected for e in r.events][:1]}",
+                flush=True,
+            )
             trouble_rows.append(row)
 
     total = sum(r["false alarms"] for r in rows)
     report(
         "recovery",
         f"Healthy runs with the default RecoveryPolicy: {total} false alarms over {sum(r['runs'] for r in rows)} runs",
-        ["healthy task", "runs", "steps", "false alarms", "closest call", "snapshots skipped", "merged val loss", "wall s"],
+        [
+            "healthy task",
+            "runs",
+            "steps",
+            "false alarms",
+            "closest call",
+            "snapshots skipped",
+            "merged val loss",
+            "wall s",
+        ],
         rows,
         {"quick": args.quick, "policy": RecoveryPolicy().__dict__, "trouble": trouble_rows},
     )

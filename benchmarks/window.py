@@ -116,13 +116,27 @@ def bench_dtype(dtype: torch.dtype, params: float, repeats: int, workdir: Path) 
     for step in range(10):
         win.snapshot(state, step=step)
     steps = iter(range(10, 1_000_000))
-    rows.append(row(name, "cpu snapshot / copy_ of the tensors", interleaved(lambda: win.snapshot(state, step=next(steps)), copy, repeats), "<= 1.25"))
-    rows.append(row(name, "cpu snapshot / one flat copy_", interleaved(lambda: win.snapshot(state, step=next(steps)), flat_copy, repeats), "info"))
+    rows.append(
+        row(
+            name,
+            "cpu snapshot / copy_ of the tensors",
+            interleaved(lambda: win.snapshot(state, step=next(steps)), copy, repeats),
+            "<= 1.25",
+        )
+    )
+    rows.append(
+        row(
+            name,
+            "cpu snapshot / one flat copy_",
+            interleaved(lambda: win.snapshot(state, step=next(steps)), flat_copy, repeats),
+            "info",
+        )
+    )
     floating = [v for v in state.values() if v.is_floating_point()]
     ema = [v.clone() for v in floating]
     rows.append(row(name, "per-step EMA update (_foreach_lerp_, timm / AveragedModel) / copy_",
                     interleaved(lambda: torch._foreach_lerp_(ema, floating, 0.001), copy, repeats), "info (peers)"))  # fmt: skip
-    del ema
+    ema.clear()
 
     # SMA merge of 8 against the read floor: each stored snapshot's bytes read once (summed).
     stored = [torch.empty_like(flat_src).normal_() for _ in range(8)]
@@ -137,8 +151,22 @@ def bench_dtype(dtype: torch.dtype, params: float, repeats: int, workdir: Path) 
     t_merge = merge_timing[2]
     t_flat = interleaved(flat_copy, flat_copy, repeats)[2]
     t_limit = t_flat * (8 + 1) / 2  # 8 models read and 1 written; a copy_ reads 1 and writes 1
-    rows.append(row(name, "sma merge(8) / physical limit (9 model transfers at copy_ speed)", (t_merge / t_limit, float("nan"), t_merge, t_limit), "info"))
-    rows.append(row(name, "sma merge(8), fresh output / reused output", interleaved(lambda: win.merge("sma"), lambda: win.merge("sma", out=out), max(2, repeats // 2)), "info"))
+    rows.append(
+        row(
+            name,
+            "sma merge(8) / physical limit (9 model transfers at copy_ speed)",
+            (t_merge / t_limit, float("nan"), t_merge, t_limit),
+            "info",
+        )
+    )
+    rows.append(
+        row(
+            name,
+            "sma merge(8), fresh output / reused output",
+            interleaved(lambda: win.merge("sma"), lambda: win.merge("sma", out=out), max(2, repeats // 2)),
+            "info",
+        )
+    )
 
     # A preview: merged weights swapped into a model and its own weights put back.
     model = {k: v.clone() for k, v in state.items()}
@@ -167,8 +195,16 @@ def bench_dtype(dtype: torch.dtype, params: float, repeats: int, workdir: Path) 
         for k, v in named.items():
             v.copy_(out[k])
 
-    rows.append(row(name, "preview: swapped() in and out / reused-output merge + 2 model copies", interleaved(preview, preview_floor, repeats), "<= 1.1"))
-    del win, out, stored, model, backup
+    rows.append(
+        row(
+            name,
+            "preview: swapped() in and out / reused-output merge + 2 model copies",
+            interleaved(preview, preview_floor, repeats),
+            "<= 1.1",
+        )
+    )
+    release = [win, out, stored, model, backup]  # the next stage measures memory: free these first
+    release.clear()
     gc.collect()
 
     # disk tier: blocking time of snapshot(), and merge memory in a fresh process.
@@ -195,7 +231,14 @@ def bench_dtype(dtype: torch.dtype, params: float, repeats: int, workdir: Path) 
             [sys.executable, __file__, "--measure-disk-merge", str(dirpath)], capture_output=True, text=True, check=True
         )
         measured = json.loads(child.stdout.strip().splitlines()[-1])
-        rows.append(row(name, f"disk merge({window}) peak extra RSS / model", measured["peak_extra"] / measured["model_bytes"], "<= 1.5"))
+        rows.append(
+            row(
+                name,
+                f"disk merge({window}) peak extra RSS / model",
+                measured["peak_extra"] / measured["model_bytes"],
+                "<= 1.5",
+            )
+        )
         shutil.rmtree(dirpath)
     return rows
 

@@ -4,14 +4,14 @@ Every merge is a vector of coefficients over the stored snapshots, applied by on
 weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coefficients.
 """
 
+from .ensembles import Ensemble, distill, distillation_loss, ensemble
 from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
+from .learning import learn_weights, np_merge
 from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
-from .ensembles import Ensemble, distill, distillation_loss, ensemble
-from .learning import learn_weights, np_merge
-from .selection import evaluator
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
+from .selection import evaluator
 from .window import CheckpointWindow, load_state
 
 __all__ = [
@@ -56,7 +56,8 @@ def __getattr__(name: str) -> object:
             if (err.name or "").split(".")[0] not in ("lightning", "torchmetrics"):
                 raise
             raise ModuleNotFoundError(
-                f"CheckpointAverager needs Lightning ({err.name} is not installed): pip install 'ckptavg[lightning]'", name=err.name
+                f"CheckpointAverager needs Lightning ({err.name} is not installed): pip install 'ckptavg[lightning]'",
+                name=err.name,
             ) from err
         return CheckpointAverager
     raise AttributeError(f"module 'ckptavg' has no attribute {name!r}")

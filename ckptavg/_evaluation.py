@@ -21,10 +21,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import RunningStage
 
@@ -32,7 +31,11 @@ _METRIC_DICTS = ("_callback_metrics", "_logged_metrics", "_progress_bar_metrics"
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -237,9 +240,15 @@ def module_tensors(module: torch.nn.Module) -> list[_Saved]:
     not, and plain tensor attributes), with the objects they are bound to."""
     saved: list[_Saved] = []
     for owner in module.modules():
-        for where, tensors in (("_parameters", owner._parameters), ("_buffers", owner._buffers), ("__dict__", vars(owner))):
+        for where, tensors in (
+            ("_parameters", owner._parameters),
+            ("_buffers", owner._buffers),
+            ("__dict__", vars(owner)),
+        ):
             for name, tensor in tensors.items():
-                if isinstance(tensor, torch.Tensor) and (where != "__dict__" or not isinstance(tensor, torch.nn.Parameter)):
+                if isinstance(tensor, torch.Tensor) and (
+                    where != "__dict__" or not isinstance(tensor, torch.nn.Parameter)
+                ):
                     saved.append((owner, where, name, tensor, tensor.detach().clone()))
     return saved
 

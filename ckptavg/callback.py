@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
@@ -78,7 +77,9 @@ def parse_candidates(candidates: Any, alpha: float, main: MergeSpec) -> dict[str
     elif isinstance(candidates, Sequence) and not isinstance(candidates, str):
         items = [(c, c) for c in candidates]
     else:
-        raise ValueError(f"candidates must be a list of method names or a mapping of names to methods, got {candidates!r}")
+        raise ValueError(
+            f"candidates must be a list of method names or a mapping of names to methods, got {candidates!r}"
+        )
     specs: dict[str, MergeSpec] = {}
     for name, value in items:
         if not isinstance(name, str) or not name or "/" in name:
@@ -94,7 +95,9 @@ def parse_candidates(candidates: Any, alpha: float, main: MergeSpec) -> dict[str
             candidate_alpha = 1.0 - float(options.pop("decay"))
         spec = MergeSpec.checked(name, method, candidate_alpha, options, f"candidates[{name!r}]")
         if name == main.name and spec != main:
-            raise ValueError(f"candidates: {name!r} is the name of the main merge (merge={main.method!r}); choose another name")
+            raise ValueError(
+                f"candidates: {name!r} is the name of the main merge (merge={main.method!r}); choose another name"
+            )
         specs[name] = spec
     return specs
 
@@ -246,10 +249,14 @@ class CheckpointAverager(Callback):
             alpha = 1.0 - float(decay)
         self._main = MergeSpec.checked(str(merge).lower(), merge, alpha, merge_options, "merge")  # before anything runs
         self.candidates = parse_candidates(candidates, alpha, self._main)
-        if select is not None and (not isinstance(select, str) or not select.removeprefix(MERGED_PREFIX) or select.startswith(ENSEMBLE_PREFIX)):
+        if select is not None and (
+            not isinstance(select, str) or not select.removeprefix(MERGED_PREFIX) or select.startswith(ENSEMBLE_PREFIX)
+        ):
             raise ValueError(f"select must be the name of a validation metric (e.g. 'val_loss'), got {select!r}")
         if select is not None:
-            select = select.removeprefix(MERGED_PREFIX)  # every candidate is a merge: merged/val_loss is val_loss of each
+            select = select.removeprefix(
+                MERGED_PREFIX
+            )  # every candidate is a merge: merged/val_loss is val_loss of each
         if select is not None and not self.candidates:
             raise ValueError(f"select={select!r} chooses among candidates: give candidates=[...] as well")
         self.select = select
@@ -396,7 +403,9 @@ class CheckpointAverager(Callback):
         root = trainer.log_dir or trainer.default_root_dir  # log_dir is broadcast from rank 0
         averagers = [cb for cb in trainer.callbacks if isinstance(cb, CheckpointAverager)]  # type: ignore[attr-defined]
         index = next(i for i, cb in enumerate(averagers) if cb is self)
-        self._default_dirpath = Path(root) / ("ckptavg" if index == 0 else f"ckptavg-{index}")  # a second averager: its own folder
+        self._default_dirpath = Path(root) / (
+            "ckptavg" if index == 0 else f"ckptavg-{index}"
+        )  # a second averager: its own folder
         self._names_checked = not _evaluation.has_validation_step(trainer)
         self._check_no_clash(trainer)
         self._run_before_merged_monitors(trainer)
@@ -421,7 +430,9 @@ class CheckpointAverager(Callback):
                 shared.append("restoring the model after a spike (recover)")
             if shared:
                 raise ValueError(
-                    "CheckpointAverager: two CheckpointAveragers in this Trainer would share " + "; ".join(shared) + ". "
+                    "CheckpointAverager: two CheckpointAveragers in this Trainer would share "
+                    + "; ".join(shared)
+                    + ". "
                     "To preview several merges of one window use candidates=[...]; otherwise give the second its own dirpath "
                     "and preview=False, merge_at_end=False or recover=False where they overlap"
                 )
@@ -453,7 +464,9 @@ class CheckpointAverager(Callback):
                 stacklevel=1,
             )
         for cb in trainer.checkpoint_callbacks:
-            if getattr(cb, "save_weights_only", False) and str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX):
+            if getattr(cb, "save_weights_only", False) and str(getattr(cb, "monitor", None) or "").startswith(
+                MERGED_PREFIX
+            ):
                 rank_zero_warn(
                     f"CheckpointAverager: ModelCheckpoint(monitor={cb.monitor!r}, save_weights_only=True) saves the raw weights: "  # type: ignore[attr-defined]
                     "Lightning calls no callback when it saves weights only. Drop save_weights_only to save the merged ones",
@@ -461,7 +474,9 @@ class CheckpointAverager(Callback):
                 )
         return spec
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """The checkpoint's ``state_dict`` holds the weights its monitored metric measured (see
         :meth:`_checkpoint_holds`); the raw weights ride beside them, for resuming."""
         spec = self._checkpoint_merge
@@ -472,11 +487,15 @@ class CheckpointAverager(Callback):
         checkpoint[RAW_STATE_KEY], checkpoint["state_dict"] = checkpoint["state_dict"], merged
         checkpoint[HOLDS_KEY] = {"merge": spec.name, "steps": self.window.steps}
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Resuming continues the raw run (Lightning has just loaded the merged state_dict); testing or
         # validating a checkpoint keeps the merged weights it scored.
         if trainer.state.fn == "fit" and RAW_STATE_KEY in checkpoint:
-            trainer.strategy.load_model_state_dict({"state_dict": checkpoint[RAW_STATE_KEY]}, strict=pl_module.strict_loading)
+            trainer.strategy.load_model_state_dict(
+                {"state_dict": checkpoint[RAW_STATE_KEY]}, strict=pl_module.strict_loading
+            )
         states = checkpoint.get("callbacks") or {}
         if self.storage == "auto" and self.state_key not in states:
             # A checkpoint of ckptavg 0.1, whose default tier was "cpu": its window continues here.
@@ -489,7 +508,11 @@ class CheckpointAverager(Callback):
         their own ``on_validation_end``: this callback must publish it first, whatever the list order."""
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         mine = callbacks.index(self)
-        monitors = [i for i, cb in enumerate(callbacks[:mine]) if str(getattr(cb, "monitor", None) or "").startswith((MERGED_PREFIX, ENSEMBLE_PREFIX))]
+        monitors = [
+            i
+            for i, cb in enumerate(callbacks[:mine])
+            if str(getattr(cb, "monitor", None) or "").startswith((MERGED_PREFIX, ENSEMBLE_PREFIX))
+        ]
         if monitors:
             callbacks.insert(monitors[0], callbacks.pop(mine))
 
@@ -509,7 +532,9 @@ class CheckpointAverager(Callback):
                 pl_module.get_submodule(self.export_module)
             except AttributeError:
                 children = [name for name, _ in pl_module.named_children()]
-                raise ValueError(f"export_module={self.export_module!r} is not a submodule of {type(pl_module).__name__} (its children: {children})") from None
+                raise ValueError(
+                    f"export_module={self.export_module!r} is not a submodule of {type(pl_module).__name__} (its children: {children})"
+                ) from None
         self._choose_cadence(trainer)
         self._final, self.selection = self._main, None
         if self.candidates and self.preview:
@@ -584,7 +609,11 @@ class CheckpointAverager(Callback):
             held += model  # swapped()'s copy of the raw weights, kept for previews and restore checks
             where, room = "host memory", _available_memory()
             extra = " (the ring, its spare row, and one copy of the model for previews)"
-            extra += "; each Lightning checkpoint carries the window (storage='disk' keeps checkpoints small)" if trainer.checkpoint_callbacks else ""
+            extra += (
+                "; each Lightning checkpoint carries the window (storage='disk' keeps checkpoints small)"
+                if trainer.checkpoint_callbacks
+                else ""
+            )
         else:
             folder = self._window_dirpath()
             where, room = f"disk in {folder}", shutil.disk_usage(_existing_parent(folder)).free
@@ -611,7 +640,9 @@ class CheckpointAverager(Callback):
             while (base.with_name(f"{base.name}_{version}") / "window" / MANIFEST).exists():
                 version += 1
             self._default_dirpath = base.with_name(f"{base.name}_{version}")
-            _info(f"CheckpointAverager: {folder} holds an earlier run's window; this run's goes in {self._window_dirpath()}")
+            _info(
+                f"CheckpointAverager: {folder} holds an earlier run's window; this run's goes in {self._window_dirpath()}"
+            )
             return
         if (folder / MANIFEST).exists():
             raise FileExistsError(
@@ -636,7 +667,9 @@ class CheckpointAverager(Callback):
 
     # -- snapshots ----------------------------------------------------------------------------------
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._unscale_lr()
         step = trainer.global_step
         if self.guard is not None:
@@ -665,7 +698,9 @@ class CheckpointAverager(Callback):
         if steps and step <= steps[-1]:
             return  # the same optimizer step seen again (gradient accumulation, or a resumed run)
         with _warnings_at(pl_module):
-            self.window.snapshot(pl_module, step=step, overlap=True)  # CUDA: the copy overlaps the next forward/backward
+            self.window.snapshot(
+                pl_module, step=step, overlap=True
+            )  # CUDA: the copy overlaps the next forward/backward
         if self.log_correlation and len(self.window) >= 3 and self.window.sharding is None:
             self._log_correlation(trainer)
 
@@ -680,7 +715,9 @@ class CheckpointAverager(Callback):
 
     # -- recovery -----------------------------------------------------------------------------------
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if self._window is not None:
             self._window.before_update()  # the step must not change weights a snapshot copy still reads
         guard = self.guard
@@ -688,7 +725,9 @@ class CheckpointAverager(Callback):
             return
         if self.recovery is not None and self.recovery.grad_norm_threshold is not None:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            self._grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else None
+            self._grad_norm = (
+                float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else None
+            )
         factor = guard.lr_factor(trainer.global_step + 1)  # the step about to be taken
         if factor != 1.0:
             for group in optimizer.param_groups:
@@ -701,7 +740,9 @@ class CheckpointAverager(Callback):
             group["lr"] = lr
         self._scaled_lrs.clear()
 
-    def _watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _watch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Accumulate the micro-batch losses of an optimizer step; judge the step once it is taken."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
@@ -727,13 +768,21 @@ class CheckpointAverager(Callback):
         mean_loss = float(self._loss_sum) / self._loss_count  # one host sync per optimizer step
         self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
         known = len(guard.events)
-        evaluate = _evaluation.batch_loss(pl_module, batch, batch_idx)  # run only when a restore is due, to check it helps
+        evaluate = _evaluation.batch_loss(
+            pl_module, batch, batch_idx
+        )  # run only when a restore is due, to check it helps
         with _warnings_at(pl_module):
-            if guard.observe(step, mean_loss, self._grad_norm, model=pl_module, evaluate=evaluate):  # every rank acts at the same step
+            if guard.observe(
+                step, mean_loss, self._grad_norm, model=pl_module, evaluate=evaluate
+            ):  # every rank acts at the same step
                 if guard.restore(pl_module, trainer.optimizers, step).action == "restored":
                     self._restored_at = step  # the restored weights are a merge: not a snapshot of training
         for event in guard.events[known:]:  # the guard has warned; the loggers get the evidence too
-            metrics = {"ckptavg/restores": float(len(guard.restores)), "ckptavg/trigger_level": event.level, "ckptavg/trigger_limit": event.limit}
+            metrics = {
+                "ckptavg/restores": float(len(guard.restores)),
+                "ckptavg/trigger_level": event.level,
+                "ckptavg/trigger_limit": event.limit,
+            }
             if event.action != "restored":
                 metrics["ckptavg/recovery_gave_up" if event.action == "gave up" else "ckptavg/level_accepted"] = 1.0
             for logger in trainer.loggers:
@@ -757,8 +806,14 @@ class CheckpointAverager(Callback):
             steps = self.window.steps
             same = not steps or steps == [trainer.global_step]
             # Every rank must take the same decision: the preview runs collective operations.
-            current = _evaluation.last_validation_metrics(trainer) if trainer.strategy.reduce_boolean_decision(same, all=True) else None
-            for spec, prefix in [(self._main, MERGED_PREFIX)] + [(c, f"{MERGED_PREFIX}{n}/") for n, c in self.candidates.items()]:
+            current = (
+                _evaluation.last_validation_metrics(trainer)
+                if trainer.strategy.reduce_boolean_decision(same, all=True)
+                else None
+            )
+            for spec, prefix in [(self._main, MERGED_PREFIX)] + [
+                (c, f"{MERGED_PREFIX}{n}/") for n, c in self.candidates.items()
+            ]:
                 collected = current or self._evaluate(trainer, pl_module, spec)
                 self._publish(trainer, collected, prefix, progress_bar=spec is self._main)
                 measured[spec.name] = self._scalars(collected)
@@ -772,18 +827,27 @@ class CheckpointAverager(Callback):
     def _check_metric_names(self, trainer: pl.Trainer) -> None:
         """At the first validation (the sanity check, when the trainer runs one): ``select`` and
         ``monitor`` must name metrics the module logs, before any training is spent."""
-        logged = sorted(k for k in trainer.callback_metrics if not k.startswith((MERGED_PREFIX, ENSEMBLE_PREFIX, "ckptavg/", "train")))
+        logged = sorted(
+            k
+            for k in trainer.callback_metrics
+            if not k.startswith((MERGED_PREFIX, ENSEMBLE_PREFIX, "ckptavg/", "train"))
+        )
         if not logged:
             return  # this run logged nothing yet (a sanity check can): the next validation checks
         self._names_checked = True
-        for argument, name in (("select", self.select), ("monitor", None if self.monitor is None else self.monitor.removeprefix(MERGED_PREFIX))):
+        for argument, name in (
+            ("select", self.select),
+            ("monitor", None if self.monitor is None else self.monitor.removeprefix(MERGED_PREFIX)),
+        ):
             if name is not None and not any(k == name or k.startswith(name + "/dataloader_idx_") for k in logged):
                 raise ValueError(
                     f"CheckpointAverager: {argument}={getattr(self, argument)!r} is not a metric the module logs in validation "
                     f"(it logs {logged}); name one of those (merged/<name> for the merge's)"
                 )
 
-    def _evaluate_ensemble(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]] | None:
+    def _evaluate_ensemble(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, dict[str, Any]] | None:
         """Run validation once more with the module's forward replaced by the mean of its outputs
         under each snapshot's weights; ``None`` (and a warning, once) if forward was never called."""
         steps = self.window.steps
@@ -800,7 +864,9 @@ class CheckpointAverager(Callback):
                 with self.window.swapped(pl_module, weights):
                     outputs.append(forward(*args, **kwargs))
             if not all(isinstance(o, torch.Tensor) for o in outputs):
-                raise TypeError(f"preview_ensemble averages tensor outputs; {type(pl_module).__name__}.forward returned {type(outputs[0]).__name__}")
+                raise TypeError(
+                    f"preview_ensemble averages tensor outputs; {type(pl_module).__name__}.forward returned {type(outputs[0]).__name__}"
+                )
             return torch.stack(outputs).mean(0)
 
         with _evaluation.isolated_validation(trainer) as loop:
@@ -822,7 +888,9 @@ class CheckpointAverager(Callback):
             return None
         return collected
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge: MergeSpec | None) -> dict[str, dict[str, Any]]:
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge: MergeSpec | None
+    ) -> dict[str, dict[str, Any]]:
         """Run validation once more, on ``merge`` swapped in (``None``: the module's current
         weights), and return what it logged."""
         with _evaluation.isolated_validation(trainer) as loop:
@@ -833,7 +901,9 @@ class CheckpointAverager(Callback):
                 loop.run()
             return _evaluation.collected_metrics(trainer)
 
-    def _publish(self, trainer: pl.Trainer, collected: dict[str, dict[str, Any]], prefix: str, progress_bar: bool) -> None:
+    def _publish(
+        self, trainer: pl.Trainer, collected: dict[str, dict[str, Any]], prefix: str, progress_bar: bool
+    ) -> None:
         """Add a preview's metrics as ``<prefix><name>``: callback metrics, loggers, and the progress bar."""
         kinds = ("callback", "log", "pbar") if progress_bar else ("callback", "log")
         _evaluation.publish(trainer, {kind: {prefix + k: v for k, v in collected[kind].items()} for kind in kinds})
@@ -852,7 +922,11 @@ class CheckpointAverager(Callback):
         validate = _evaluation.has_validation(trainer)
         last = self._last_validation
         # The last validation already measured this exact window at this step: reuse its numbers.
-        reuse = last if last is not None and last[:2] == (trainer.global_step, tuple(self.window.steps)) and last[3] else None
+        reuse = (
+            last
+            if last is not None and last[:2] == (trainer.global_step, tuple(self.window.steps)) and last[3]
+            else None
+        )
         raw, measured = (reuse[2], dict(reuse[3])) if reuse else ({}, {})
         pool = [self._main, *self.candidates.values()] if self.select else [self._main]
         if validate:
@@ -869,7 +943,9 @@ class CheckpointAverager(Callback):
         if self.select:
             self._final = self._pick(trainer, pool, measured)
         merged_metrics = measured.get(self._final.name, {})
-        keep_raw = bool(trainer.strategy.broadcast(self._judge(trainer, raw, merged_metrics), src=0))  # ranks must agree: collectives follow
+        keep_raw = bool(
+            trainer.strategy.broadcast(self._judge(trainer, raw, merged_metrics), src=0)
+        )  # ranks must agree: collectives follow
         if keep_raw:
             with self.window.swapped(pl_module, self._final.weights(self.window)):
                 self._export(pl_module)
@@ -906,8 +982,15 @@ class CheckpointAverager(Callback):
         sign = 1.0 if self.mode == "min" else -1.0
         picked = min(valid, key=lambda name: sign * valid[name])
         picked = str(trainer.strategy.broadcast(picked, src=0))  # every rank loads the same merge
-        self.selection = {"by": self.select, "mode": self.mode, "picked": picked, "scores": {n: v if math.isfinite(v) else None for n, v in scores.items()}}
-        lines = [f"  {name:<24} {score:>12.6g}{'  <- picked' if name == picked else ''}" for name, score in scores.items()]
+        self.selection = {
+            "by": self.select,
+            "mode": self.mode,
+            "picked": picked,
+            "scores": {n: v if math.isfinite(v) else None for n, v in scores.items()},
+        }
+        lines = [
+            f"  {name:<24} {score:>12.6g}{'  <- picked' if name == picked else ''}" for name, score in scores.items()
+        ]
         _info(f"CheckpointAverager: {self.select} of each candidate merge (mode {self.mode}):\n" + "\n".join(lines))
         return next(spec for spec in pool if spec.name == picked)
 
@@ -928,11 +1011,15 @@ class CheckpointAverager(Callback):
         if not worse:
             return False
         keep_raw = self.keep == "best" and sum(sign * (merged[k] - raw[k]) for k in keys) > 0
-        details = ", ".join(f"{k} {merged[k]:.6g} vs {raw[k]:.6g} ({(merged[k] - raw[k]) / abs(raw[k]) * 100 if raw[k] else math.nan:+.1f}%)" for k in worse)
+        details = ", ".join(
+            f"{k} {merged[k]:.6g} vs {raw[k]:.6g} ({(merged[k] - raw[k]) / abs(raw[k]) * 100 if raw[k] else math.nan:+.1f}%)"
+            for k in worse
+        )
         action = (
             "the module keeps its raw weights (keep='best'); merged.safetensors still holds the merged ones"
             if keep_raw
-            else "the module holds the merged weights" + ("" if self.keep == "best" else " (keep='best' would keep the raw ones)")
+            else "the module holds the merged weights"
+            + ("" if self.keep == "best" else " (keep='best' would keep the raw ones)")
         )
         rank_zero_warn(f"CheckpointAverager: the merged weights score worse than the raw ones on {details}: {action}")
         return keep_raw
@@ -980,7 +1067,9 @@ class CheckpointAverager(Callback):
             alpha=repr(final.alpha),
             steps=json.dumps(steps),
             coefficients=json.dumps(final.weights(self.window)),
-            options=json.dumps({k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in final.options.items()}),
+            options=json.dumps(
+                {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in final.options.items()}
+            ),
         )
         if self.selection is not None:
             metadata["selected"] = self.selection["picked"]
@@ -1034,7 +1123,9 @@ class CheckpointAverager(Callback):
             "merge_options": {k: v for k, v in self.merge_options.items() if isinstance(v, (int, float, str, bool))},
             # The main merge's coefficients over the window as saved: what load_merged_weights and
             # `ckptavg export` apply (an option such as a callable decay shape cannot be stored).
-            "coefficients": self._main.weights(self._window) if self._window is not None and len(self._window) else None,
+            "coefficients": self._main.weights(self._window)
+            if self._window is not None and len(self._window)
+            else None,
         }
 
     def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:
@@ -1078,7 +1169,9 @@ def _warnings_at(pl_module: pl.LightningModule) -> Iterator[None]:
         filename, lineno = "<unknown>", 0
     for warning in caught:
         if issubclass(warning.category, CkptavgWarning):
-            warnings.warn_explicit(warning.message, warning.category, filename, lineno, module=type(pl_module).__module__)
+            warnings.warn_explicit(
+                warning.message, warning.category, filename, lineno, module=type(pl_module).__module__
+            )
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
@@ -1133,7 +1226,9 @@ def _gather_to_rank0(obj: Any) -> list[Any] | None:
     """Every rank's ``obj``, by rank, on rank 0 (``None`` elsewhere)."""
     if distributed_rank()[1] == 1:
         return [obj]
-    gathered: list[Any] | None = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    gathered: list[Any] | None = (
+        [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    )
     torch.distributed.gather_object(obj, gathered, dst=0)
     return gathered
 

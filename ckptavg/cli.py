@@ -28,7 +28,6 @@ import argparse
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -42,11 +41,25 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .files import CorruptSnapshotError, atomic_write_bytes, human_size, safetensors_metadata, snapshot_header, tensor_bytes
+from .files import (
+    CorruptSnapshotError,
+    atomic_write_bytes,
+    human_size,
+    safetensors_metadata,
+    snapshot_header,
+    tensor_bytes,
+)
 from .kernels import weighted_sum_
 from .layout import BLOCK_NUMEL, Entry, Layout, accumulation_dtype, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
-from .offline import consolidate, consolidated_steps, find_state_dict, load_merged_weights, load_state_file, read_torch_file
+from .offline import (
+    consolidate,
+    consolidated_steps,
+    find_state_dict,
+    load_merged_weights,
+    load_state_file,
+    read_torch_file,
+)
 from .storage import MANIFEST, progress_bar, rank_dirpaths
 
 HF_SINGLE = "model.safetensors"
@@ -81,7 +94,9 @@ class Source:
     @property
     def step(self) -> int | None:
         """The training step this input stands for: the last number in its name, else the one recorded inside."""
-        numbers = re.findall(r"\d+", self.path.name.removesuffix(self.path.suffix) if self.path.is_file() else self.path.name)
+        numbers = re.findall(
+            r"\d+", self.path.name.removesuffix(self.path.suffix) if self.path.is_file() else self.path.name
+        )
         return int(numbers[-1]) if numbers else self.recorded_step
 
 
@@ -154,8 +169,12 @@ def open_source(path: Path, key: str | None = None) -> Source:
                 weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as err:
                 raise UsageError(f"{path / HF_INDEX}: cannot read its 'weight_map': {err!r}") from None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v.endswith(".safetensors") for v in weight_map.values()):
-                raise UsageError(f"{path / HF_INDEX}: 'weight_map' must map tensor names to .safetensors files in the folder")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and "/" not in v and v.endswith(".safetensors") for v in weight_map.values()
+            ):
+                raise UsageError(
+                    f"{path / HF_INDEX}: 'weight_map' must map tensor names to .safetensors files in the folder"
+                )
             return Source(path, _Sharded(path, weight_map), shards=dict(weight_map), recorded_step=_trainer_step(path))
         if (path / HF_SINGLE).is_file():
             return Source(path, load_state_file(path / HF_SINGLE), recorded_step=_trainer_step(path))
@@ -204,7 +223,9 @@ def describe(tensors: Mapping[str, Tensor]) -> dict[str, tuple[torch.dtype, tupl
     """Names, dtypes and shapes, without reading any data (safetensors headers; torch files are
     memory-mapped)."""
     spec = getattr(tensors, "spec", None)
-    return {name: spec(name) if spec is not None else (tensors[name].dtype, tuple(tensors[name].shape)) for name in tensors}
+    return {
+        name: spec(name) if spec is not None else (tensors[name].dtype, tuple(tensors[name].shape)) for name in tensors
+    }
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -217,14 +238,18 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool, *, folder: b
     for path in inputs:
         source = path.resolve()
         if target == source or source in target.parents:
-            raise UsageError(f"-o {output}: the output would be written {'over' if target == source else 'inside'} the input {path}")
+            raise UsageError(
+                f"-o {output}: the output would be written {'over' if target == source else 'inside'} the input {path}"
+            )
         if target in source.parents:
             raise UsageError(f"-o {output}: the output folder holds the input {path}; choose another output")
     if output.is_symlink() or output.exists():
         if not force:
             raise UsageError(f"-o {output} already exists: give --force to replace it, or choose another output")
         if folder != output.is_dir():
-            raise UsageError(f"-o {output} is {'a folder' if output.is_dir() else 'a file'}; --force replaces it only with the same kind")
+            raise UsageError(
+                f"-o {output} is {'a folder' if output.is_dir() else 'a file'}; --force replaces it only with the same kind"
+            )
 
 
 def _sibling(output: Path, tag: str) -> Path:
@@ -278,7 +303,9 @@ def file_order(layout: Layout) -> list[Entry]:
     return sorted(layout, key=lambda e: (groups.index(e.dtype), e.offset))
 
 
-def merged_chunks(layout: Layout, sources: Sequence[Mapping[str, Tensor]], weights: Sequence[float], progress: Any) -> Iterator[memoryview]:
+def merged_chunks(
+    layout: Layout, sources: Sequence[Mapping[str, Tensor]], weights: Sequence[float], progress: Any
+) -> Iterator[memoryview]:
     """The merged tensors' bytes in file order, computed one block at a time with the window's
     kernel (:func:`ckptavg.kernels.weighted_sum_`: fp32 accumulation, fp64 for fp64); integer
     tensors from the newest input with a non-zero weight, as in the window."""
@@ -293,13 +320,18 @@ def merged_chunks(layout: Layout, sources: Sequence[Mapping[str, Tensor]], weigh
         rows = [(s[entry.name].reshape(-1), w) for s, w in live]
         acc_dtype = accumulation_dtype(entry.dtype)
         if acc_dtype not in accumulators:
-            accumulators[acc_dtype] = (torch.empty(BLOCK_NUMEL, dtype=acc_dtype), torch.empty(BLOCK_NUMEL, dtype=acc_dtype))
+            accumulators[acc_dtype] = (
+                torch.empty(BLOCK_NUMEL, dtype=acc_dtype),
+                torch.empty(BLOCK_NUMEL, dtype=acc_dtype),
+            )
         acc, scratch = accumulators[acc_dtype]
         for lo in range(0, entry.numel, BLOCK_NUMEL):
             hi = min(lo + BLOCK_NUMEL, entry.numel)
             block = weighted_sum_(acc[: hi - lo], ((row[lo:hi], w) for row, w in rows), scratch)
             if not torch.isfinite(block).all():
-                raise UsageError(f"tensor {entry.name!r}: the merge is not finite (NaN or Inf in an input, or weights that overflow)")
+                raise UsageError(
+                    f"tensor {entry.name!r}: the merge is not finite (NaN or Inf in an input, or weights that overflow)"
+                )
             yield tensor_bytes(block.to(entry.dtype))
             progress((hi - lo) * entry.dtype.itemsize)
 
@@ -330,7 +362,9 @@ def command_merge(args: argparse.Namespace) -> int:
     try:
         weights_arg = [float(w) for w in args.weights.split(",")] if args.weights else None
     except ValueError:
-        raise UsageError(f"--weights {args.weights!r}: expected numbers separated by commas, e.g. --weights 0.2,0.8") from None
+        raise UsageError(
+            f"--weights {args.weights!r}: expected numbers separated by commas, e.g. --weights 0.2,0.8"
+        ) from None
     method: Any = weights_arg if weights_arg is not None else args.method
     output = Path(args.output)
     as_folder = output.suffix != ".safetensors"
@@ -338,20 +372,30 @@ def command_merge(args: argparse.Namespace) -> int:
     windows = [p for p in paths if is_window(p)]
     if windows:
         if len(paths) != 1:
-            raise UsageError(f"{windows[0]} is a ckptavg window folder: merge it on its own (its snapshots are the inputs)")
+            raise UsageError(
+                f"{windows[0]} is a ckptavg window folder: merge it on its own (its snapshots are the inputs)"
+            )
         return _merge_window(args, paths[0], method, options, output, as_folder)
     opened, steps = oldest_first([open_source(p, args.key) for p in paths])
     if args.last is not None:
         if args.last > len(opened):
             raise UsageError(f"--last {args.last}: only {len(opened)} inputs were given")
         opened, steps = opened[-args.last :], None if steps is None else steps[-args.last :]
-    _say(args, "inputs, oldest first: " + ", ".join(f"{s.path}" + ("" if s.step is None else f" (step {s.step})") for s in opened))
+    _say(
+        args,
+        "inputs, oldest first: "
+        + ", ".join(f"{s.path}" + ("" if s.step is None else f" (step {s.step})") for s in opened),
+    )
     try:
-        weights = coefficients(method, steps if steps is not None else list(range(1, len(opened) + 1)), args.alpha, **options)
+        weights = coefficients(
+            method, steps if steps is not None else list(range(1, len(opened) + 1)), args.alpha, **options
+        )
     except ValueError as err:
         if steps is None:
             raise
-        raise UsageError(f"{err} (the steps were read from the inputs' names, or recorded inside them: {steps})") from None
+        raise UsageError(
+            f"{err} (the steps were read from the inputs' names, or recorded inside them: {steps})"
+        ) from None
     layout = _checked_layout(opened)
     metadata = _metadata(method, weights, [str(s.path) for s in opened], options, steps)
     live = sum(1 for w in weights if w)
@@ -364,16 +408,24 @@ def command_merge(args: argparse.Namespace) -> int:
     try:
         if as_folder:
             model_files = next((s for s in opened if s.path.is_dir()), None)  # the oldest Hugging Face input
-            build_folder(output, lambda folder: _write_hf_folder(folder, model_files, layout, tensors, weights, metadata, progress))
+            build_folder(
+                output,
+                lambda folder: _write_hf_folder(folder, model_files, layout, tensors, weights, metadata, progress),
+            )
         else:
             write_safetensors(output, layout, merged_chunks(layout, tensors, weights, progress), metadata)
     finally:
         bar.close()
-    _say(args, f"merged {len(opened)} checkpoints ({args.method if weights_arg is None else 'weights'}: {[round(w, 4) for w in weights]}) into {output}")
+    _say(
+        args,
+        f"merged {len(opened)} checkpoints ({args.method if weights_arg is None else 'weights'}: {[round(w, 4) for w in weights]}) into {output}",
+    )
     return 0
 
 
-def _merge_window(args: argparse.Namespace, window: Path, method: Any, options: dict[str, Any], output: Path, as_folder: bool) -> int:
+def _merge_window(
+    args: argparse.Namespace, window: Path, method: Any, options: dict[str, Any], output: Path, as_folder: bool
+) -> int:
     """A window folder's snapshots are the inputs (``--last N``: its newest ``N``)."""
     steps = consolidated_steps(window)
     chosen = steps if args.last is None else steps[-args.last :]
@@ -384,7 +436,10 @@ def _merge_window(args: argparse.Namespace, window: Path, method: Any, options: 
     metadata = _metadata(method, weights, [str(window)], options, chosen)
     layout = Layout.from_tensors(merged)
     if as_folder:
-        build_folder(output, lambda folder: write_safetensors(folder / HF_SINGLE, layout, tensor_chunks(layout, merged), metadata))
+        build_folder(
+            output,
+            lambda folder: write_safetensors(folder / HF_SINGLE, layout, tensor_chunks(layout, merged), metadata),
+        )
     else:
         write_safetensors(output, layout, tensor_chunks(layout, merged), metadata)
     _say(args, f"merged {len(chosen)} snapshots of {window} (steps {chosen[0]}..{chosen[-1]}) into {output}")
@@ -399,14 +454,20 @@ def _checked_layout(sources: Sequence[Source]) -> Layout:
         other = describe(source.tensors)
         missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
         if missing or extra:
-            raise UsageError(f"{source.path}: tensors differ from {sources[0].path}: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise UsageError(
+                f"{source.path}: tensors differ from {sources[0].path}: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         for name, (dtype, shape) in reference.items():
             if other[name] != (dtype, shape):
-                raise UsageError(f"{source.path}: tensor {name!r} is {other[name][0]} {list(other[name][1])}, in {sources[0].path} {dtype} {list(shape)}")
+                raise UsageError(
+                    f"{source.path}: tensor {name!r} is {other[name][0]} {list(other[name][1])}, in {sources[0].path} {dtype} {list(shape)}"
+                )
     return Layout([(name, dtype, shape) for name, (dtype, shape) in reference.items()])
 
 
-def _metadata(method: Any, weights: Sequence[float], inputs: list[str], options: dict[str, Any], steps: list[int] | None) -> dict[str, str]:
+def _metadata(
+    method: Any, weights: Sequence[float], inputs: list[str], options: dict[str, Any], steps: list[int] | None
+) -> dict[str, str]:
     metadata = safetensors_metadata(
         "merged",
         method=method if isinstance(method, str) else "weights",
@@ -420,7 +481,13 @@ def _metadata(method: Any, weights: Sequence[float], inputs: list[str], options:
 
 
 def _write_hf_folder(
-    folder: Path, model_files: Source | None, layout: Layout, sources: list[Mapping[str, Tensor]], weights: Sequence[float], metadata: dict[str, str], progress: Any
+    folder: Path,
+    model_files: Source | None,
+    layout: Layout,
+    sources: list[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    metadata: dict[str, str],
+    progress: Any,
 ) -> None:
     """A Hugging Face folder: the sharding of ``model_files`` (one ``model.safetensors`` when it
     has none), each shard written as it is computed, its index, and the files a model needs
@@ -447,7 +514,9 @@ def command_export(args: argparse.Namespace) -> int:
     check_output(output, [Path(args.checkpoint)], args.force, folder=False)
     merged = load_merged_weights(args.checkpoint, averager=args.averager)
     layout = Layout.from_tensors(merged)
-    write_safetensors(output, layout, tensor_chunks(layout, merged), safetensors_metadata("merged", source=str(args.checkpoint)))
+    write_safetensors(
+        output, layout, tensor_chunks(layout, merged), safetensors_metadata("merged", source=str(args.checkpoint))
+    )
     _say(args, f"wrote the merged weights of {args.checkpoint} to {args.output}")
     return 0
 
@@ -464,7 +533,9 @@ def _sha256(path: Path, bar: Any) -> str:
     return digest.hexdigest()
 
 
-def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlation: bool = True, key: str | None = None) -> dict[str, Any]:
+def inspect_path(
+    path: Path, quiet: bool = True, verify: bool = True, correlation: bool = True, key: str | None = None
+) -> dict[str, Any]:
     """What a window folder, checkpoint file or Hugging Face folder holds (never changes it)."""
     if is_window(path):
         from .window import CheckpointWindow
@@ -474,7 +545,9 @@ def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlatio
             with CheckpointWindow.open(folder, readonly=True) as window:
                 layout = window.full_layout if window.sharding is None else window.layout
                 damaged = window.verify() if verify else None
-                diagnostic = window.correlation() if correlation and window.sharding is None and len(window) >= 2 else None
+                diagnostic = (
+                    window.correlation() if correlation and window.sharding is None and len(window) >= 2 else None
+                )
                 report["ranks"].append({
                     "folder": str(folder), "steps": window.steps, "window": window.window,
                     "stored_bytes": window.stored_nbytes, "tensors": _tensor_summary(layout) if layout else {},
@@ -483,7 +556,11 @@ def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlatio
                 })  # fmt: skip
         return report
     source = open_source(path, key)
-    files = [source.path] if source.path.is_file() else sorted(p for p in source.path.iterdir() if p.suffix == ".safetensors")
+    files = (
+        [source.path]
+        if source.path.is_file()
+        else sorted(p for p in source.path.iterdir() if p.suffix == ".safetensors")
+    )
     total = sum(f.stat().st_size for f in files)
     bar = progress_bar(total, f"checksums of {source.path}", quiet)
     try:
@@ -502,7 +579,9 @@ def inspect_path(path: Path, quiet: bool = True, verify: bool = True, correlatio
         averagers = _averager_states(source.path)
         if averagers:
             report["averagers"] = averagers
-            report["hint"] = f"this checkpoint holds a ckptavg window: ckptavg export {source.path} -o merged.safetensors writes the merge it measured"
+            report["hint"] = (
+                f"this checkpoint holds a ckptavg window: ckptavg export {source.path} -o merged.safetensors writes the merge it measured"
+            )
     return report
 
 
@@ -521,7 +600,11 @@ def _averager_states(path: Path) -> dict[str, Any]:
     for name, state in (callbacks or {}).items():
         if str(name).startswith("CheckpointAverager") and isinstance(state, Mapping):
             window = state.get("window") or {}
-            found[str(name)] = {"merge": state.get("merge"), "storage": window.get("storage"), "steps": list(window.get("steps", []))}
+            found[str(name)] = {
+                "merge": state.get("merge"),
+                "storage": window.get("storage"),
+                "steps": list(window.get("steps", [])),
+            }
     return found
 
 
@@ -538,7 +621,10 @@ def _manifest_files(folder: Path) -> list[dict[str, Any]]:
     from .storage import DiskStore
 
     manifest = DiskStore.read_manifest(folder)
-    return [{"step": r["step"], "file": r["file"], "bytes": r["nbytes"], "crc32": r.get("group_crc32")} for r in manifest["snapshots"]]
+    return [
+        {"step": r["step"], "file": r["file"], "bytes": r["nbytes"], "crc32": r.get("group_crc32")}
+        for r in manifest["snapshots"]
+    ]
 
 
 def command_inspect(args: argparse.Namespace) -> int:
@@ -552,27 +638,39 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    print(f"{report['path']}: {report['kind']}" + (f", step {report['step']}" if report.get("step") is not None else ""))
+    print(
+        f"{report['path']}: {report['kind']}" + (f", step {report['step']}" if report.get("step") is not None else "")
+    )
     for rank in report.get("ranks", []):
         t = rank["tensors"]
-        print(f"  {rank['folder']}: steps {rank['steps']} (window {rank['window']}), {human_size(rank['stored_bytes'])} stored")
+        print(
+            f"  {rank['folder']}: steps {rank['steps']} (window {rank['window']}), {human_size(rank['stored_bytes'])} stored"
+        )
         if t:
             print(f"    {t['count']} tensors, {t['elements'] / 1e6:.2f}M elements by dtype {t['elements_by_dtype']}")
         for f in rank["files"]:
             print(f"    step {f['step']:>8}: {f['file']} {human_size(f['bytes'])} crc32 {f['crc32']}")
         if rank.get("correlation"):
             c = rank["correlation"]
-            print(f"    correlation: {c['verdict']} ({c['reason']}); update cosine {c['update_cosine']:.3f}, spread {c['relative_spread']:.4f}")
+            print(
+                f"    correlation: {c['verdict']} ({c['reason']}); update cosine {c['update_cosine']:.3f}, spread {c['relative_spread']:.4f}"
+            )
         if rank["damaged"] is not None:
-            print(f"    verify: {'damaged: ' + ', '.join(rank['damaged']) if rank['damaged'] else 'every file reads back and matches its checksums'}")
+            print(
+                f"    verify: {'damaged: ' + ', '.join(rank['damaged']) if rank['damaged'] else 'every file reads back and matches its checksums'}"
+            )
     if "sha256" in report:
         t = report["tensors"]
         if report.get("state_dict_key"):
             print(f"  the state dict is its entry {report['state_dict_key']!r}")
-        print(f"  {t['count']} tensors, {t['elements'] / 1e6:.2f}M elements by dtype {t['elements_by_dtype']}, largest {t['largest']}")
+        print(
+            f"  {t['count']} tensors, {t['elements'] / 1e6:.2f}M elements by dtype {t['elements_by_dtype']}, largest {t['largest']}"
+        )
         metadata = report.get("metadata") or {}
         if metadata.get("ckptavg") == "merged" or metadata.get("format") == "ckptavg.merged":
-            print(f"  a ckptavg merge: method {metadata.get('method')}, steps {metadata.get('steps', 'not recorded')}, coefficients {metadata.get('coefficients')}")
+            print(
+                f"  a ckptavg merge: method {metadata.get('method')}, steps {metadata.get('steps', 'not recorded')}, coefficients {metadata.get('coefficients')}"
+            )
             for name in ("options", "inputs", "selected", "selected_by", "candidate_scores", "source", "module"):
                 if name in metadata:
                     print(f"    {name}: {metadata[name]}")
@@ -589,8 +687,12 @@ def verify_path(path: Path, key: str | None = None) -> list[str]:
     any other checkpoint's headers, sizes, shards and values (NaN or Inf in a float tensor is
     reported). Returns ``"<file>: <problem>"`` lines; empty when everything reads back."""
     if is_window(path):
-        report = inspect_path(path, quiet=True, verify=True, correlation=False)  # reading every file back is the whole job
-        return [f"{Path(r['folder']) / name}: its checksums do not match" for r in report["ranks"] for name in r["damaged"]]
+        report = inspect_path(
+            path, quiet=True, verify=True, correlation=False
+        )  # reading every file back is the whole job
+        return [
+            f"{Path(r['folder']) / name}: its checksums do not match" for r in report["ranks"] for name in r["damaged"]
+        ]
     try:
         source = open_source(path, key)
     except (UsageError, ValueError) as err:
@@ -638,7 +740,10 @@ def command_verify(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"damaged: {problem}")
         if not problems and not args.quiet:
-            print(f"{path}: every file reads back" + (" and matches its checksums" if is_window(path) else ", with finite values"))
+            print(
+                f"{path}: every file reads back"
+                + (" and matches its checksums" if is_window(path) else ", with finite values")
+            )
     return 1 if problems else 0
 
 
@@ -651,23 +756,43 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
-    return commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return commands.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptavg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ckptavg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"ckptavg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = _command(commands, "merge", "merge checkpoints (oldest first) into one",
                      "Merge checkpoints, oldest first, with one coefficient vector.\n\n" + __doc__.split("\n\n")[2])  # fmt: skip
-    merge.add_argument("inputs", nargs="+", help="files (.safetensors .pt .pth .bin .ckpt), Hugging Face folders, a window folder, or globs")
+    merge.add_argument(
+        "inputs",
+        nargs="+",
+        help="files (.safetensors .pt .pth .bin .ckpt), Hugging Face folders, a window folder, or globs",
+    )
     merge.add_argument("--method", default="sma", help=f"merge method: {', '.join(method_names())} (default sma)")
     merge.add_argument("--weights", help="explicit weights, one per input, oldest first: 0.2,0.8 (scaled to sum to 1)")
     merge.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="EMA coefficient (default 0.2)")
-    merge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option: --option shape=1-sqrt")
-    merge.add_argument("--last", type=int, help="merge only the newest N inputs (of a window folder: its newest N snapshots)")
-    merge.add_argument("--key", help="the entry of torch files that holds the state dict (default: the file itself, or state_dict, model, module, ema, ...)")
-    merge.add_argument("-o", "--output", required=True, help="a .safetensors path writes one file; any other path a folder (Hugging Face inputs: sharded as the oldest, with its config and tokenizer)")
+    merge.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option: --option shape=1-sqrt"
+    )
+    merge.add_argument(
+        "--last", type=int, help="merge only the newest N inputs (of a window folder: its newest N snapshots)"
+    )
+    merge.add_argument(
+        "--key",
+        help="the entry of torch files that holds the state dict (default: the file itself, or state_dict, model, module, ema, ...)",
+    )
+    merge.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="a .safetensors path writes one file; any other path a folder (Hugging Face inputs: sharded as the oldest, with its config and tokenizer)",
+    )
     merge.add_argument("--force", action="store_true", help="replace an existing output (never an input)")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     merge.set_defaults(run=command_merge)
@@ -683,7 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Show what a window folder, checkpoint file or Hugging Face folder holds: tensors, steps, checksums, a merge's\n"
                        "recorded method, steps and coefficients, and whether a Lightning checkpoint carries a window. Exit 1 when\n"
                        "a window's file is damaged.")  # fmt: skip
-    inspect.add_argument("path", help="a window folder, a checkpoint file, a Hugging Face folder or its model.safetensors.index.json")
+    inspect.add_argument(
+        "path", help="a window folder, a checkpoint file, a Hugging Face folder or its model.safetensors.index.json"
+    )
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--no-verify", action="store_true", help="window folders: skip reading every file back")
     inspect.add_argument("--key", help="the entry of a torch file that holds the state dict")
@@ -709,7 +836,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckptavg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug: say so, without a traceback
-        print(f"ckptavg {args.command}: internal error ({type(err).__name__}): {err}. Please report it", file=sys.stderr)
+        print(
+            f"ckptavg {args.command}: internal error ({type(err).__name__}): {err}. Please report it", file=sys.stderr
+        )
         return 3
 
 

@@ -108,7 +108,9 @@ def correlation_of(steps: list[int], blocks: Iterable[tuple[torch.dtype, Block, 
             torch.sub(row.to(work), newest, out=out)  # exact for nearby snapshots (Sterbenz's lemma)
         for piece in block.pieces:
             lo = piece.offset - block.lo
-            per_tensor.setdefault(piece.name, _Gram(n)).add(diff[:, lo : lo + piece.length], newest[lo : lo + piece.length])
+            per_tensor.setdefault(piece.name, _Gram(n)).add(
+                diff[:, lo : lo + piece.length], newest[lo : lo + piece.length]
+            )
     total = _Gram(n)
     for gram in per_tensor.values():
         total.merge(gram)
@@ -121,7 +123,11 @@ def _summarise(steps: list[int], total: _Gram, per_tensor: dict[str, _Gram]) -> 
     weight_cos = _cosines(raw)
     centering = torch.eye(n, dtype=torch.float64) - 1.0 / n
     deviation_cos = _cosines(centering @ total.g @ centering)
-    differences = (torch.eye(n, dtype=torch.float64)[1:] - torch.eye(n, dtype=torch.float64)[:-1]) if n > 1 else torch.zeros(0, n, dtype=torch.float64)
+    differences = (
+        (torch.eye(n, dtype=torch.float64)[1:] - torch.eye(n, dtype=torch.float64)[:-1])
+        if n > 1
+        else torch.zeros(0, n, dtype=torch.float64)
+    )
     update_gram = differences @ total.g @ differences.T
     update_cos = _cosines(update_gram)
     consecutive = [float(update_cos[k, k + 1]) for k in range(n - 2)]
@@ -133,17 +139,26 @@ def _summarise(steps: list[int], total: _Gram, per_tensor: dict[str, _Gram]) -> 
         newest += 1
     lowest = float(weight_cos.min()) if n else 1.0
     if newest == n:
-        verdict, reason = "average", f"every pair of snapshots has weight cosine >= {AVERAGE_ABOVE} (lowest {lowest:.4f})"
+        verdict, reason = (
+            "average",
+            f"every pair of snapshots has weight cosine >= {AVERAGE_ABOVE} (lowest {lowest:.4f})",
+        )
     elif newest >= 2:
-        verdict, reason = "newest", (
-            f"only the newest {newest} snapshots are correlated >= {AVERAGE_ABOVE} (lowest over all {lowest:.4f}): average "
-            f"those (merge(..., before=) or weights on the newest), not the whole window"
+        verdict, reason = (
+            "newest",
+            (
+                f"only the newest {newest} snapshots are correlated >= {AVERAGE_ABOVE} (lowest over all {lowest:.4f}): average "
+                f"those (merge(..., before=) or weights on the newest), not the whole window"
+            ),
         )
     else:
-        verdict, reason = "do not average", (
-            f"the newest snapshot's weights have cosine {float(weight_cos[-1, -2]):.4f} < {AVERAGE_ABOVE} with the one before: "
-            "they are not one basin (separately trained models, or both sides of a divergence); average predictions "
-            "(an ensemble) or learn a merge (np_merge) instead"
+        verdict, reason = (
+            "do not average",
+            (
+                f"the newest snapshot's weights have cosine {float(weight_cos[-1, -2]):.4f} < {AVERAGE_ABOVE} with the one before: "
+                "they are not one basin (separately trained models, or both sides of a divergence); average predictions "
+                "(an ensemble) or learn a merge (np_merge) instead"
+            ),
         )
     tensors = {}
     for name, gram in per_tensor.items():

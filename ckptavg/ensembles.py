@@ -30,7 +30,9 @@ class Ensemble(nn.Module):
     model at a time. ``vectorized`` says which path the last forward took.
     """
 
-    def __init__(self, model: nn.Module, states: Sequence[Mapping[str, Tensor]], average: Literal["logits", "probs"] = "logits"):
+    def __init__(
+        self, model: nn.Module, states: Sequence[Mapping[str, Tensor]], average: Literal["logits", "probs"] = "logits"
+    ):
         super().__init__()
         if average not in ("logits", "probs"):
             raise ValueError(f"average must be 'logits' or 'probs', got {average!r}")
@@ -49,10 +51,14 @@ class Ensemble(nn.Module):
             values = [state[name] for state in states]
             shapes = {tuple(v.shape) for v in values}
             if shapes != {tuple(reference[name].shape)}:
-                raise ValueError(f"tensor {name!r} has shapes {sorted(shapes)} across the states; the model's is {tuple(reference[name].shape)}")
+                raise ValueError(
+                    f"tensor {name!r} has shapes {sorted(shapes)} across the states; the model's is {tuple(reference[name].shape)}"
+                )
             key = "stacked_" + name.replace(".", "__")
             self._keys[name] = key
-            self.register_buffer(key, torch.stack([v.detach().to(reference[name].device, reference[name].dtype) for v in values]))
+            self.register_buffer(
+                key, torch.stack([v.detach().to(reference[name].device, reference[name].dtype) for v in values])
+            )
         self.size = len(states)
         self.vectorized: bool | None = None
 
@@ -82,8 +88,9 @@ class Ensemble(nn.Module):
         return torch.logsumexp(torch.log_softmax(outputs, dim=-1), dim=0) - math.log(self.size)
 
 
-
-def ensemble(model: nn.Module, states: Sequence[Mapping[str, Tensor]], average: Literal["logits", "probs"] = "logits") -> Ensemble:
+def ensemble(
+    model: nn.Module, states: Sequence[Mapping[str, Tensor]], average: Literal["logits", "probs"] = "logits"
+) -> Ensemble:
     """A prediction ensemble of ``model``'s architecture over ``states`` (see :class:`Ensemble`).
 
     Example:
@@ -147,10 +154,14 @@ def distill(
     try:
         for _ in tqdm(range(steps), desc="distilling", disable=True if not progress else None, leave=False):
             batch = next(source)
-            inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+            inputs, targets = (
+                (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+            )
             with torch.no_grad():
                 teacher_logits = teacher(inputs)
-            loss = distillation_loss(student(inputs), teacher_logits, targets, temperature=temperature, hard_weight=hard_weight)
+            loss = distillation_loss(
+                student(inputs), teacher_logits, targets, temperature=temperature, hard_weight=hard_weight
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -162,14 +173,24 @@ def distill(
 
 
 def distillation_loss(
-    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, temperature: float = 2.0, hard_weight: float = 0.5
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    hard_weight: float = 0.5,
 ) -> Tensor:
     """``T^2 KL(softmax(t / T) || softmax(s / T))``, mixed with ``hard_weight`` times the
     cross-entropy with ``targets`` when they are given: the loss :func:`distill` minimises, for a
     training step of your own (a LightningModule's ``training_step``, for example)."""
-    soft = nn.functional.kl_div(
-        torch.log_softmax(student_logits / temperature, dim=-1), torch.softmax(teacher_logits.detach() / temperature, dim=-1), reduction="batchmean"
-    ) * temperature**2
+    soft = (
+        nn.functional.kl_div(
+            torch.log_softmax(student_logits / temperature, dim=-1),
+            torch.softmax(teacher_logits.detach() / temperature, dim=-1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     if targets is None or hard_weight == 0:
         return soft
     return (1 - hard_weight) * soft + hard_weight * nn.functional.cross_entropy(student_logits, targets)
@@ -183,4 +204,6 @@ def _forever(batches: Iterable[Any]) -> Iterator[Any]:
             seen += 1
             yield batch
         if not seen:
-            raise ValueError("distill: the batches ran out (or were empty); give a re-iterable such as a DataLoader or a list")
+            raise ValueError(
+                "distill: the batches ran out (or were empty); give a re-iterable such as a DataLoader or a list"
+            )

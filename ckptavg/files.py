@@ -208,7 +208,9 @@ def check_against_file(path: Path, fd: int | None, layout: Layout, record: dict[
     (a damaged file, not a wrong manifest). ``field`` names the record, such as ``snapshots[0]``."""
     expected = record["header_bytes"] + layout.nbytes
     if record["nbytes"] != expected:
-        raise ValueError(f"field '{field}.nbytes' is {record['nbytes']}, but the layout and header_bytes make {expected}")
+        raise ValueError(
+            f"field '{field}.nbytes' is {record['nbytes']}, but the layout and header_bytes make {expected}"
+        )
     try:
         opened = os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -221,14 +223,19 @@ def check_against_file(path: Path, fd: int | None, layout: Layout, record: dict[
         os.close(opened)
     if zlib.crc32(header) != record["header_crc32"]:
         return
-    if all(header != snapshot_header(layout, metadata(record["step"])) for metadata in (snapshot_metadata, _legacy_snapshot_metadata)):
+    if all(
+        header != snapshot_header(layout, metadata(record["step"]))
+        for metadata in (snapshot_metadata, _legacy_snapshot_metadata)
+    ):
         raise ValueError(
             f"field 'layout' (and '{field}') disagree with the header of {path}, which matches its checksum: the "
             "manifest was edited or belongs to other files; nothing was changed"
         )
 
 
-def write_snapshot(path: Path, layout: Layout, buffers: dict[torch.dtype, Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+def write_snapshot(
+    path: Path, layout: Layout, buffers: dict[torch.dtype, Tensor], metadata: dict[str, str]
+) -> dict[str, Any]:
     """Atomically write one snapshot; return its manifest record (sizes and checksums)."""
     header = snapshot_header(layout, metadata)
     chunks: list[memoryview | bytes] = [header]
@@ -253,13 +260,17 @@ class SnapshotReader:
     whole group has been read in order (the merge reads groups front to back).
     """
 
-    def __init__(self, path: Path, layout: Layout, record: dict[str, Any], verify: bool = True, pinned: int | None = None):
+    def __init__(
+        self, path: Path, layout: Layout, record: dict[str, Any], verify: bool = True, pinned: int | None = None
+    ):
         self.path = path
         self.record = record
         self.verify = verify
         try:
             # ``pinned``: a descriptor opened earlier (a reader's view survives the writer's eviction).
-            self._file = os.fdopen(os.dup(pinned), "rb", buffering=0) if pinned is not None else open(path, "rb", buffering=0)
+            self._file = (
+                os.fdopen(os.dup(pinned), "rb", buffering=0) if pinned is not None else open(path, "rb", buffering=0)
+            )
         except FileNotFoundError:
             raise CorruptSnapshotError(path, "the file is missing") from None
         try:

@@ -78,7 +78,9 @@ def merge_blocks(
             if dtype == acc_dtype and len(block.pieces) == 1:
                 # One tensor, same dtype: accumulate straight into the result, no copy after.
                 piece = block.pieces[0]
-                weighted_sum_(flat_out[piece.name][piece.start : piece.start + piece.length], rows(dtype, block.lo, block.hi))
+                weighted_sum_(
+                    flat_out[piece.name][piece.start : piece.start + piece.length], rows(dtype, block.lo, block.hi)
+                )
             else:
                 result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
                 scatter_block(block, result, flat_out)
@@ -87,7 +89,9 @@ def merge_blocks(
     return merged
 
 
-def block_views(block: Block, values: Tensor, origin: int, tensors: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def block_views(
+    block: Block, values: Tensor, origin: int, tensors: Mapping[str, Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
     """Matching views of each piece of ``block``: in ``values`` (whose element 0 is element
     ``origin`` of the group) and in the flattened ``tensors``."""
     inside = [values[p.offset - origin : p.offset - origin + p.length] for p in block.pieces]
@@ -184,7 +188,7 @@ def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping
     finite = torch.stack([s.float() for _, _, s in sums]).isfinite()
     if bool(finite.all()):
         return PendingCopy(None)
-    for (dtype, block, _), ok in zip(sums, finite.tolist()):
+    for (dtype, block, _), ok in zip(sums, finite.tolist(), strict=True):
         if ok:
             continue
         for piece in block.pieces:
@@ -193,7 +197,9 @@ def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping
     return PendingCopy(None)  # the sums overflowed, but every value is finite
 
 
-def _copy_from_cuda(layout: Layout, sources: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> PendingCopy:
+def _copy_from_cuda(
+    layout: Layout, sources: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]
+) -> PendingCopy:
     """Device-to-host copies into (pinned) ``buffers`` on a side stream per device, after an
     event on the current stream; no host synchronisation. The finiteness check runs on the
     device too: one fused max-|x| per tensor (``_foreach_norm(inf)``, which never overflows and
@@ -209,12 +215,14 @@ def _copy_from_cuda(layout: Layout, sources: Mapping[str, Tensor], buffers: Mapp
             for dtype, blocks in layout.blocks.items():
                 for block in blocks:
                     dst, src = block_views(block, buffers[dtype], 0, sources)
-                    for d, s in zip(dst, src):
+                    for d, s in zip(dst, src, strict=True):
                         if s.device == device:
                             d.copy_(s, non_blocking=True)
             checked = [(n, s) for n, s in sources.items() if s.device == device and is_averaged(s.dtype) and s.numel()]
             if checked:
-                maxima = torch.stack([m.float() for m in torch._foreach_norm([s for _, s in checked], ord=float("inf"))])
+                maxima = torch.stack(
+                    [m.float() for m in torch._foreach_norm([s for _, s in checked], ord=float("inf"))]
+                )
                 host = torch.empty(len(checked), dtype=torch.float32, pin_memory=True)
                 host.copy_(maxima, non_blocking=True)
                 flags.append(([n for n, _ in checked], host))

@@ -81,9 +81,7 @@ def state_tensors(source: nn.Module | Mapping[str, Any], *, keep_vars: bool = Fa
     elif isinstance(source, Mapping):
         items = source.items()
     else:
-        raise TypeError(
-            f"expected an nn.Module or a mapping of name -> tensor, got {type(source).__name__}"
-        )
+        raise TypeError(f"expected an nn.Module or a mapping of name -> tensor, got {type(source).__name__}")
     tensors = {}
     for name, value in items:
         if isinstance(value, Tensor):
@@ -154,7 +152,9 @@ class Layout:
             if name in self.entries:
                 raise ValueError(f"duplicate tensor name {name!r}")
             if name == "__metadata__":
-                raise ValueError("a tensor named '__metadata__' cannot be stored: safetensors reserves that key for metadata")
+                raise ValueError(
+                    "a tensor named '__metadata__' cannot be stored: safetensors reserves that key for metadata"
+                )
             dims = tuple(int(s) for s in shape)
             if any(d < 0 for d in dims):
                 raise ValueError(f"tensor {name!r} has a negative dimension in shape {dims}")
@@ -195,9 +195,7 @@ class Layout:
             data = local_tensor(tensors[name])
             _check_dense(data, f"{what}: key {name!r}")
             if tuple(data.shape) != entry.shape:
-                raise ValueError(
-                    f"{what}: key {name!r} has shape {tuple(data.shape)}, the window holds {entry.shape}"
-                )
+                raise ValueError(f"{what}: key {name!r} has shape {tuple(data.shape)}, the window holds {entry.shape}")
             if data.dtype != entry.dtype:
                 raise ValueError(f"{what}: key {name!r} has dtype {data.dtype}, the window holds {entry.dtype}")
 
@@ -241,7 +239,9 @@ class Layout:
     @classmethod
     def from_json(cls, specs: list[list[Any]]) -> Layout:
         try:
-            return cls([(str(name), dtype_from_code(code), tuple(int(s) for s in shape)) for name, code, shape in specs])
+            return cls(
+                [(str(name), dtype_from_code(code), tuple(int(s) for s in shape)) for name, code, shape in specs]
+            )
         except (TypeError, ValueError) as err:
             raise ValueError(f"malformed layout: {err}") from err
 

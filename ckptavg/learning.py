@@ -234,10 +234,14 @@ def np_merge(
         names = set(state)
         if names != set(targets):
             extra, missing = sorted(names - set(targets)), sorted(set(targets) - names)
-            raise ValueError(f"np_merge: states[{index}] does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise ValueError(
+                f"np_merge: states[{index}] does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         for name, target in targets.items():
             if tuple(state[name].shape) != tuple(target.shape):
-                raise ValueError(f"np_merge: states[{index}][{name!r}] has shape {tuple(state[name].shape)}, the model {tuple(target.shape)}")
+                raise ValueError(
+                    f"np_merge: states[{index}][{name!r}] has shape {tuple(state[name].shape)}, the model {tuple(target.shape)}"
+                )
             if state[name].is_floating_point() and not torch.isfinite(state[name]).all():
                 raise ValueError(f"np_merge: states[{index}][{name!r}] holds NaN or Inf")
     batches = check_batches(batches, "np_merge")

@@ -5,18 +5,27 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import weighted_sum_
-from .layout import BLOCK_NUMEL, Layout, accumulation_dtype, dtype_from_code, flat_local, is_averaged, local_tensor, state_tensors
+from .layout import (
+    BLOCK_NUMEL,
+    Layout,
+    accumulation_dtype,
+    dtype_from_code,
+    flat_local,
+    is_averaged,
+    local_tensor,
+    state_tensors,
+)
 from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import Placement, assemble, replicated_placements
 from .storage import DiskStore, rank_dirpaths
 
-CheckpointSource = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike]
+CheckpointSource = nn.Module | Mapping[str, Tensor] | str | os.PathLike
 
 
 class _SafetensorsFile(Mapping[str, Tensor]):
@@ -31,7 +40,9 @@ class _SafetensorsFile(Mapping[str, Tensor]):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             self.metadata: dict[str, str] = dict(f.metadata() or {})
             self._keys = list(f.keys())
-            self._specs = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in self._keys}
+            self._specs = {
+                name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in self._keys
+            }
 
     def __getitem__(self, name: str) -> Tensor:
         from safetensors import safe_open
@@ -95,7 +106,9 @@ def read_torch_file(path: Path) -> Any:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
 
-def find_state_dict(obj: Any, where: str | os.PathLike[str], key: str | None = None) -> tuple[str | None, Mapping[str, Tensor]]:
+def find_state_dict(
+    obj: Any, where: str | os.PathLike[str], key: str | None = None
+) -> tuple[str | None, Mapping[str, Tensor]]:
     """The mapping of names to tensors inside a loaded checkpoint ``obj`` and the key it was found
     under (``None``: ``obj`` itself); see :func:`load_state_file` for the rule."""
     if key is not None:
@@ -126,7 +139,9 @@ def _all_tensors(obj: Any) -> bool:
 
 def _check_tensors(obj: Any, where: str | os.PathLike[str], what: str) -> None:
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{where}: {what} is {'empty' if isinstance(obj, Mapping) else 'a ' + type(obj).__name__}, not a state dict")
+        raise ValueError(
+            f"{where}: {what} is {'empty' if isinstance(obj, Mapping) else 'a ' + type(obj).__name__}, not a state dict"
+        )
     bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"{where}: {what} is not a state dict: {bad[:5]} are not tensors")
@@ -230,7 +245,9 @@ def consolidated_steps(dirpath: str | os.PathLike[str], *, before: int | None = 
     return _consolidation(dirpath, before)[2]
 
 
-def _consolidation(dirpath: str | os.PathLike[str], before: int | None) -> tuple[list[Path], list[dict[str, Any]], list[int]]:
+def _consolidation(
+    dirpath: str | os.PathLike[str], before: int | None
+) -> tuple[list[Path], list[dict[str, Any]], list[int]]:
     """Every rank's folder and manifest, and the steps all of them hold; refused, naming the
     folder, when the ranks are not one run's or share no step."""
     folders = rank_dirpaths(dirpath)
@@ -283,22 +300,32 @@ def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | N
     if averager is not None:
         states = {k: v for k, v in states.items() if averager in k}
     if not states:
-        raise ValueError(f"{path} holds no CheckpointAverager state{'' if averager is None else f' matching {averager!r}'} (callbacks: {sorted(map(str, callbacks))})")
+        raise ValueError(
+            f"{path} holds no CheckpointAverager state{'' if averager is None else f' matching {averager!r}'} (callbacks: {sorted(map(str, callbacks))})"
+        )
     if len(states) > 1:
-        raise ValueError(f"{path} holds the states of {len(states)} CheckpointAveragers: pass averager= with a part of one of {sorted(states)}")
+        raise ValueError(
+            f"{path} holds the states of {len(states)} CheckpointAveragers: pass averager= with a part of one of {sorted(states)}"
+        )
     (state,) = states.values()
     weights = dict(ckpt["state_dict"])
     window = state.get("window") if isinstance(state, Mapping) else None
     if window is None:
         return weights
-    method, alpha, options = state.get("merge", "sma"), state.get("alpha", DEFAULT_ALPHA), dict(state.get("merge_options") or {})
+    method, alpha, options = (
+        state.get("merge", "sma"),
+        state.get("alpha", DEFAULT_ALPHA),
+        dict(state.get("merge_options") or {}),
+    )
     if state.get("coefficients") is not None:  # what the run applied (since 0.2): options need not be rebuilt
         method, options = [float(c) for c in state["coefficients"]], {}
     weights.update(_merge_window_state(window, method, alpha, options, where=path))
     return weights
 
 
-def _merge_window_state(state: Mapping[str, Any], method: Method, alpha: float, options: dict[str, Any], where: Path) -> dict[str, Tensor]:
+def _merge_window_state(
+    state: Mapping[str, Any], method: Method, alpha: float, options: dict[str, Any], where: Path
+) -> dict[str, Tensor]:
     """The merge of a window recorded by a ``CheckpointAverager`` state (see its ``state_dict``)."""
     from .window import CheckpointWindow
 

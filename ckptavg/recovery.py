@@ -135,13 +135,17 @@ class RecoveryPolicy:
         if not (self.rise > 0 or self.threshold > 0 or self.min_increase > 0):
             raise ValueError("RecoveryPolicy: at least one of rise, threshold and min_increase must be > 0")
         if self.grad_norm_threshold is not None and not self.grad_norm_threshold > 1:
-            raise ValueError(f"RecoveryPolicy.grad_norm_threshold must be > 1 (a ratio to the baseline) or None, got {self.grad_norm_threshold!r}")
+            raise ValueError(
+                f"RecoveryPolicy.grad_norm_threshold must be > 1 (a ratio to the baseline) or None, got {self.grad_norm_threshold!r}"
+            )
         if not 0 < self.lr_scale <= 1:
             raise ValueError(f"RecoveryPolicy.lr_scale must be in (0, 1], got {self.lr_scale}")
         if self.on_exhausted not in ("warn", "raise"):
             raise ValueError(f"RecoveryPolicy.on_exhausted must be 'warn' or 'raise', got {self.on_exhausted!r}")
         if self.merge_options is not None and self.merge is None:
-            raise ValueError("RecoveryPolicy.merge_options needs RecoveryPolicy.merge (the caller's merge brings its own options)")
+            raise ValueError(
+                "RecoveryPolicy.merge_options needs RecoveryPolicy.merge (the caller's merge brings its own options)"
+            )
         if self.merge is not None:
             try:
                 coefficients(self.merge, 1, **(self.merge_options or {}))
@@ -149,7 +153,9 @@ class RecoveryPolicy:
                 raise ValueError(f"RecoveryPolicy.merge: {err}") from None
 
     @classmethod
-    def from_value(cls, value: bool | RecoveryPolicy | Mapping[str, Any] | None, **overrides: Any) -> RecoveryPolicy | None:
+    def from_value(
+        cls, value: bool | RecoveryPolicy | Mapping[str, Any] | None, **overrides: Any
+    ) -> RecoveryPolicy | None:
         """``True`` -> defaults, ``False``/``None`` -> off, a policy or a mapping -> those fields;
         ``overrides`` (field names as keyword arguments) are applied on top."""
         known = {f.name for f in fields(cls)}
@@ -352,7 +358,11 @@ class RecoveryEvent:
 
     def __str__(self) -> str:
         evidence = ", ".join(f"{v:.4g}" for v in self.losses[-8:])
-        checked = "" if math.isnan(self.batch_loss) else f"; on this batch {self.batch_loss:.4g} vs {self.stable_loss:.4g} for the stable point"
+        checked = (
+            ""
+            if math.isnan(self.batch_loss)
+            else f"; on this batch {self.batch_loss:.4g} vs {self.stable_loss:.4g} for the stable point"
+        )
         trouble = (
             f"{self.reason} at step {self.step} (abnormal since step {self.onset}; smoothed loss {self.level:.4g}, "
             f"limit {self.limit:.4g}, baseline {self.baseline:.4g}; last losses [{evidence}]{checked})"
@@ -389,7 +399,9 @@ class SpikeGuard:
         self.policy = policy or RecoveryPolicy()
         self.merge: Method = self.policy.merge or merge
         self.alpha = alpha
-        self.merge_options = dict(merge_options or {}) if self.policy.merge is None else dict(self.policy.merge_options or {})
+        self.merge_options = (
+            dict(merge_options or {}) if self.policy.merge is None else dict(self.policy.merge_options or {})
+        )
         self.loss_level = SmoothedLevel(self.policy)
         self.grad_level = SmoothedLevel(self.policy)
         self.onset: int | None = None  # first step of the current abnormal stretch
@@ -492,7 +504,9 @@ class SpikeGuard:
                 stable = evaluate()
         current, stable = all_ranks_mean([current, stable], self.window.process_group)
         self.checked = (current, stable)
-        return stable < current - (self.limit - self.loss_level.reference()) or (math.isfinite(stable) and not math.isfinite(current))
+        return stable < current - (self.limit - self.loss_level.reference()) or (
+            math.isfinite(stable) and not math.isfinite(current)
+        )
 
     def _verdict(self) -> str | None:
         level = self.loss_level
@@ -534,7 +548,9 @@ class SpikeGuard:
         self.recovered_since_restore = True
         return event
 
-    def restore(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), step: int | None = None) -> RecoveryEvent:
+    def restore(
+        self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), step: int | None = None
+    ) -> RecoveryEvent:
         """Load the merge of the snapshots taken before the trouble began, reset the optimizers,
         and return what was done.
 

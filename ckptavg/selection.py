@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .learning import call_with, check_batches
 from .methods import Evaluate, Method
 
-Candidate = Union[Method, tuple[str, Mapping[str, Any]]]
+Candidate = Method | tuple[str, Mapping[str, Any]]
 """A method name, an explicit weight list, or ``(method, options)``."""
 
 
@@ -54,16 +54,28 @@ def default_candidates(n: int, steps: Sequence[int] | None = None) -> dict[str, 
     for k in range(1, n + 1):
         candidates["newest" if k == 1 else f"sma-newest-{k}"] = [0.0] * (n - k) + [1.0] * k
     candidates.update(
-        {"wma": "wma", "ema": "ema", "decay-cosine": ("decay", {"shape": "cosine"}), "decay-1-sqrt": ("decay", {"shape": "1-sqrt"})}
+        {
+            "wma": "wma",
+            "ema": "ema",
+            "decay-cosine": ("decay", {"shape": "cosine"}),
+            "decay-1-sqrt": ("decay", {"shape": "1-sqrt"}),
+        }
     )
-    if steps is not None and steps[0] > 0:  # post-hoc EMA needs the run's steps; a short window truncates it (no warning here)
+    if (
+        steps is not None and steps[0] > 0
+    ):  # post-hoc EMA needs the run's steps; a short window truncates it (no warning here)
         for width in POSTHOC_WIDTHS:
             candidates[f"posthoc-{width}"] = ("posthoc", {"sigma_rel": width, "max_lost": 1.0})
     return candidates
 
 
 def as_method(candidate: Candidate) -> tuple[Method, dict[str, Any]]:
-    if isinstance(candidate, tuple) and len(candidate) == 2 and isinstance(candidate[0], str) and isinstance(candidate[1], Mapping):
+    if (
+        isinstance(candidate, tuple)
+        and len(candidate) == 2
+        and isinstance(candidate[0], str)
+        and isinstance(candidate[1], Mapping)
+    ):
         return candidate[0], dict(candidate[1])
     if isinstance(candidate, str):
         return candidate, {}

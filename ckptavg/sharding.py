@@ -97,7 +97,10 @@ def with_rank0_buffers(source: Any, tensors: Mapping[str, Tensor], group: Any = 
     if not names:
         return tensors
     device = collective_device(group)
-    copies = {name: local_tensor(tensors[name]).detach().to(device, memory_format=torch.contiguous_format, copy=True) for name in names}
+    copies = {
+        name: local_tensor(tensors[name]).detach().to(device, memory_format=torch.contiguous_format, copy=True)
+        for name in names
+    }
     src = dist.get_global_rank(group, 0) if group is not None else 0
     for work in [dist.broadcast(as_bytes(t), src=src, group=group, async_op=True) for t in copies.values()]:
         assert work is not None
@@ -146,7 +149,8 @@ class Spread:
 
     def placements(self) -> dict[str, Placement]:
         return {
-            name: {"shape": list(self.full.entries[name].shape), "flat": list(piece)} for name, piece in self.pieces.items()
+            name: {"shape": list(self.full.entries[name].shape), "flat": list(piece)}
+            for name, piece in self.pieces.items()
         }
 
     def local_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,9 +164,7 @@ class Spread:
 
     def local_views(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """This rank's slice of each full tensor (views of contiguous tensors: nothing is copied)."""
-        return {
-            name: flat_local(tensors[name])[a:b] for name, (a, b) in self.pieces.items()
-        }
+        return {name: flat_local(tensors[name])[a:b] for name, (a, b) in self.pieces.items()}
 
     def local_outputs(self) -> tuple[dict[torch.dtype, Tensor], dict[str, Tensor]]:
         """Zeroed ``chunk``-sized send buffers, one per dtype group, and the local layout's tensors
@@ -188,7 +190,9 @@ class Spread:
         return {e.name: groups[e.dtype][e.offset : e.offset + e.numel].view(e.shape) for e in self.full}
 
 
-def assemble(pieces: Iterable[tuple[Mapping[str, Tensor], Mapping[str, Placement]]], where: str = "window") -> dict[str, Tensor]:
+def assemble(
+    pieces: Iterable[tuple[Mapping[str, Tensor], Mapping[str, Placement]]], where: str = "window"
+) -> dict[str, Tensor]:
     """Full tensors from every rank's ``(local tensors, placements)``. Each element must be
     covered (replicated pieces may be covered several times); a gap raises ``ValueError`` naming
     the tensor."""
@@ -206,7 +210,9 @@ def assemble(pieces: Iterable[tuple[Mapping[str, Tensor], Mapping[str, Placement
                 full[name].view(-1)[a:b] = tensor.reshape(-1)
                 covered[name].view(-1)[a:b] = True
             else:
-                index = tuple(slice(int(o), int(o) + int(s)) for o, s in zip(place["offset"], tensor.shape))
+                index = tuple(
+                    slice(int(o), int(o) + int(s)) for o, s in zip(place["offset"], tensor.shape, strict=True)
+                )
                 full[name][index] = tensor
                 covered[name][index] = True
     for name, mask in covered.items():

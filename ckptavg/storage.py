@@ -13,8 +13,8 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,7 +108,15 @@ def progress_bar(total: float, description: str, quiet: bool = False) -> Any:
     """A tqdm bar counting bytes, shown on a terminal only (and not with ``quiet``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=False, disable=True if quiet else None)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=description,
+        leave=False,
+        disable=True if quiet else None,
+    )
 
 
 def _wanted_records(store: DiskStore | None, steps: list[int], dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -138,7 +146,9 @@ def _check_record(record: Any, i: int) -> None:
             raise ValueError(f"{field(key)} must be a non-negative integer, got {value!r}")
     name = record.get("file")
     if not isinstance(name, str) or name != snapshot_filename(record["step"]):
-        raise ValueError(f"{field('file')} must be the plain file name {snapshot_filename(record['step'])!r}, got {name!r}")
+        raise ValueError(
+            f"{field('file')} must be the plain file name {snapshot_filename(record['step'])!r}, got {name!r}"
+        )
     crcs = record.get("group_crc32")
     if not isinstance(crcs, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in crcs.values()):
         raise ValueError(f"{field('group_crc32')} must map dtype names to integers, got {crcs!r}")
@@ -493,7 +503,9 @@ class DiskStore:
                 store._remove_leftovers()  # of an earlier attempt that crashed: the folder had no manifest
                 for record in records:
                     assert reader is not None
-                    link_or_copy(reader.dirpath / record["file"], reader._pinned[record["file"]], target / record["file"])
+                    link_or_copy(
+                        reader.dirpath / record["file"], reader._pinned[record["file"]], target / record["file"]
+                    )
                 store._replace_records(records)
             except BaseException:
                 store.close()
@@ -511,7 +523,9 @@ class DiskStore:
             pinned: dict[str, int] = {}
             try:
                 for record in records:
-                    pinned[record["file"]] = os.open(self.dirpath / record["file"], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                    pinned[record["file"]] = os.open(
+                        self.dirpath / record["file"], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                    )
             except FileNotFoundError:
                 for fd in pinned.values():
                     os.close(fd)
@@ -528,12 +542,20 @@ class DiskStore:
         manifest = self.dirpath / MANIFEST
         for i, record in enumerate(records):
             try:
-                check_against_file(self.dirpath / record["file"], self._pinned.get(record["file"]), self.layout, record, f"snapshots[{i}]")
+                check_against_file(
+                    self.dirpath / record["file"],
+                    self._pinned.get(record["file"]),
+                    self.layout,
+                    record,
+                    f"snapshots[{i}]",
+                )
             except ValueError as err:
                 raise ValueError(f"manifest {manifest} is malformed: {err}") from None
 
     def _reader(self, record: dict[str, Any]) -> SnapshotReader:
-        return SnapshotReader(self.dirpath / record["file"], self.layout, record, pinned=self._pinned.get(record["file"]))
+        return SnapshotReader(
+            self.dirpath / record["file"], self.layout, record, pinned=self._pinned.get(record["file"])
+        )
 
     def _remove_leftovers(self) -> None:
         """Delete what a crashed writer of this folder left behind (the lock proves none is
@@ -542,7 +564,9 @@ class DiskStore:
         listed = {r["file"] for r in self._records}
         for path in self.dirpath.iterdir():
             name = path.name
-            ours = (name.endswith(TMP_SUFFIX) and (name == MANIFEST + TMP_SUFFIX or _SNAPSHOT_FILE.match(name[: -len(TMP_SUFFIX)])))
+            ours = name.endswith(TMP_SUFFIX) and (
+                name == MANIFEST + TMP_SUFFIX or _SNAPSHOT_FILE.match(name[: -len(TMP_SUFFIX)])
+            )
             if ours or (_SNAPSHOT_FILE.match(name) and name not in listed):
                 path.unlink(missing_ok=True)
 
@@ -594,15 +618,15 @@ class DiskStore:
         if bad is not None:
             return bad
         name = snapshot_filename(step)
-        record = write_snapshot(
-            self.dirpath / name, self.layout, staging, snapshot_metadata(step)
-        )
+        record = write_snapshot(self.dirpath / name, self.layout, staging, snapshot_metadata(step))
         record.update(file=name, step=step)
         window = (records + [record])[-self.capacity :]
         try:
             self._write_manifest(window)
         except BaseException:
-            (self.dirpath / name).unlink(missing_ok=True)  # never committed: leave no orphan (on a full disk, the space)
+            (self.dirpath / name).unlink(
+                missing_ok=True
+            )  # never committed: leave no orphan (on a full disk, the space)
             raise
         for old in records[: len(records) + 1 - len(window)]:
             (self.dirpath / old["file"]).unlink(missing_ok=True)
@@ -683,7 +707,9 @@ class DiskStore:
     # -- merging ----------------------------------------------------------------------------------
 
     @contextmanager
-    def _reading(self, records: list[dict[str, Any]]) -> Iterator[Callable[[int, torch.dtype, int, int, Tensor], Tensor]]:
+    def _reading(
+        self, records: list[dict[str, Any]]
+    ) -> Iterator[Callable[[int, torch.dtype, int, int, Tensor], Tensor]]:
         """``read(i, dtype, lo, hi, out)``: elements ``[lo, hi)`` of group ``dtype`` of file
         ``records[i]``, each file opened once and its checksums verified on the first full pass.
         A damaged file is dropped from the window (``CorruptSnapshotError`` goes on); files read
@@ -718,7 +744,11 @@ class DiskStore:
                 size = min(self.layout.block_numel, self.layout.group_numel[dtype])
                 buffers = [torch.empty(size, dtype=dtype) for _ in records]
                 for block in blocks:
-                    yield dtype, block, [read(i, dtype, block.lo, block.hi, b[: block.hi - block.lo]) for i, b in enumerate(buffers)]
+                    yield (
+                        dtype,
+                        block,
+                        [read(i, dtype, block.lo, block.hi, b[: block.hi - block.lo]) for i, b in enumerate(buffers)],
+                    )
 
     def scratch(self) -> dict[str, Tensor]:
         """A merge output to copy elsewhere at once, with no allocation after the first: views of
@@ -734,7 +764,11 @@ class DiskStore:
         buffers = {d: torch.empty(min(self.layout.block_numel, n), dtype=d) for d, n in self.layout.group_numel.items()}
         live = [(i, c) for i, c in enumerate(coefficients) if c != 0.0]
         reading = len(live) * self.layout.nbytes
-        bar = progress_bar(reading, f"ckptavg: merging {len(live)} snapshots from {self.dirpath}") if reading >= PROGRESS_BYTES else None
+        bar = (
+            progress_bar(reading, f"ckptavg: merging {len(live)} snapshots from {self.dirpath}")
+            if reading >= PROGRESS_BYTES
+            else None
+        )
         numel = sum(self.layout.group_numel.values())
         try:
             with self._reading(records) as read:
@@ -743,9 +777,13 @@ class DiskStore:
                     return ((read(i, dtype, lo, hi, buffers[dtype]), c) for i, c in live)
 
                 def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
-                    return read(live[-1][0], dtype, lo, hi, buffers[dtype])  # the newest merged, not one excluded by before=
+                    return read(
+                        live[-1][0], dtype, lo, hi, buffers[dtype]
+                    )  # the newest merged, not one excluded by before=
 
-                return merge_blocks(self.layout, rows, newest, out, None if bar is None else lambda n: bar.update(reading * n / numel))
+                return merge_blocks(
+                    self.layout, rows, newest, out, None if bar is None else lambda n: bar.update(reading * n / numel)
+                )
         finally:
             if bar is not None:
                 bar.close()

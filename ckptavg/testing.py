@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
-import torch
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from .layout import local_tensor
@@ -31,13 +30,21 @@ class InjectDivergence(Callback):
         rank: sabotage only this global rank (default: every rank).
     """
 
-    def __init__(self, steps: Iterable[int], mode: Literal["nan", "lr"] = "nan", lr_factor: float = 1000.0, rank: int | None = None):
+    def __init__(
+        self,
+        steps: Iterable[int],
+        mode: Literal["nan", "lr"] = "nan",
+        lr_factor: float = 1000.0,
+        rank: int | None = None,
+    ):
         if mode not in ("nan", "lr"):
             raise ValueError(f"mode must be 'nan' or 'lr', got {mode!r}")
         self.steps, self.mode, self.lr_factor, self.rank = set(steps), mode, lr_factor, rank
         self._undo: list[tuple[Any, Any, Any]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step + 1 not in self.steps or (self.rank is not None and trainer.global_rank != self.rank):
             return
         if self.mode == "lr":
@@ -51,7 +58,9 @@ class InjectDivergence(Callback):
             with torch.no_grad():
                 local.view(-1)[0] = float("nan")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         for target, key, value in self._undo:
             target[key] = value
         self._undo.clear()

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +20,27 @@ from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, Evaluate, Method, coefficients
 from .selection import Candidate, as_method, default_candidates
-from .sharding import Spread, all_ranks_max, distributed_rank, is_dtensor, replicated_placements, shard_placements, with_rank0_buffers
-from .storage import MANIFEST, OTHER_RANK, CpuRing, DiskStore, SnapshotStore, rank_dirpath, warn_rejected, write_ranks_manifest
+from .sharding import (
+    Spread,
+    all_ranks_max,
+    distributed_rank,
+    is_dtensor,
+    replicated_placements,
+    shard_placements,
+    with_rank0_buffers,
+)
+from .storage import (
+    MANIFEST,
+    OTHER_RANK,
+    CpuRing,
+    DiskStore,
+    SnapshotStore,
+    rank_dirpath,
+    warn_rejected,
+    write_ranks_manifest,
+)
 
-StateSource = Union[nn.Module, Mapping[str, Tensor]]
+StateSource = nn.Module | Mapping[str, Tensor]
 Storage = Literal["cpu", "disk"]
 
 STATE_FORMAT = "ckptavg.CheckpointWindow"
@@ -322,7 +339,11 @@ class CheckpointWindow:
         if pin is None:
             pin = torch.cuda.is_available() and any(local_tensor(t).is_cuda for t in tensors.values())
         elif pin and not torch.cuda.is_available():
-            warnings.warn("pin_memory=True needs CUDA, which is not available: using pageable memory", CkptavgWarning, stacklevel=3)
+            warnings.warn(
+                "pin_memory=True needs CUDA, which is not available: using pageable memory",
+                CkptavgWarning,
+                stacklevel=3,
+            )
             pin = False
         if self.storage == "cpu":
             return CpuRing(layout, self.window, pin_memory=pin)
@@ -361,7 +382,9 @@ class CheckpointWindow:
             assert evaluate is not None
             return float(evaluate(self.merge(list(weights) + excluded)))
 
-        return coefficients(method, selected, alpha, score=score if evaluate is not None else None, **options) + excluded
+        return (
+            coefficients(method, selected, alpha, score=score if evaluate is not None else None, **options) + excluded
+        )
 
     def select(
         self, evaluate: Evaluate, candidates: Mapping[str, Candidate] | None = None
@@ -388,7 +411,9 @@ class CheckpointWindow:
             tried.append((name, float(evaluate(self._merge_with(weights))), weights))
         finite = [row for row in tried if math.isfinite(row[1])]  # a NaN score is never best
         if not finite:
-            raise ValueError(f"select: no candidate scored a finite value on the held-out data ({ {name: score for name, score, _ in tried} })")
+            raise ValueError(
+                f"select: no candidate scored a finite value on the held-out data ({ {name: score for name, score, _ in tried} })"
+            )
         _, _, best = min(finite, key=lambda row: row[1])
         return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
 
@@ -397,7 +422,9 @@ class CheckpointWindow:
         cosine of consecutive updates, per tensor and over the model, and a verdict (see
         :mod:`ckptavg.diagnostics`). Streamed block by block; never a model per snapshot."""
         if self.sharding is not None:
-            raise ValueError("correlation needs whole snapshots: this window holds one rank's part; run it offline on each rank folder")
+            raise ValueError(
+                "correlation needs whole snapshots: this window holds one rank's part; run it offline on each rank folder"
+            )
         if self._store is None or not len(self):
             raise ValueError("the correlation of an empty window: take at least one snapshot first")
         return correlation_of(self.steps, self._store.iter_blocks())
@@ -413,7 +440,14 @@ class CheckpointWindow:
         return Ensemble(model, [self.read(step) for step in self.steps], average)
 
     def learn_weights(
-        self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *, steps: int = 100, lr: float = 0.05, init: Method = "sma"
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        batches: Iterable[Any],
+        *,
+        steps: int = 100,
+        lr: float = 0.05,
+        init: Method = "sma",
     ) -> list[float]:
         """Learn the coefficient vector on held-out batches by gradient descent (TWA-style); see
         :func:`ckptavg.learning.learn_weights` for the arguments, memory and time."""
@@ -469,7 +503,13 @@ class CheckpointWindow:
         return self._spread.gather(flats)
 
     def load_into(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
+        self,
+        model: nn.Module,
+        method: Method = "sma",
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        before: int | None = None,
+        **options: Any,
     ) -> None:
         """Write the merged weights into ``model`` in place (on its devices, in its dtypes).
 
@@ -496,7 +536,13 @@ class CheckpointWindow:
         copy_into(targets, merged)
 
     def merged_model(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
+        self,
+        model: nn.Module,
+        method: Method = "sma",
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        before: int | None = None,
+        **options: Any,
     ) -> nn.Module:
         """A copy of ``model`` that holds the merged weights, as a model of its own (``model``
         keeps its weights). For a LightningModule, pass the network inside it (``module.model``)
@@ -507,7 +553,13 @@ class CheckpointWindow:
 
     @contextmanager
     def swapped(
-        self, model: nn.Module, method: Method = "sma", alpha: float = DEFAULT_ALPHA, *, before: int | None = None, **options: Any
+        self,
+        model: nn.Module,
+        method: Method = "sma",
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        before: int | None = None,
+        **options: Any,
     ) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
         also when the block (or the merge) raises."""
@@ -529,7 +581,9 @@ class CheckpointWindow:
         """Host buffers for ``swapped``'s copy of the model's own weights: allocated once and reused
         by every later swap of the same tensors (a preview at every validation pays no allocation
         or page faults); a nested swap gets its own."""
-        pinned = {name: t.is_cuda and torch.cuda.is_available() for name, t in targets.items()}  # fast copies back to the GPU
+        pinned = {
+            name: t.is_cuda and torch.cuda.is_available() for name, t in targets.items()
+        }  # fast copies back to the GPU
 
         def allocate() -> dict[str, Tensor]:
             return {n: torch.empty_like(t, device="cpu", pin_memory=pinned[n]) for n, t in targets.items()}
@@ -537,8 +591,13 @@ class CheckpointWindow:
         if self._swap_backup_in_use:
             return allocate()
         kept = self._swap_backup
-        if kept is None or kept.keys() != targets.keys() or any(
-            kept[n].shape != t.shape or kept[n].dtype != t.dtype or kept[n].is_pinned() != pinned[n] for n, t in targets.items()
+        if (
+            kept is None
+            or kept.keys() != targets.keys()
+            or any(
+                kept[n].shape != t.shape or kept[n].dtype != t.dtype or kept[n].is_pinned() != pinned[n]
+                for n, t in targets.items()
+            )
         ):
             kept = self._swap_backup = allocate()
         self._swap_backup_in_use = True
@@ -605,7 +664,9 @@ class CheckpointWindow:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"CheckpointWindow state version {state.get('version')!r} is not supported")
         if state.get("storage") != self.storage:
-            raise ValueError(f"the state holds a {state.get('storage')!r} window; this window stores on {self.storage!r}")
+            raise ValueError(
+                f"the state holds a {state.get('storage')!r} window; this window stores on {self.storage!r}"
+            )
         rank, world = distributed_rank(self.process_group)
         sharding = state.get("sharding")
         whole = self.storage == "cpu" and (sharding is None or sharding["kind"] == "replicated")  # portable
@@ -655,7 +716,13 @@ class CheckpointWindow:
                 raise
             return store
         store = DiskStore.inherit(
-            source, target, list(state["steps"]), layout, self.window, pin_memory=bool(self.pin_memory), sharding=self._sharding
+            source,
+            target,
+            list(state["steps"]),
+            layout,
+            self.window,
+            pin_memory=bool(self.pin_memory),
+            sharding=self._sharding,
         )
         if self._sharding is not None and self._sharding["rank"] == 0:
             assert self.dirpath is not None
@@ -677,9 +744,13 @@ class CheckpointWindow:
         (which spreads it again)."""
         states = list(states)
         shardings = [s.get("sharding") or {} for s in states]
-        if not states or any(sh.get("kind") != "spread" or s.get("storage") != "cpu" for s, sh in zip(states, shardings)):
+        if not states or any(
+            sh.get("kind") != "spread" or s.get("storage") != "cpu" for s, sh in zip(states, shardings, strict=True)
+        ):
             raise ValueError("combine_states takes the state of every rank of a spread cpu window")
-        if [sh["rank"] for sh in shardings] != list(range(len(states))) or {sh["world_size"] for sh in shardings} != {len(states)}:
+        if [sh["rank"] for sh in shardings] != list(range(len(states))) or {sh["world_size"] for sh in shardings} != {
+            len(states)
+        }:
             raise ValueError(
                 f"combine_states needs one state per rank, in rank order; got ranks {[sh['rank'] for sh in shardings]} "
                 f"of world sizes {sorted({sh['world_size'] for sh in shardings})}"
@@ -695,7 +766,11 @@ class CheckpointWindow:
             if rows.shape[1] != numel:
                 raise ValueError(f"the ranks' {code} slices hold {rows.shape[1]} elements; the full layout has {numel}")
             snapshots[code] = rows
-        return {**{k: v for k, v in states[0].items() if k != "sharding"}, "layout": full.to_json(), "snapshots": snapshots}
+        return {
+            **{k: v for k, v in states[0].items() if k != "sharding"},
+            "layout": full.to_json(),
+            "snapshots": snapshots,
+        }
 
 
 def _checked_state_layout(state: Mapping[str, Any]) -> Layout | None:
@@ -705,8 +780,12 @@ def _checked_state_layout(state: Mapping[str, Any]) -> Layout | None:
     if "layout" not in state or "steps" not in state:
         raise ValueError(f"the CheckpointWindow state lacks {sorted({'layout', 'steps'} - set(state))}")
     steps = state["steps"]
-    if not isinstance(steps, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
-        raise ValueError(f"the CheckpointWindow state's field 'steps' must be a list of non-negative integers, got {steps!r}")
+    if not isinstance(steps, (list, tuple)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps
+    ):
+        raise ValueError(
+            f"the CheckpointWindow state's field 'steps' must be a list of non-negative integers, got {steps!r}"
+        )
     if list(steps) != sorted(set(steps)):
         raise ValueError(f"the CheckpointWindow state's field 'steps' must increase, got {list(steps)}")
     if state["layout"] is None:
@@ -725,7 +804,9 @@ def _checked_state_layout(state: Mapping[str, Any]) -> Layout | None:
             raise ValueError("the CheckpointWindow state's field 'snapshots' must map dtype names to tensors")
         expected = {dtype_code(d): n for d, n in layout.group_numel.items()}
         if sorted(snapshots) != sorted(expected):
-            raise ValueError(f"the CheckpointWindow state's field 'snapshots' holds groups {sorted(snapshots)}; its layout has {sorted(expected)}")
+            raise ValueError(
+                f"the CheckpointWindow state's field 'snapshots' holds groups {sorted(snapshots)}; its layout has {sorted(expected)}"
+            )
         for code, rows in snapshots.items():
             if not isinstance(rows, Tensor) or tuple(rows.shape) != (len(steps), expected[code]):
                 shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__

@@ -101,9 +101,11 @@ def plot(metrics_csv: Path, out: Path, restores: list, spike_at: int, without: l
             if row.get("train_loss"):
                 train.append((int(row["step"]), float(row["train_loss"])))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.plot(*zip(*raw), "o-", color="tab:gray", label="val_loss (raw weights)")
+    left.plot(*zip(*raw, strict=True), "o-", color="tab:gray", label="val_loss (raw weights)")
     if merged:
-        left.plot(*zip(*merged), "o-", color="tab:blue", label="merged/val_loss (preview, SMA of the window)")
+        left.plot(
+            *zip(*merged, strict=True), "o-", color="tab:blue", label="merged/val_loss (preview, SMA of the window)"
+        )
     values = sorted(v for _, v in raw[len(raw) // 3 :] + merged[len(merged) // 3 :] if v == v)
     if values:  # the last two thirds of the run decide the scale: the first steps would flatten the gap
         span = values[-1] - values[0]
@@ -118,7 +120,7 @@ def plot(metrics_csv: Path, out: Path, restores: list, spike_at: int, without: l
     near = lambda step: spike_at - 60 <= step <= spike_at + 60  # noqa: E731
     finite = [(s, v) for s, v in train if math.isfinite(v) and near(s)]
     if finite:
-        right.plot(*zip(*finite), color="tab:gray", lw=0.9, label="train_loss, with recovery")
+        right.plot(*zip(*finite, strict=True), color="tab:gray", lw=0.9, label="train_loss, with recovery")
     top = right.get_xaxis_transform()  # x in data, y in axes fraction
     right.plot([spike_at], [0.97], marker="v", color="tab:red", ms=11, transform=top, clip_on=False, ls="none")
     right.annotate(f"step {spike_at}: a poisoned batch,\nloss NaN (off the scale)", xy=(spike_at, 0.97), xycoords=top,
@@ -134,7 +136,7 @@ def plot(metrics_csv: Path, out: Path, restores: list, spike_at: int, without: l
         lost = [s for s, v in without if not math.isfinite(v)]
         kept = [(s, v) for s, v in without if math.isfinite(v) and near(s)]
         if kept:
-            right.plot(*zip(*kept), color="tab:orange", lw=1.2, label="train_loss, without recovery")
+            right.plot(*zip(*kept, strict=True), color="tab:orange", lw=1.2, label="train_loss, without recovery")
         if lost:
             right.axvspan(min(lost), max(lost), color="tab:orange", alpha=0.15,
                           label=f"without recovery: NaN at {len(lost)} of the {len(without)} steps from the spike on")  # fmt: skip
@@ -159,7 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small model on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest for this small model on a shared machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # Lightning's own notes go ...
@@ -200,7 +204,9 @@ def main() -> None:
     # The same averager with recovery off: it puts back the raw weights the checkpoint carries
     # beside its merged state_dict, so this run continues exactly where the first one was.
     # (storage="cpu": this short run needs no window of its own on disk.)
-    unprotected = CheckpointAverager(window=8, every_n_steps=interval, storage="cpu", recover=False, preview=False, merge_at_end=False)
+    unprotected = CheckpointAverager(
+        window=8, every_n_steps=interval, storage="cpu", recover=False, preview=False, merge_at_end=False
+    )
     L.Trainer(
         max_steps=spike_at + 39, log_every_n_steps=1, callbacks=[unprotected, InjectDivergence({spike_at})], logger=plain_logger,
         default_root_dir=out, accelerator="cpu", enable_checkpointing=False, enable_model_summary=False,

@@ -83,7 +83,13 @@ def main() -> None:
     train = DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=397)
     L.seed_everything(0)
-    options = dict(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    options = dict(
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     classifier = Classifier()
     averager = CheckpointAverager(window=8, merge_at_end=False)
     L.Trainer(callbacks=[averager], **options).fit(classifier, train, val)
@@ -93,7 +99,12 @@ def main() -> None:
     teacher = averager.window.ensemble(classifier, average="probs")
     student = Student(teacher)
     L.Trainer(**options).fit(student, train)
-    for name, model in (("raw", raw), ("merged (SMA)", merged), ("ensemble of the window", teacher), ("distilled student", student.net)):
+    for name, model in (
+        ("raw", raw),
+        ("merged (SMA)", merged),
+        ("ensemble of the window", teacher),
+        ("distilled student", student.net),
+    ):
         print(f"{name:<24} accuracy {accuracy(model, x[1400:], y[1400:]):.4f}")
 
 

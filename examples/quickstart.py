@@ -57,7 +57,9 @@ def main() -> None:
         with torch.no_grad():
             return nn.functional.mse_loss(model(x_val), y_val).item()
 
-    print(f"{'step':>6} {'raw':>9} {'sma':>9} {'wma':>9} {'ema':>9}   (validation MSE, {args.window} x {args.every} steps)")
+    print(
+        f"{'step':>6} {'raw':>9} {'sma':>9} {'wma':>9} {'ema':>9}   (validation MSE, {args.window} x {args.every} steps)"
+    )
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x = torch.randn(32, 32)
@@ -83,7 +85,9 @@ def main() -> None:
     save_file(window.merge("sma"), str(out / "merged.safetensors"))
     disk.close()
     reopened = CheckpointWindow.open(disk.dirpath)  # what a restarted job would do
-    same = all(torch.equal(a, b) for a, b in zip(reopened.merge("sma").values(), window.merge("sma").values()))
+    same = all(
+        torch.equal(a, b) for a, b in zip(reopened.merge("sma").values(), window.merge("sma").values(), strict=True)
+    )
     print(
         f"\nfinal raw {raw:.4f} -> merged (SMA of steps {window.steps[0]}..{window.steps[-1]}) {merged:.4f}"
         f"  ({100 * (raw - merged) / raw:.1f}% lower)"

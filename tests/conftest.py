@@ -10,10 +10,14 @@ import pytest
 import torch
 
 
-def reference_merge(snapshots: list[dict[str, torch.Tensor]], method: str | list[float], alpha: float = 0.2) -> dict[str, np.ndarray]:
+def reference_merge(
+    snapshots: list[dict[str, torch.Tensor]], method: str | list[float], alpha: float = 0.2
+) -> dict[str, np.ndarray]:
     """An independent float64 NumPy merge. EMA runs PMA's recursion directly on the tensors
     instead of using precomputed coefficients, so it checks the coefficient formulas too."""
-    arrays = [{k: v.double().numpy() if v.dtype.is_floating_point else v.numpy() for k, v in s.items()} for s in snapshots]
+    arrays = [
+        {k: v.double().numpy() if v.dtype.is_floating_point else v.numpy() for k, v in s.items()} for s in snapshots
+    ]
     n = len(arrays)
     out = {}
     for key in arrays[0]:
@@ -33,7 +37,7 @@ def reference_merge(snapshots: list[dict[str, torch.Tensor]], method: str | list
             else:
                 w = np.asarray(method, dtype=np.float64)
                 w /= w.sum()
-            acc = sum(wi * a[key] for wi, a in zip(w, arrays))
+            acc = sum(wi * a[key] for wi, a in zip(w, arrays, strict=True))
         out[key] = acc
     return out
 
@@ -54,7 +58,7 @@ def assert_close_to_reference(merged: dict[str, torch.Tensor], reference: dict[s
             np.testing.assert_allclose(value, ref, rtol=1e-6, atol=1e-6, err_msg=key)
         else:
             eps = torch.finfo(got.dtype).eps  # one ulp at 1.0; scale by the magnitude
-            tolerance = eps * np.maximum(np.abs(ref), 2.0 ** -6) + 1e-30
+            tolerance = eps * np.maximum(np.abs(ref), 2.0**-6) + 1e-30
             assert np.all(np.abs(value - ref) <= tolerance), f"{key}: max error {np.max(np.abs(value - ref))}"
 
 
@@ -71,7 +75,9 @@ class TinyNet(torch.nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
-def perturbed_states(model: torch.nn.Module, count: int, seed: int = 0, dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+def perturbed_states(
+    model: torch.nn.Module, count: int, seed: int = 0, dtype: torch.dtype | None = None
+) -> list[dict[str, torch.Tensor]]:
     """``count`` training-like states: weights drift, BN statistics and its counter advance."""
     generator = torch.Generator().manual_seed(seed)
     if dtype is not None:
@@ -110,6 +116,7 @@ def run_ranks(worker: str, out: Path, *args: str, torchrun: bool = False) -> lis
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
 
 # Test workers are scripts: pytest must never import them (they would run with its arguments).
 collect_ignore_glob = ["*_worker.py"]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from loop_helpers import train_step
 from torch import nn
 
 from ckptavg import CheckpointWindow, consolidate
-from loop_helpers import train_step
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Lightning DDP on CPU with 2 processes (Lightning relaunches this script for rank 1).
 
-    python ddp_worker.py OUT [spike-on-rank-1 | resume-cpu | resume-disk | resize]
+python ddp_worker.py OUT [spike-on-rank-1 | resume-cpu | resume-disk | resize]
 """
 
 import sys
@@ -9,9 +9,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_helpers import Recorder, Regression, data, finish, trainer
 
 from ckptavg import CheckpointAverager
-from lit_helpers import Recorder, Regression, data, finish, trainer
 
 root = Path()  # set by main() from the command line
 
@@ -39,7 +39,9 @@ def main() -> None:
         storage = mode.removeprefix("resume-")
 
         def averager(name: str) -> CheckpointAverager:
-            return CheckpointAverager(window=4, every_n_steps=2, storage=storage, dirpath=root / name / "out", recover=False)
+            return CheckpointAverager(
+                window=4, every_n_steps=2, storage=storage, dirpath=root / name / "out", recover=False
+            )
 
         whole = averager("a")
         run, model_a = fit("a", [whole], max_epochs=3)
@@ -62,7 +64,10 @@ def main() -> None:
     if mode == "resize":
         # 2 epochs on 2 processes, checkpointed; the test resumes the run in a single process.
         # storage="cpu": a cpu window re-spreads over another number of processes (a disk one does not)
-        recorder, first = Recorder(), CheckpointAverager(window=4, every_n_steps=2, storage="cpu", dirpath=root / "out", recover=False)
+        recorder, first = (
+            Recorder(),
+            CheckpointAverager(window=4, every_n_steps=2, storage="cpu", dirpath=root / "out", recover=False),
+        )
         run, _ = fit("b", [recorder, first, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=2,
                      enable_checkpointing=True)  # fmt: skip
         torch.save({"states": recorder.states, "steps": first.window.steps}, root / f"rank{run.global_rank}.pt")

@@ -11,11 +11,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lit_helpers import Recorder, Regression, data, finish, trainer
 from torch.distributed.fsdp import fully_shard
 
 from ckptavg import CheckpointAverager
 from ckptavg.testing import InjectDivergence
-from lit_helpers import Recorder, Regression, data, finish, trainer
 
 root = Path()  # set by main() from the command line
 
@@ -63,14 +63,21 @@ def main() -> None:
 
         whole = averager("a")
         run, model_a = fit("a", [whole], max_epochs=3)
-        fit("b", [averager("b"), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
+        fit(
+            "b",
+            [averager("b"), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)],
+            max_epochs=2,
+            enable_checkpointing=True,
+        )
         second = averager("b")
         _, model_b = fit("b", [second], ckpt_path=root / "ckpt" / "last.ckpt", max_epochs=3)
         result = {"a": full(model_a), "b": full(model_b), "steps_a": whole.window.steps, "steps_b": second.window.steps}
         torch.save(result, root / f"rank{run.global_rank}.pt")
         finish()
 
-    averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", storage="disk", recover={"warmup": 4})
+    averager = CheckpointAverager(
+        window=4, every_n_steps=2, dirpath=root / "out", storage="disk", recover={"warmup": 4}
+    )
     recorder = FullRecorder()
     run, model = fit("", [recorder, averager, InjectDivergence({12}, rank=1)], max_epochs=2)
     merged = run.callback_metrics.get("merged/val_loss")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from loop_helpers import train_step
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from ckptavg import CheckpointWindow, RecoveryPolicy, SpikeGuard, consolidate
-from loop_helpers import train_step
 
 
 def main() -> None:
@@ -38,10 +38,8 @@ def main() -> None:
     }
     guard = SpikeGuard(windows["cpu"], RecoveryPolicy(warmup=3))
 
-
     def full_state() -> dict[str, torch.Tensor]:
         return {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
-
 
     full_states = {}  # what a single process would have seen: the gathered, full tensors, by step
     restored = {}

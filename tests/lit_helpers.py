@@ -82,7 +82,9 @@ class Recorder(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self.at_validation.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.state_dict().items()}))
+            self.at_validation.append(
+                (trainer.global_step, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+            )
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:

@@ -9,14 +9,13 @@ import lightning as L
 import pytest
 import torch
 import torchmetrics
+from conftest import HANG_GUARD_S, assert_close_to_reference, reference_merge, run_ranks
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckptavg import CheckpointAverager, CheckpointWindow, merge_state_dicts
-from conftest import HANG_GUARD_S, assert_close_to_reference, reference_merge, run_ranks
-from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
-
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:
@@ -98,7 +97,9 @@ def run_for_identity(tmp_path: Path, preview: bool):
     train, val = data(shuffle=True)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2)
     averager = CheckpointAverager(window=3, every_n_steps=4, preview=preview, merge_at_end=False)
-    trainer(tmp_path, [averager, checkpoint], max_epochs=3, val_check_interval=8, enable_checkpointing=True).fit(model, train, val)
+    trainer(tmp_path, [averager, checkpoint], max_epochs=3, val_check_interval=8, enable_checkpointing=True).fit(
+        model, train, val
+    )
     raw = [(r["step"], r["val_loss"], r["val_mae"]) for r in csv_rows(tmp_path) if r.get("val_loss")]
     return model, raw, checkpoint
 
@@ -133,7 +134,9 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     averager = CheckpointAverager(window=10, every_n_steps=2, start_step=3)
     model = Regression()
     train, val = data()
-    trainer(tmp_path, [recorder, averager], max_epochs=2, accumulate_grad_batches=4, limit_val_batches=0).fit(model, train)
+    trainer(tmp_path, [recorder, averager], max_epochs=2, accumulate_grad_batches=4, limit_val_batches=0).fit(
+        model, train
+    )
     # 16 batches per epoch / 4 = 4 optimizer steps per epoch, 8 in all; first snapshot after step 3.
     assert averager.window.steps == [4, 6, 8]
     assert_close_to_reference(model.state_dict(), reference_merge([recorder.states[s] for s in (4, 6, 8)], "sma"))
@@ -160,8 +163,12 @@ def test_a_window_that_cannot_fit_is_refused_at_fit_start(tmp_path):
             steps.append(trainer.global_step)
 
     # 321 float32 weights: 1.3 KiB a snapshot; 10^8 of them do not fit in this machine's memory.
-    with pytest.raises(ValueError, match=r"a window of 100000000 snapshots of 1.3 KiB needs 119.6 GiB of host memory.*storage='disk'"):
-        trainer(tmp_path, [CheckpointAverager(window=100_000_000, every_n_steps=1), Steps()], max_steps=4).fit(Regression(), data()[0])
+    with pytest.raises(
+        ValueError, match=r"a window of 100000000 snapshots of 1.3 KiB needs 119.6 GiB of host memory.*storage='disk'"
+    ):
+        trainer(tmp_path, [CheckpointAverager(window=100_000_000, every_n_steps=1), Steps()], max_steps=4).fit(
+            Regression(), data()[0]
+        )
     assert steps == []
 
 
@@ -201,7 +208,9 @@ def test_a_chain_of_resumes_ends_like_an_uninterrupted_run(tmp_path, storage):
         train, val = data()
         averager = CheckpointAverager(window=8, every_n_steps=5, storage=storage)
         checkpoint = ModelCheckpoint(dirpath=root / name, save_last=True)
-        trainer(root, [averager, checkpoint], max_epochs=max_epochs, enable_checkpointing=True).fit(model, train, val, ckpt_path=ckpt_path)
+        trainer(root, [averager, checkpoint], max_epochs=max_epochs, enable_checkpointing=True).fit(
+            model, train, val, ckpt_path=ckpt_path
+        )
         return model, averager
 
     uninterrupted, whole = run(tmp_path / "a", max_epochs=4)
@@ -220,12 +229,19 @@ class WithBuffer(Regression):
         self.register_buffer("extra", torch.zeros(3))
 
 
-@pytest.mark.parametrize("before, after", [(Regression, WithBuffer), (WithBuffer, Regression)], ids=["added", "removed"])
+@pytest.mark.parametrize(
+    "before, after", [(Regression, WithBuffer), (WithBuffer, Regression)], ids=["added", "removed"]
+)
 def test_a_model_that_changed_is_reported_at_resume_not_steps_later(tmp_path, before, after):
     train, val = data()
     L.seed_everything(0)
     first = CheckpointAverager(window=4, every_n_steps=2)
-    trainer(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=1, enable_checkpointing=True).fit(before(), train, val)
+    trainer(
+        tmp_path,
+        [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        max_epochs=1,
+        enable_checkpointing=True,
+    ).fit(before(), train, val)
     steps = []
 
     class Steps(Callback):
@@ -234,7 +250,9 @@ def test_a_model_that_changed_is_reported_at_resume_not_steps_later(tmp_path, be
 
     resumed = after()
     resumed.strict_loading = False
-    with pytest.raises(ValueError, match=r"the model being resumed .*key 'extra'.*Resume with that model, or start a new window"):
+    with pytest.raises(
+        ValueError, match=r"the model being resumed .*key 'extra'.*Resume with that model, or start a new window"
+    ):
         trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=2), Steps()], max_epochs=2).fit(
             resumed, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
         )
@@ -250,7 +268,9 @@ def test_forks_from_one_checkpoint_each_keep_their_own_window(tmp_path):
     base_recorder = Recorder()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     base = CheckpointAverager(window=6, every_n_steps=8, storage="disk")
-    trainer(tmp_path, [base_recorder, base, checkpoints], max_epochs=3, enable_checkpointing=True).fit(Regression(), train, val)
+    trainer(tmp_path, [base_recorder, base, checkpoints], max_epochs=3, enable_checkpointing=True).fit(
+        Regression(), train, val
+    )
     base_folder = tmp_path / "lightning_logs" / "version_0" / "ckptavg" / "window"
     files_of = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.name != ".lock"}  # noqa: E731
     before = files_of(base_folder)
@@ -262,13 +282,17 @@ def test_forks_from_one_checkpoint_each_keep_their_own_window(tmp_path):
             L.seed_everything(0)
             recorder, fork = Recorder(), CheckpointAverager(window=6, every_n_steps=8, storage="disk")
             model = Regression(lr=lr)
-            trainer(tmp_path, [recorder, fork], max_epochs=3).fit(model, train, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=16.ckpt")
+            trainer(tmp_path, [recorder, fork], max_epochs=3).fit(
+                model, train, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=16.ckpt"
+            )
             folder = tmp_path / "lightning_logs" / f"version_{version}" / "ckptavg" / "window"
             assert fork.window.dirpath == folder and fork.window.steps == [8, 16, 24, 32, 40, 48]
             for step in (8, 16):
                 name = f"snapshot-{step:012d}.safetensors"
                 assert (folder / name).stat().st_ino == (base_folder / name).stat().st_ino  # linked, not copied
-            snapshots = [base_recorder.states[8], base_recorder.states[16]] + [recorder.states[s] for s in (24, 32, 40, 48)]
+            snapshots = [base_recorder.states[8], base_recorder.states[16]] + [
+                recorder.states[s] for s in (24, 32, 40, 48)
+            ]
             assert_close_to_reference(model.state_dict(), reference_merge(snapshots, "sma"))
     finally:
         still_writing.close()
@@ -289,26 +313,38 @@ def test_a_fork_pointed_at_a_finished_runs_folder_is_refused_at_fit_start(tmp_pa
             steps.append(trainer.global_step)
 
     fork = CheckpointAverager(window=6, every_n_steps=8, storage="disk", dirpath=out)
-    with pytest.raises(ValueError, match=r"finished at step 48.*would delete its snapshots of steps \[24, 32, 40, 48\].*own dirpath"):
-        trainer(tmp_path, [fork, Steps()], max_epochs=3).fit(Regression(lr=0.01), train, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=16.ckpt")
+    with pytest.raises(
+        ValueError, match=r"finished at step 48.*would delete its snapshots of steps \[24, 32, 40, 48\].*own dirpath"
+    ):
+        trainer(tmp_path, [fork, Steps()], max_epochs=3).fit(
+            Regression(lr=0.01), train, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=16.ckpt"
+        )
     assert steps == []
     assert {p.name: p.read_bytes() for p in (out / "window").iterdir() if p.name != ".lock"} == before
     # Training on from the finished run's last checkpoint continues its window in place.
     more = CheckpointAverager(window=6, every_n_steps=8, storage="disk", dirpath=out)
-    trainer(tmp_path, [more], max_epochs=4).fit(Regression(), train, val, ckpt_path=tmp_path / "ckpt" / "epoch=2-step=48.ckpt")
+    trainer(tmp_path, [more], max_epochs=4).fit(
+        Regression(), train, val, ckpt_path=tmp_path / "ckpt" / "epoch=2-step=48.ckpt"
+    )
     assert more.window.steps == [24, 32, 40, 48, 56, 64]
 
 
 def test_a_rerun_into_an_occupied_folder_is_refused_at_fit_start(tmp_path):
     train, val = data()
-    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out")], max_epochs=1).fit(Regression(), train, val)
+    trainer(
+        tmp_path,
+        [CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out")],
+        max_epochs=1,
+    ).fit(Regression(), train, val)
     steps = []
 
     class Steps(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.append(trainer.global_step)
 
-    with pytest.raises(FileExistsError, match=r"already holds a checkpoint window from an earlier run. Resume that run"):
+    with pytest.raises(
+        FileExistsError, match=r"already holds a checkpoint window from an earlier run. Resume that run"
+    ):
         again = CheckpointAverager(window=4, every_n_steps=2, storage="disk", dirpath=tmp_path / "out")
         trainer(tmp_path, [again, Steps()], max_epochs=1).fit(Regression(), train, val)
     assert steps == []
@@ -335,7 +371,9 @@ def test_exception_inside_the_preview_leaves_raw_weights_intact(tmp_path):
     model = Regression(fail_after_val_calls=4)
     train, val = data()
     with pytest.raises(RuntimeError, match="validation failed on purpose"):
-        trainer(tmp_path, [recorder, averager], max_epochs=3, num_sanity_val_steps=0, val_check_interval=8).fit(model, train, val)
+        trainer(tmp_path, [recorder, averager], max_epochs=3, num_sanity_val_steps=0, val_check_interval=8).fit(
+            model, train, val
+        )
     step, raw = recorder.at_validation[-1]
     assert step == 8 and len(averager.window) >= 2
     for key, value in model.state_dict().items():
@@ -401,9 +439,14 @@ def test_spread_window_resumes_in_a_single_process(tmp_path):
     assert ranks[0]["steps"] == [10, 12, 14, 16]
     L.seed_everything(0)
     model = Regression()
-    recorder, averager = Recorder(), CheckpointAverager(window=4, every_n_steps=2, storage="cpu", dirpath=tmp_path / "out", recover=False)
+    recorder, averager = (
+        Recorder(),
+        CheckpointAverager(window=4, every_n_steps=2, storage="cpu", dirpath=tmp_path / "out", recover=False),
+    )
     train, val = data()
-    trainer(tmp_path / "single", [recorder, averager], max_steps=18).fit(model, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer(tmp_path / "single", [recorder, averager], max_steps=18).fit(
+        model, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
     assert averager.window.steps == [12, 14, 16, 18] and averager.window.sharding is None
     snapshots = [ranks[0]["states"][s] for s in (12, 14, 16)] + [recorder.states[18]]
     assert_close_to_reference(model.state_dict(), reference_merge(snapshots, "sma"))
@@ -421,13 +464,19 @@ def test_reusing_the_callback_for_a_new_run_starts_a_new_window(tmp_path):
 def test_two_averagers_keep_separate_state_through_a_checkpoint(tmp_path):
     L.seed_everything(0)
     sma = CheckpointAverager(window=2, every_n_steps=4, merge_at_end=False)
-    ema = CheckpointAverager(window=3, every_n_steps=8, merge="ema", merge_at_end=False, recover=False)  # one guard restores
+    ema = CheckpointAverager(
+        window=3, every_n_steps=8, merge="ema", merge_at_end=False, recover=False
+    )  # one guard restores
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path, [sma, ema, checkpoint], max_epochs=2, limit_val_batches=0, enable_checkpointing=True).fit(Regression(), data()[0])
+    trainer(tmp_path, [sma, ema, checkpoint], max_epochs=2, limit_val_batches=0, enable_checkpointing=True).fit(
+        Regression(), data()[0]
+    )
     assert sma.state_key != ema.state_key
     sma2 = CheckpointAverager(window=2, every_n_steps=4, merge_at_end=False)
     ema2 = CheckpointAverager(window=3, every_n_steps=8, merge="ema", merge_at_end=False, recover=False)
-    trainer(tmp_path, [sma2, ema2], max_epochs=2, limit_val_batches=0).fit(Regression(), data()[0], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer(tmp_path, [sma2, ema2], max_epochs=2, limit_val_batches=0).fit(
+        Regression(), data()[0], ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
     assert (sma2.window.steps, ema2.window.steps) == ([28, 32], [16, 24, 32])
 
 
@@ -439,7 +488,12 @@ class ManyWaysToLog(Regression):
         super().__init__()
         self.mse = torch.nn.ModuleList([torchmetrics.MeanSquaredError() for _ in range(2)])
         self.collections = torch.nn.ModuleList(
-            [torchmetrics.MetricCollection({"mae": torchmetrics.MeanAbsoluteError(), "mse": torchmetrics.MeanSquaredError()}, prefix="coll_") for _ in range(2)]
+            [
+                torchmetrics.MetricCollection(
+                    {"mae": torchmetrics.MeanAbsoluteError(), "mse": torchmetrics.MeanSquaredError()}, prefix="coll_"
+                )
+                for _ in range(2)
+            ]
         )
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
@@ -491,7 +545,11 @@ def test_merged_metrics_equal_an_independent_evaluation_however_they_are_logged(
             twin = copy.deepcopy(pl_module)
             twin.load_state_dict(merge_state_dicts([recorder.states[s] for s in averager.window.steps]))
             expected = expected_metrics(twin, loaders)
-            got = {k.removeprefix("merged/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("merged/")}
+            got = {
+                k.removeprefix("merged/"): float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k.startswith("merged/")
+            }
             assert set(got) == set(expected)
             for key, value in expected.items():
                 assert got[key] == pytest.approx(value, rel=1e-5), key
@@ -505,7 +563,9 @@ def test_merged_metrics_equal_an_independent_evaluation_however_they_are_logged(
     assert seen == [8, 16, 24, 32, 40, 48]
     # The end of the run: the module holds the merged weights; final/merged/... measured them.
     expected = expected_metrics(model, loaders)
-    assert averager.final_metrics["merged"] == pytest.approx({k: expected[k] for k in averager.final_metrics["merged"]}, rel=1e-5)
+    assert averager.final_metrics["merged"] == pytest.approx(
+        {k: expected[k] for k in averager.final_metrics["merged"]}, rel=1e-5
+    )
     assert set(averager.final_metrics["merged"]) == set(expected)
 
 
@@ -518,7 +578,9 @@ def test_the_end_of_run_export_never_writes_through_a_planted_link(tmp_path):
     precious.write_text("keep me")
     (out / "merged.safetensors.tmp").symlink_to(precious)
     train, val = data()
-    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=4, dirpath=out)], max_epochs=1).fit(Regression(), train, val)
+    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=4, dirpath=out)], max_epochs=1).fit(
+        Regression(), train, val
+    )
     assert precious.read_text() == "keep me"
     assert not (out / "merged.safetensors").is_symlink() and not (out / "merged.safetensors.tmp").exists()
     with safe_open(str(out / "merged.safetensors"), framework="pt") as f:
@@ -541,7 +603,9 @@ def test_stock_callbacks_monitor_merged_metrics_in_any_order(tmp_path, averager_
     stopping = EarlyStopping(monitor="merged/val_loss", patience=100, strict=True)
     best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="merged/val_loss", save_top_k=1, filename="best")
     callbacks = [averager, stopping, best] if averager_first else [stopping, best, averager]
-    trainer(tmp_path, callbacks, max_epochs=5, num_sanity_val_steps=0, enable_checkpointing=True).fit(Regression(), train, val)
+    trainer(tmp_path, callbacks, max_epochs=5, num_sanity_val_steps=0, enable_checkpointing=True).fit(
+        Regression(), train, val
+    )
 
     merged = [float(r["merged/val_loss"]) for r in csv_rows(tmp_path) if r.get("merged/val_loss")]
     raw = [float(r["val_loss"]) for r in csv_rows(tmp_path) if r.get("val_loss")]
@@ -562,14 +626,17 @@ def test_merged_weights_of_a_disk_window_checkpoint_and_of_one_before_any_snapsh
     recorder = Recorder()
     every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=8)
     averager = CheckpointAverager(window=8, every_n_steps=10, storage="disk")
-    trainer(tmp_path, [recorder, averager, every], max_steps=40, enable_checkpointing=True, limit_val_batches=0).fit(Regression(), train)
+    trainer(tmp_path, [recorder, averager, every], max_steps=40, enable_checkpointing=True, limit_val_batches=0).fit(
+        Regression(), train
+    )
     # At step 8 the window was empty: the merged weights are the checkpoint's own.
     early = torch.load(tmp_path / "ckpt" / "epoch=0-step=8.ckpt", weights_only=True)["state_dict"]
     for key, value in load_merged_weights(tmp_path / "ckpt" / "epoch=0-step=8.ckpt").items():
         assert torch.equal(value, early[key]), key
     # At step 32 the window held steps 10, 20, 30 (the disk window has since moved on to 40).
     assert_close_to_reference(
-        load_merged_weights(tmp_path / "ckpt" / "epoch=1-step=32.ckpt"), reference_merge([recorder.states[s] for s in (10, 20, 30)], "sma")
+        load_merged_weights(tmp_path / "ckpt" / "epoch=1-step=32.ckpt"),
+        reference_merge([recorder.states[s] for s in (10, 20, 30)], "sma"),
     )
     with pytest.raises(ValueError, match=r"holds no CheckpointAverager state"):
         torch.save({"state_dict": early, "callbacks": {}}, tmp_path / "plain.ckpt")
@@ -582,12 +649,20 @@ def test_merged_weights_of_a_disk_window_checkpoint_and_of_one_before_any_snapsh
     exported = load_file(str(tmp_path / "best.safetensors"))
     expected = load_merged_weights(tmp_path / "ckpt" / "epoch=1-step=32.ckpt")
     assert set(exported) == set(expected) and all(torch.equal(exported[k], expected[k]) for k in expected)
-    done = subprocess.run([script, "export", str(tmp_path / "plain.ckpt"), "-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    done = subprocess.run(
+        [script, "export", str(tmp_path / "plain.ckpt"), "-o", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert done.returncode == 2 and "holds no CheckpointAverager state" in done.stderr
 
 
 def test_merge_and_decay_arguments_are_checked_at_construction():
-    with pytest.raises(ValueError, match=r"merge must be a merge method's name \(\[.*'sma'.*\]\), got \[1, 2, 3, 4\]\. Explicit weights.*CheckpointWindow.merge"):
+    with pytest.raises(
+        ValueError,
+        match=r"merge must be a merge method's name \(\[.*'sma'.*\]\), got \[1, 2, 3, 4\]\. Explicit weights.*CheckpointWindow.merge",
+    ):
         CheckpointAverager(merge=[1, 2, 3, 4])
     assert CheckpointAverager(merge="ema", decay=0.75).alpha == pytest.approx(0.25)
     with pytest.raises(ValueError, match="give alpha or decay, not both"):
@@ -604,9 +679,16 @@ def test_resuming_a_checkpoint_taken_at_max_steps_still_ends_with_the_merged_mod
     train, val = data()
     first = Regression()
     averager = CheckpointAverager(window=4, every_n_steps=4)
-    trainer(tmp_path, [averager, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_steps=32, enable_checkpointing=True).fit(first, train, val)
+    trainer(
+        tmp_path,
+        [averager, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        max_steps=32,
+        enable_checkpointing=True,
+    ).fit(first, train, val)
     again = Regression()
-    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=4)], max_steps=32).fit(again, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer(tmp_path, [CheckpointAverager(window=4, every_n_steps=4)], max_steps=32).fit(
+        again, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
     for key, value in first.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
 
@@ -627,7 +709,9 @@ def test_merged_weights_that_score_worse_are_reported_and_keep_best_keeps_the_ra
     assert averager.final_metrics["merged"]["val_loss"] > averager.final_metrics["raw"]["val_loss"]
     assert val_loss_of(model, val) == pytest.approx(averager.final_metrics["merged"]["val_loss"], rel=1e-5)
 
-    with pytest.warns(UserWarning, match=r"score worse than the raw ones on val_loss .*the module keeps its raw weights"):
+    with pytest.warns(
+        UserWarning, match=r"score worse than the raw ones on val_loss .*the module keeps its raw weights"
+    ):
         recorder, averager, model, val = merged_is_worse_run(tmp_path / "best", keep="best")
     for key, value in recorder.states[48].items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -676,10 +760,16 @@ def test_export_module_gives_a_file_that_loads_into_the_bare_model(tmp_path):
     bare = TiedLM()
     load_model(bare, str(averager.merged_path))
     reference = reference_merge([recorder.states[s] for s in (2, 4, 6, 8)], "sma")
-    assert_close_to_reference({"embed.weight": bare.embed.weight.detach()}, {"embed.weight": reference["model._orig_mod.embed.weight"]})
+    assert_close_to_reference(
+        {"embed.weight": bare.embed.weight.detach()}, {"embed.weight": reference["model._orig_mod.embed.weight"]}
+    )
     assert bare.head.weight is bare.embed.weight
-    with pytest.raises(ValueError, match=r"export_module='modle' is not a submodule of TiedModule \(its children: \['model'\]\)"):
-        trainer(tmp_path, [CheckpointAverager(export_module="modle")], max_steps=2).fit(TiedModule(), DataLoader(TensorDataset(tokens), batch_size=8))
+    with pytest.raises(
+        ValueError, match=r"export_module='modle' is not a submodule of TiedModule \(its children: \['model'\]\)"
+    ):
+        trainer(tmp_path, [CheckpointAverager(export_module="modle")], max_steps=2).fit(
+            TiedModule(), DataLoader(TensorDataset(tokens), batch_size=8)
+        )
 
 
 def test_the_callback_takes_any_registered_method_with_its_options(tmp_path):

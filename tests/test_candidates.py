@@ -8,15 +8,20 @@ import json
 import lightning as L
 import pytest
 import torch
+from conftest import assert_close_to_reference, reference_merge
 from lightning.pytorch.callbacks import Callback
+from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 from safetensors import safe_open
 
 from ckptavg import CheckpointAverager, coefficients
-from conftest import assert_close_to_reference, reference_merge
-from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 
 CANDIDATES = {"wma": "wma", "cos": {"method": "decay", "shape": "cosine"}, "ema5": {"method": "ema", "alpha": 0.5}}
-REFERENCE = {"sma": ("sma", {}), "wma": ("wma", {}), "cos": ("decay", {"shape": "cosine"}), "ema5": ("ema", {"alpha": 0.5})}
+REFERENCE = {
+    "sma": ("sma", {}),
+    "wma": ("wma", {}),
+    "cos": ("decay", {"shape": "cosine"}),
+    "ema5": ("ema", {"alpha": 0.5}),
+}
 
 
 def merged_val_loss(module, recorder, steps, name, loader):
@@ -60,12 +65,16 @@ def test_candidates_are_previewed_at_every_validation_under_their_names(tmp_path
     def check(trainer, pl_module, recorder, val):
         steps = averager.window.steps
         metrics = trainer.callback_metrics
-        assert float(metrics["merged/val_loss"]) == pytest.approx(merged_val_loss(pl_module, recorder, steps, "sma", val), rel=1e-5)
+        assert float(metrics["merged/val_loss"]) == pytest.approx(
+            merged_val_loss(pl_module, recorder, steps, "sma", val), rel=1e-5
+        )
         for name in CANDIDATES:
             expected = merged_val_loss(pl_module, recorder, steps, name, val)
             assert float(metrics[f"merged/{name}/val_loss"]) == pytest.approx(expected, rel=1e-5), name
             assert f"merged/{name}/val_loss" not in trainer.progress_bar_metrics  # the bar shows the main merge only
-        assert float(metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)  # raw untouched
+        assert float(metrics["val_loss"]) == pytest.approx(
+            val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5
+        )  # raw untouched
 
     assert validations_checked(tmp_path, averager, check) == [16, 32, 48]
 
@@ -89,7 +98,9 @@ def test_select_finishes_with_the_best_candidate_and_records_the_pick(tmp_path, 
     assert_close_to_reference(model.state_dict(), reference_merge([recorder.states[s] for s in steps], weights))
     with safe_open(str(averager.merged_path), framework="pt") as f:
         metadata = f.metadata()
-    assert metadata["selected"] == picked and metadata["selected_by"] == "val_loss (min)" and metadata["method"] == method
+    assert (
+        metadata["selected"] == picked and metadata["selected_by"] == "val_loss (min)" and metadata["method"] == method
+    )
     assert json.loads(metadata["candidate_scores"]) == pytest.approx(expected, rel=1e-5)
     assert json.loads(metadata["coefficients"]) == pytest.approx(weights)
 
@@ -106,7 +117,9 @@ def test_select_on_a_second_loader_reports_on_the_first(tmp_path):
     assert averager.selection["scores"] == pytest.approx(on_selection, rel=1e-5)
     assert averager.selection["picked"] == min(on_selection, key=on_selection.get)
     picked = averager.selection["picked"]
-    assert averager.final_metrics["merged"]["val_loss/dataloader_idx_0"] == pytest.approx(merged_val_loss(model, recorder, steps, picked, val), rel=1e-5)
+    assert averager.final_metrics["merged"]["val_loss/dataloader_idx_0"] == pytest.approx(
+        merged_val_loss(model, recorder, steps, picked, val), rel=1e-5
+    )
 
 
 def test_every_registered_method_works_as_the_callbacks_merge(tmp_path):
@@ -129,10 +142,16 @@ def test_every_registered_method_works_as_the_callbacks_merge(tmp_path):
         ({"candidates": ["wma", "wma"]}, "the name 'wma' is given twice"),
         ({"candidates": {"a/b": "wma"}}, "without '/'"),
         ({"candidates": {"cos": {"shape": "cosine"}}}, r"candidates\['cos'\] needs a 'method'"),
-        ({"candidates": {"cos": {"method": "decay", "shap": "cosine"}}}, r"candidates\['cos'\]: merge method 'decay' has no option 'shap'"),
+        (
+            {"candidates": {"cos": {"method": "decay", "shap": "cosine"}}},
+            r"candidates\['cos'\]: merge method 'decay' has no option 'shap'",
+        ),
         ({"candidates": ["median"]}, r"candidates\['median'\]: unknown merge method 'median'"),
         ({"candidates": {"w": [1, 2]}}, r"candidates\['w'\] must be a merge method's name"),
-        ({"candidates": ["greedy_soup"]}, r"candidates\['greedy_soup'\]: merge method 'greedy_soup' chooses on held-out data"),
+        (
+            {"candidates": ["greedy_soup"]},
+            r"candidates\['greedy_soup'\]: merge method 'greedy_soup' chooses on held-out data",
+        ),
         ({"candidates": {"sma": "wma"}}, "'sma' is the name of the main merge"),
         ({"candidates": ["wma"], "select": ""}, "select must be the name of a validation metric"),
     ],
@@ -153,7 +172,9 @@ def test_log_correlation_logs_the_windows_summary_at_each_snapshot(tmp_path):
         rows = [r for r in csv.DictReader(f) if r.get("ckptavg/min_weight_cosine")]
     assert [int(r["step"]) for r in rows] == list(range(12, 33, 4))  # from the third snapshot on
     assert averager.last_correlation == averager.window.correlation().summary()
-    assert float(rows[-1]["ckptavg/min_weight_cosine"]) == pytest.approx(averager.last_correlation["min_weight_cosine"], rel=1e-6)
+    assert float(rows[-1]["ckptavg/min_weight_cosine"]) == pytest.approx(
+        averager.last_correlation["min_weight_cosine"], rel=1e-6
+    )
 
 
 def test_preview_ensemble_logs_the_ensembles_metrics_and_leaves_the_module_as_it_was(tmp_path):
@@ -166,10 +187,16 @@ def test_preview_ensemble_logs_the_ensembles_metrics_and_leaves_the_module_as_it
             twin.load_state_dict(recorder.states[step])
             members.append(twin.eval())
         with torch.no_grad():
-            expected = float(torch.stack([torch.nn.functional.mse_loss(torch.stack([m(x) for m in members]).mean(0), y) for x, y in val]).mean())
+            expected = float(
+                torch.stack(
+                    [torch.nn.functional.mse_loss(torch.stack([m(x) for m in members]).mean(0), y) for x, y in val]
+                ).mean()
+            )
         assert float(trainer.callback_metrics["ensemble/val_loss"]) == pytest.approx(expected, rel=1e-5)
         assert "forward" not in pl_module.__dict__  # the class's forward again
-        assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5)
+        assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(
+            val_loss_of(copy.deepcopy(pl_module), val), rel=1e-5
+        )
 
     assert validations_checked(tmp_path, averager, check) == [16, 32, 48]
 

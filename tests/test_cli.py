@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckptavg import CheckpointWindow, coefficients
-from conftest import HANG_GUARD_S
 
 SCRIPT = Path(sys.executable).parent / "ckptavg"
 
@@ -52,7 +52,11 @@ def assert_matches(path, expected):
 
 
 def folder_digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_merge_mixes_formats_with_any_method_or_weights(tmp_path):
@@ -62,7 +66,9 @@ def test_merge_mixes_formats_with_any_method_or_weights(tmp_path):
     torch.save(snaps[2], tmp_path / "c.pt")
     save_file(snaps[3], tmp_path / "d.safetensors")
     inputs = ["a.safetensors", "b.ckpt", "c.pt", "d.safetensors"]
-    done = ckptavg("merge", *inputs, "--method", "decay", "--option", "shape=1-sqrt", "-o", "out/m.safetensors", "-q", cwd=tmp_path)
+    done = ckptavg(
+        "merge", *inputs, "--method", "decay", "--option", "shape=1-sqrt", "-o", "out/m.safetensors", "-q", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     weights = coefficients("decay", 4, shape="1-sqrt")
     assert_matches(tmp_path / "out" / "m.safetensors", reference(snaps, weights))
@@ -79,7 +85,20 @@ def test_globs_and_last_select_inputs_in_name_order(tmp_path):
     snaps = states()
     for i, s in enumerate(snaps):
         save_file(s, tmp_path / f"step-{i}.safetensors")
-    done = ckptavg("merge", "step-*.safetensors", "--last", "3", "--method", "ema", "--alpha", "0.5", "-o", "m.safetensors", "-q", cwd=tmp_path)
+    done = ckptavg(
+        "merge",
+        "step-*.safetensors",
+        "--last",
+        "3",
+        "--method",
+        "ema",
+        "--alpha",
+        "0.5",
+        "-o",
+        "m.safetensors",
+        "-q",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert_matches(tmp_path / "m.safetensors", reference(snaps[1:], coefficients("ema", 3, 0.5)))
 
@@ -91,18 +110,32 @@ def test_hugging_face_folders_keep_their_sharding_and_files(tmp_path):
         folder.mkdir()
         save_file({"w": s["w"]}, folder / "model-00001-of-00002.safetensors")
         save_file({"b": s["b"], "step": s["step"]}, folder / "model-00002-of-00002.safetensors")
-        weight_map = {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "step": "model-00002-of-00002.safetensors"}
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+        weight_map = {
+            "w": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+            "step": "model-00002-of-00002.safetensors",
+        }
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map})
+        )
         (folder / "config.json").write_text(json.dumps({"hidden_size": 32, "run": i}))
     done = ckptavg("merge", "hf-0", "hf-1", "-o", "merged", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "merged"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert json.loads((out / "config.json").read_text())["run"] == 0  # the first input's files
     expected = reference(snaps, [0.5, 0.5])
     assert_matches(out / "model-00001-of-00002.safetensors", {"w": expected["w"]})
     assert_matches(out / "model-00002-of-00002.safetensors", {"b": expected["b"], "step": expected["step"]})
-    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]["w"] == "model-00001-of-00002.safetensors"
+    assert (
+        json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]["w"]
+        == "model-00001-of-00002.safetensors"
+    )
 
 
 def test_a_window_folder_merges_inspects_and_verifies_without_being_changed(tmp_path):
@@ -112,9 +145,25 @@ def test_a_window_folder_merges_inspects_and_verifies_without_being_changed(tmp_
         window.snapshot(s, step=int(s["step"]) + 100)
     window.close()
     before = folder_digest(tmp_path / "window")
-    done = ckptavg("merge", "window", "--method", "posthoc", "--option", "sigma_rel=0.1", "--option", "max_lost=1.0", "-o", "m.safetensors", "-q", cwd=tmp_path)
+    done = ckptavg(
+        "merge",
+        "window",
+        "--method",
+        "posthoc",
+        "--option",
+        "sigma_rel=0.1",
+        "--option",
+        "max_lost=1.0",
+        "-o",
+        "m.safetensors",
+        "-q",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
-    assert_matches(tmp_path / "m.safetensors", reference(snaps, coefficients("posthoc", [100, 200, 300, 400], sigma_rel=0.1, max_lost=1.0)))
+    assert_matches(
+        tmp_path / "m.safetensors",
+        reference(snaps, coefficients("posthoc", [100, 200, 300, 400], sigma_rel=0.1, max_lost=1.0)),
+    )
     report = ckptavg("inspect", "window", "--json", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     (rank,) = json.loads(report.stdout)["ranks"]
@@ -147,7 +196,18 @@ def test_bad_inputs_exit_2_naming_the_file_and_write_nothing(tmp_path):
     torch.save({"w": Payload()}, tmp_path / "evil.pt")
     done = ckptavg("merge", "a.safetensors", "evil.pt", "-o", "m.safetensors", cwd=tmp_path)
     assert done.returncode == 2 and "evil.pt" in done.stderr and not (tmp_path / "pwned").exists()
-    done = ckptavg("merge", "a.safetensors", "a.safetensors", "--method", "decay", "--option", "shap=cosine", "-o", "m.safetensors", cwd=tmp_path)
+    done = ckptavg(
+        "merge",
+        "a.safetensors",
+        "a.safetensors",
+        "--method",
+        "decay",
+        "--option",
+        "shap=cosine",
+        "-o",
+        "m.safetensors",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "has no option 'shap'" in done.stderr
     done = ckptavg("merge", "a.safetensors", "a.safetensors", "--weights", "0.5,x", "-o", "m.safetensors", cwd=tmp_path)
     assert done.returncode == 2 and "--weights '0.5,x': expected numbers" in done.stderr
@@ -161,7 +221,9 @@ def test_bad_inputs_exit_2_naming_the_file_and_write_nothing(tmp_path):
 
 
 def test_help_shows_examples():
-    done = subprocess.run([sys.executable, "-m", "ckptavg", "--help"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptavg", "--help"], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert done.returncode == 0 and "ckptavg merge run/ckpts/*.safetensors --last 8" in done.stdout
     assert "ckptavg verify" in done.stdout
 
@@ -188,7 +250,10 @@ def test_merged_hugging_face_folders_load_in_transformers(tmp_path, sharded):
         with safe_open(str(file), "pt") as f:
             assert f.metadata()["format"] == "pt" and f.metadata()["ckptavg"] == "merged"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    expected = {k: (a.double() + b.double()) / 2 for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True)}
+    expected = {
+        k: (a.double() + b.double()) / 2
+        for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True)
+    }
     for name, tensor in loaded.state_dict().items():
         assert torch.allclose(tensor.double(), expected[name], atol=1e-6), name
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
@@ -233,7 +298,16 @@ def trainer_checkpoints(tmp_path, steps):
         folder = tmp_path / "out" / f"checkpoint-{step}"
         tiny_gpt2(i).save_pretrained(folder)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        for junk in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "tf_model.h5", "flax_model.msgpack", "model.onnx", "pytorch_model.bin.index.json"):
+        for junk in (
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "training_args.bin",
+            "tf_model.h5",
+            "flax_model.msgpack",
+            "model.onnx",
+            "pytorch_model.bin.index.json",
+        ):
             (folder / junk).write_bytes(b"not a model")
         (folder / "tokenizer_config.json").write_text("{}")
         folders.append(folder)
@@ -251,8 +325,15 @@ def test_last_n_orders_trainer_checkpoints_by_step_and_the_output_holds_only_mod
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     newer, older = (load_file(str(tmp_path / "out" / f"checkpoint-{s}" / "model.safetensors")) for s in (1500, 1000))
     name = "transformer.h.0.mlp.c_fc.weight"
-    assert torch.allclose(loaded.state_dict()[name].double(), (older[name].double() + 2 * newer[name].double()) / 3, atol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    assert torch.allclose(
+        loaded.state_dict()[name].double(), (older[name].double() + 2 * newer[name].double()) / 3, atol=1e-6
+    )
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]
     done = ckptavg("merge", "out/checkpoint-*", "--last", "4", "-o", "m.safetensors", cwd=tmp_path)
     assert done.returncode == 2 and "--last 4: only 3 inputs" in done.stderr
 
@@ -291,7 +372,11 @@ def test_a_failed_folder_merge_leaves_nothing_and_a_forced_one_replaces_whole(tm
     for i in range(2):
         tiny_gpt2(i).save_pretrained(tmp_path / f"hf-{i}", max_shard_size="20KB")
     index = json.loads((tmp_path / "hf-1" / "model.safetensors.index.json").read_text())
-    name = next(n for n, shard in index["weight_map"].items() if shard.endswith("00001-of-00003.safetensors") or shard == sorted(set(index["weight_map"].values()))[-1])
+    name = next(
+        n
+        for n, shard in index["weight_map"].items()
+        if shard.endswith("00001-of-00003.safetensors") or shard == sorted(set(index["weight_map"].values()))[-1]
+    )
     shard = tmp_path / "hf-1" / index["weight_map"][name]
     data = load_file(str(shard))
     data[name] = torch.full_like(data[name], float("nan"))  # fails only when that shard is merged
@@ -303,7 +388,10 @@ def test_a_failed_folder_merge_leaves_nothing_and_a_forced_one_replaces_whole(tm
     (tmp_path / "merged" / "old.txt").write_text("from before")
     done = ckptavg("merge", "hf-0", "hf-0", "-o", "merged", "--force", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert not (tmp_path / "merged" / "old.txt").exists() and (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    assert (
+        not (tmp_path / "merged" / "old.txt").exists()
+        and (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-0", "hf-1", "merged"]
 
 
@@ -319,7 +407,9 @@ def test_torch_files_holding_more_than_a_state_dict(tmp_path):
     torch.save({"weights": {"inner": snaps[0]}, "epoch": 3}, tmp_path / "odd.pt")
     for command in (("merge", "odd.pt", "run1.pt", "-o", "x.safetensors"), ("inspect", "odd.pt")):
         done = ckptavg(*command, cwd=tmp_path)
-        assert done.returncode == 2 and "odd.pt holds no state dict: its entries are ['epoch', 'weights']" in done.stderr
+        assert (
+            done.returncode == 2 and "odd.pt holds no state dict: its entries are ['epoch', 'weights']" in done.stderr
+        )
         assert "Traceback" not in done.stderr
     done = ckptavg("merge", "odd.pt", "odd.pt", "--key", "weights.inner", "-o", "x.safetensors", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -336,15 +426,59 @@ def test_odd_inputs_are_named_errors_never_tracebacks(tmp_path):
     for i, s in enumerate(snaps):
         save_file(s, tmp_path / f"s{i}.safetensors")
     # integers come from the newest input that is merged, not from one weighted zero
-    assert ckptavg("merge", "s0.safetensors", "s1.safetensors", "s2.safetensors", "--weights", "1,1,0", "-o", "m.safetensors", "-q", cwd=tmp_path).returncode == 0
+    assert (
+        ckptavg(
+            "merge",
+            "s0.safetensors",
+            "s1.safetensors",
+            "s2.safetensors",
+            "--weights",
+            "1,1,0",
+            "-o",
+            "m.safetensors",
+            "-q",
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
     assert int(load_file(str(tmp_path / "m.safetensors"))["step"]) == 100
     # post-hoc EMA over separate files: numbered 1, 2, 3 when their names give no steps
     for i, name in enumerate("abc"):
         save_file(snaps[i], tmp_path / f"{name}.safetensors")
-    done = ckptavg("merge", "a.safetensors", "b.safetensors", "c.safetensors", "--method", "posthoc", "--option", "sigma_rel=0.1", "--option", "max_lost=1.0", "-o", "p.safetensors", "-q", cwd=tmp_path)
+    done = ckptavg(
+        "merge",
+        "a.safetensors",
+        "b.safetensors",
+        "c.safetensors",
+        "--method",
+        "posthoc",
+        "--option",
+        "sigma_rel=0.1",
+        "--option",
+        "max_lost=1.0",
+        "-o",
+        "p.safetensors",
+        "-q",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
-    done = ckptavg("merge", "s0.safetensors", "s1.safetensors", "--method", "posthoc", "--option", "sigma_rel=0.1", "-o", "q.safetensors", cwd=tmp_path)
-    assert done.returncode == 2 and "steps must be positive" in done.stderr and "read from the inputs' names" in done.stderr
+    done = ckptavg(
+        "merge",
+        "s0.safetensors",
+        "s1.safetensors",
+        "--method",
+        "posthoc",
+        "--option",
+        "sigma_rel=0.1",
+        "-o",
+        "q.safetensors",
+        cwd=tmp_path,
+    )
+    assert (
+        done.returncode == 2
+        and "steps must be positive" in done.stderr
+        and "read from the inputs' names" in done.stderr
+    )
     # an index that maps a tensor to a shard that does not hold it
     folder = tmp_path / "hf"
     folder.mkdir()
@@ -352,9 +486,16 @@ def test_odd_inputs_are_named_errors_never_tracebacks(tmp_path):
     save_file({"b": snaps[0]["b"]}, folder / "model-00002-of-00002.safetensors")
     weight_map = {"w": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    for command in (("merge", "hf", "hf", "-o", "x"), ("inspect", "hf"), ("inspect", "hf/model.safetensors.index.json")):
+    for command in (
+        ("merge", "hf", "hf", "-o", "x"),
+        ("inspect", "hf"),
+        ("inspect", "hf/model.safetensors.index.json"),
+    ):
         done = ckptavg(*command, cwd=tmp_path)
-        assert done.returncode == 2 and "maps tensor 'w' to model-00002-of-00002.safetensors, which does not hold it" in done.stderr, done.stderr
+        assert (
+            done.returncode == 2
+            and "maps tensor 'w' to model-00002-of-00002.safetensors, which does not hold it" in done.stderr
+        ), done.stderr
 
 
 def test_last_n_of_a_window_folder(tmp_path):
@@ -375,7 +516,12 @@ def test_inspect_shows_a_merges_record_and_a_checkpoints_window_and_verify_reads
     snaps = states(2)
     for i, s in enumerate(snaps):
         save_file(s, tmp_path / f"s{i}.safetensors")
-    assert ckptavg("merge", "s0.safetensors", "s1.safetensors", "--method", "wma", "-o", "m.safetensors", "-q", cwd=tmp_path).returncode == 0
+    assert (
+        ckptavg(
+            "merge", "s0.safetensors", "s1.safetensors", "--method", "wma", "-o", "m.safetensors", "-q", cwd=tmp_path
+        ).returncode
+        == 0
+    )
     report = json.loads(ckptavg("inspect", "m.safetensors", "--json", cwd=tmp_path).stdout)
     assert report["metadata"]["method"] == "wma" and report["metadata"]["steps"] == [0, 1]
     assert report["metadata"]["coefficients"] == pytest.approx([1 / 3, 2 / 3])
@@ -386,7 +532,9 @@ def test_inspect_shows_a_merges_record_and_a_checkpoints_window_and_verify_reads
     bad["w"][3, 3] = float("nan")
     save_file(bad, tmp_path / "nan.safetensors")
     done = ckptavg("verify", "nan.safetensors", "--json", cwd=tmp_path)
-    assert done.returncode == 1 and json.loads(done.stdout)["damaged"] == [f"nan.safetensors: tensor 'w' holds NaN or Inf"]
+    assert done.returncode == 1 and json.loads(done.stdout)["damaged"] == [
+        "nan.safetensors: tensor 'w' holds NaN or Inf"
+    ]
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((tmp_path / "s0.safetensors").read_bytes()[:-100])
     done = ckptavg("verify", "cut.safetensors", cwd=tmp_path)

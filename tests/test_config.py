@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.cli import LightningCLI
+from lit_helpers import Regression, RegressionData
 
 from ckptavg import CheckpointAverager, RecoveryPolicy
-from lit_helpers import Regression, RegressionData
 
 TRAINER = """
 trainer:
@@ -30,7 +30,9 @@ trainer:
 
 def fit_from_yaml(tmp_path: Path, options: str) -> CheckpointAverager:
     config = tmp_path / "config.yaml"
-    config.write_text(TRAINER.format(root=tmp_path, options="\n".join(" " * 8 + line for line in options.strip().splitlines())))
+    config.write_text(
+        TRAINER.format(root=tmp_path, options="\n".join(" " * 8 + line for line in options.strip().splitlines()))
+    )
     cli = LightningCLI(Regression, RegressionData, args=["fit", "--config", str(config)], save_config_callback=None)
     (averager,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, CheckpointAverager)]
     assert averager.window.steps == [2, 4, 6]  # it really ran
@@ -42,7 +44,10 @@ def fit_from_yaml(tmp_path: Path, options: str) -> CheckpointAverager:
     [
         ("recover: {threshold: 8.0, max_restores: 5}", RecoveryPolicy(threshold=8.0, max_restores=5)),
         ("recover:\n  threshold: 8.0\n  patience: 20", RecoveryPolicy(threshold=8.0, patience=20)),
-        ("recover:\n  class_path: ckptavg.RecoveryPolicy\n  init_args:\n    lr_scale: 0.5\n    lr_scale_steps: 100", RecoveryPolicy(lr_scale=0.5, lr_scale_steps=100)),
+        (
+            "recover:\n  class_path: ckptavg.RecoveryPolicy\n  init_args:\n    lr_scale: 0.5\n    lr_scale_steps: 100",
+            RecoveryPolicy(lr_scale=0.5, lr_scale_steps=100),
+        ),
         ("recover: true", RecoveryPolicy()),
         ("recover: false", None),
         ("", RecoveryPolicy()),

@@ -3,9 +3,9 @@ separating the cases that matter on real runs (scikit-learn's digits)."""
 
 import pytest
 import torch
+from digits_helpers import digits_tensors, train_classifier
 
 from ckptavg import CheckpointWindow
-from digits_helpers import digits_tensors, train_classifier
 
 
 def flat(state):
@@ -23,23 +23,37 @@ def test_every_figure_matches_a_float64_reference(tmp_path, storage):
     """Products run as fp32 GEMMs summed in fp64: weight cosines to 1e-5; deviation cosines, which
     subtract the mean of nearly equal Gram entries, to 1e-3 (snapshots far apart, as here)."""
     torch.manual_seed(0)
-    base = {"big": torch.randn(1200, 1000), "bias": torch.randn(7), "half": torch.randn(300, 5).to(torch.bfloat16), "count": torch.tensor(3)}
+    base = {
+        "big": torch.randn(1200, 1000),
+        "bias": torch.randn(7),
+        "half": torch.randn(300, 5).to(torch.bfloat16),
+        "count": torch.tensor(3),
+    }
     window = CheckpointWindow(window=5, storage=storage, dirpath=tmp_path / "w" if storage == "disk" else None)
     states = []
     for step in range(1, 6):
-        state = {k: (v + 0.05 * step * torch.randn_like(v.float()).to(v.dtype)) if v.is_floating_point() else v for k, v in base.items()}
+        state = {
+            k: (v + 0.05 * step * torch.randn_like(v.float()).to(v.dtype)) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
         window.snapshot(state, step=step * 10)
         states.append({k: v.clone() for k, v in state.items()})
     report = window.correlation()
     vectors = [flat(s) for s in states]
     mean = torch.stack(vectors).mean(0)
-    updates = [b - a for a, b in zip(vectors[:-1], vectors[1:])]
+    updates = [b - a for a, b in zip(vectors[:-1], vectors[1:], strict=True)]
     assert torch.allclose(torch.tensor(report.weight_cosine, dtype=torch.float64), cosine_matrix(vectors), atol=1e-5)
-    assert torch.allclose(torch.tensor(report.deviation_cosine, dtype=torch.float64), cosine_matrix([v - mean for v in vectors]), atol=1e-3)
-    expected_updates = [float(cosine_matrix([a, b])[0, 1]) for a, b in zip(updates[:-1], updates[1:])]
+    assert torch.allclose(
+        torch.tensor(report.deviation_cosine, dtype=torch.float64),
+        cosine_matrix([v - mean for v in vectors]),
+        atol=1e-3,
+    )
+    expected_updates = [float(cosine_matrix([a, b])[0, 1]) for a, b in zip(updates[:-1], updates[1:], strict=True)]
     assert report.update_cosine == pytest.approx(expected_updates, abs=1e-4)
     distances = max(float((a - b).norm()) for a in vectors for b in vectors)
-    assert report.relative_spread == pytest.approx(distances / float(torch.stack([v.norm() for v in vectors]).mean()), rel=1e-4)
+    assert report.relative_spread == pytest.approx(
+        distances / float(torch.stack([v.norm() for v in vectors]).mean()), rel=1e-4
+    )
     big = [s["big"].double().flatten() for s in states]
     assert report.per_tensor["big"]["min_weight_cosine"] == pytest.approx(float(cosine_matrix(big).min()), abs=1e-5)
     assert "count" not in report.per_tensor  # integer tensors are not averaged, so not judged

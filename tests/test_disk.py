@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_to_reference, perturbed_states, reference_merge
 from safetensors import safe_open
 
 from ckptavg import CheckpointWindow, CorruptSnapshotError
-from conftest import assert_close_to_reference, perturbed_states, reference_merge
 
 HERE = Path(__file__).parent
 
@@ -110,7 +110,7 @@ def test_corrupt_file_is_named_and_the_rest_stays_usable(tmp_path, tiny_net, cor
     else:
         corrupt(bad)  # written by this process, verified at write time: size/header still checked
     try:
-        merged = win.merge("sma")
+        win.merge("sma")
     except CorruptSnapshotError as err:
         assert bad.name in str(err)
         assert win.steps == [100, 300, 400]
@@ -164,7 +164,9 @@ def test_failed_background_write_is_reported_and_rolled_back(tmp_path, tiny_net)
     blocker = d / "snapshot-000000000500.safetensors.tmp"
     blocker.mkdir()  # the writer cannot create its temporary file
     assert win.snapshot(states[0], step=500)
-    with pytest.raises(OSError, match=r"writing the snapshot of step 500 to .*snapshot-000000000500.safetensors failed"):
+    with pytest.raises(
+        OSError, match=r"writing the snapshot of step 500 to .*snapshot-000000000500.safetensors failed"
+    ):
         win.flush()
     assert win.steps == [100, 200, 300, 400]
     blocker.rmdir()
@@ -257,7 +259,9 @@ def test_discard_from_drops_the_newest_snapshots_and_continues(tmp_path, tiny_ne
     assert win.steps == [2, 3, 6]
     if storage == "disk":
         win.close()
-        assert [f.name for f in snapshot_files(tmp_path / "win")] == [f"snapshot-{s:012d}.safetensors" for s in (2, 3, 6)]
+        assert [f.name for f in snapshot_files(tmp_path / "win")] == [
+            f"snapshot-{s:012d}.safetensors" for s in (2, 3, 6)
+        ]
         assert CheckpointWindow.open(tmp_path / "win").steps == [2, 3, 6]
 
 
@@ -274,7 +278,11 @@ def test_a_long_disk_merge_shows_progress_and_merges_the_same(tmp_path, tiny_net
         shown = []
         monkeypatch.setattr(storage, "PROGRESS_BYTES", 0)
         real = storage.progress_bar
-        monkeypatch.setattr(storage, "progress_bar", lambda total, description: shown.append((total, description)) or real(total, description))
+        monkeypatch.setattr(
+            storage,
+            "progress_bar",
+            lambda total, description: shown.append((total, description)) or real(total, description),
+        )
         loud = win.merge("wma")
     assert shown and shown[0][0] == 3 * sum(t.numel() * t.element_size() for t in states[0].values())
     assert "merging 3 snapshots from" in shown[0][1]

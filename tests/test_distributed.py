@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_close_to_reference, reference_merge, run_ranks
 
 from ckptavg import CheckpointWindow, consolidate
-from conftest import assert_close_to_reference, reference_merge, run_ranks
 
 
 def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -36,7 +36,9 @@ def test_fsdp2_windows_are_shard_native_and_consistent(tmp_path):
         for tier in ("cpu", "disk"):
             assert_close_to_reference(rank[tier], reference)
     assert_equal_states(ranks[0]["cpu"], ranks[1]["cpu"])
-    assert torch.equal(torch.cat([ranks[0]["cpu_local"]["0.weight"], ranks[1]["cpu_local"]["0.weight"]]), ranks[0]["cpu"]["0.weight"])
+    assert torch.equal(
+        torch.cat([ranks[0]["cpu_local"]["0.weight"], ranks[1]["cpu_local"]["0.weight"]]), ranks[0]["cpu"]["0.weight"]
+    )
 
     restored = [r["restored"] for r in ranks]
     assert restored[0]["step"] == restored[1]["step"] == 9

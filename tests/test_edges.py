@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lit_helpers import Regression, data, trainer
 
 from ckptavg import CheckpointAverager
-from lit_helpers import Regression, data, trainer
 
 
 class RendersTheBar(Regression):
@@ -90,7 +90,9 @@ def test_the_recovery_check_runs_steps_that_need_autograd_and_leaves_no_module_s
     averager = CheckpointAverager(window=8, every_n_steps=4, preview=False, merge_at_end=False)
     trainer(tmp_path, [averager, ScrambleWeights(120)], max_epochs=12, limit_val_batches=0).fit(model, train)
     checks = len(model.losses) - 192  # training_step ran twice more for each check
-    assert checks >= 2 and math.isfinite(averager.guard.checked[0])  # the check ran, with autograd, and scored the batch
+    assert checks >= 2 and math.isfinite(
+        averager.guard.checked[0]
+    )  # the check ran, with autograd, and scored the batch
     # only the 192 real steps left state behind (a restore rolls the persistent state back to the
     # merged point, counters included)
     assert float(model.rebound) == 192
@@ -141,7 +143,9 @@ class ManualRegression(Regression):
 def test_manual_optimization_without_a_returned_loss_says_recovery_is_off(tmp_path):
     train, _ = data()
     averager = CheckpointAverager(window=4, every_n_steps=2, preview=False, merge_at_end=False)
-    with pytest.warns(UserWarning, match="training_step returned no loss, so recovery cannot watch the run and is off") as caught:
+    with pytest.warns(
+        UserWarning, match="training_step returned no loss, so recovery cannot watch the run and is off"
+    ) as caught:
         trainer(tmp_path, [averager], max_steps=8, limit_val_batches=0).fit(ManualRegression(), train)
     assert sum("returned no loss" in str(w.message) for w in caught) == 1  # said once
 
@@ -188,7 +192,9 @@ def test_greedy_soup_and_select_never_pick_a_nan_score():
 
 def test_keep_best_judges_each_metric_in_its_own_direction(tmp_path):
     L.seed_everything(0)
-    averager = CheckpointAverager(window=3, every_n_steps=4, candidates=["wma"], select="merged/val_score", mode="max", keep="best")
+    averager = CheckpointAverager(
+        window=3, every_n_steps=4, candidates=["wma"], select="merged/val_score", mode="max", keep="best"
+    )
     assert averager.select == "val_score"  # merged/<metric> names the same metric of each merge
     train, val = data()
     run = trainer(tmp_path, [averager], max_epochs=2)
@@ -203,8 +209,12 @@ def test_select_and_monitor_name_logged_metrics_or_fail_at_the_sanity_check(tmp_
     train, val = data()
     for kwargs in ({"candidates": ["wma"], "select": "val_acc"}, {"monitor": "merged/val_acc"}):
         model = Regression()
-        with pytest.raises(ValueError, match=r"is not a metric the module logs in validation \(it logs \['val_loss', 'val_mae'\]\)"):
-            trainer(tmp_path, [CheckpointAverager(window=3, every_n_steps=4, **kwargs)], max_epochs=1).fit(model, train, val)
+        with pytest.raises(
+            ValueError, match=r"is not a metric the module logs in validation \(it logs \['val_loss', 'val_mae'\]\)"
+        ):
+            trainer(tmp_path, [CheckpointAverager(window=3, every_n_steps=4, **kwargs)], max_epochs=1).fit(
+                model, train, val
+            )
         assert model.global_step == 0  # refused before training
 
 
@@ -213,10 +223,14 @@ def test_a_callable_decay_shape_is_rebuilt_from_the_stored_coefficients(tmp_path
 
     L.seed_everything(0)
     shape = lambda x: (1 - x) ** 3  # noqa: E731 - a shape no name stands for
-    averager = CheckpointAverager(window=4, every_n_steps=4, merge="decay", merge_options={"shape": shape}, merge_at_end=False)
+    averager = CheckpointAverager(
+        window=4, every_n_steps=4, merge="decay", merge_options={"shape": shape}, merge_at_end=False
+    )
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     model = Regression()
-    trainer(tmp_path, [averager, saver], max_epochs=2, limit_val_batches=0, enable_checkpointing=True).fit(model, data()[0])
+    trainer(tmp_path, [averager, saver], max_epochs=2, limit_val_batches=0, enable_checkpointing=True).fit(
+        model, data()[0]
+    )
     expected = averager.window.merge("decay", shape=shape)
     assert averager.window.weights("decay", shape=shape) != averager.window.weights("sma")
     rebuilt = load_merged_weights(tmp_path / "ckpt" / "last.ckpt")
@@ -228,7 +242,9 @@ def test_two_averagers_that_would_clash_are_refused_at_setup(tmp_path):
     train, val = data()
     both = [CheckpointAverager(window=3, every_n_steps=4), CheckpointAverager(window=4, every_n_steps=4, merge="ema")]
     model = Regression()
-    with pytest.raises(ValueError, match=r"would share the metrics merged/<name> \(preview=True\); restoring the model"):
+    with pytest.raises(
+        ValueError, match=r"would share the metrics merged/<name> \(preview=True\); restoring the model"
+    ):
         trainer(tmp_path, both, max_epochs=1).fit(model, train, val)
     assert model.global_step == 0
     disk = [CheckpointAverager(window=3, storage="disk", preview=False, recover=False, merge_at_end=False, dirpath=tmp_path / "w"),
@@ -241,7 +257,7 @@ def test_two_averagers_that_would_clash_are_refused_at_setup(tmp_path):
 
 
 def test_a_checkpoint_holds_the_weights_its_monitored_metric_measured_and_resumes_the_raw_run(tmp_path):
-    from lit_helpers import Recorder, val_loss_of
+    from lit_helpers import val_loss_of
 
     L.seed_everything(0)
     train, val = data(shuffle=True)
@@ -253,6 +269,7 @@ def test_a_checkpoint_holds_the_weights_its_monitored_metric_measured_and_resume
     assert averager._storage == "disk"  # the run writes checkpoints: the window lives on disk
     best = Regression.load_from_checkpoint(saver.best_model_path)
     assert val_loss_of(best, val) == pytest.approx(float(saver.best_model_score), rel=1e-5)
+
     # trainer.test on the best checkpoint measures the same weights
     class Tested(Regression):
         def test_step(self, batch, batch_idx):
@@ -267,9 +284,12 @@ def test_a_checkpoint_holds_the_weights_its_monitored_metric_measured_and_resume
         L.seed_everything(7)
         model = Regression()
         saver = ModelCheckpoint(dirpath=root / "ckpt", monitor="merged/val_loss", save_last=True)
-        trainer(root, [CheckpointAverager(window=4, every_n_steps=4), saver], max_epochs=max_epochs, enable_checkpointing=True).fit(
-            model, *data(), ckpt_path=ckpt_path
-        )
+        trainer(
+            root,
+            [CheckpointAverager(window=4, every_n_steps=4), saver],
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+        ).fit(model, *data(), ckpt_path=ckpt_path)
         return model
 
     whole = fit(tmp_path / "w", 4)
@@ -289,10 +309,16 @@ class Wide(Regression):
 def test_checkpoints_stay_near_one_extra_copy_by_default(tmp_path):
     train, val = data()
     sizes = {}
-    for name, callbacks in (("none", []), ("auto", [CheckpointAverager(window=8, every_n_steps=2)]), ("cpu", [CheckpointAverager(window=8, every_n_steps=2, storage="cpu")])):
+    for name, callbacks in (
+        ("none", []),
+        ("auto", [CheckpointAverager(window=8, every_n_steps=2)]),
+        ("cpu", [CheckpointAverager(window=8, every_n_steps=2, storage="cpu")]),
+    ):
         L.seed_everything(0)
         saver = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
-        trainer(tmp_path / f"log-{name}", [*callbacks, saver], max_epochs=2, enable_checkpointing=True).fit(Wide(), train, val)
+        trainer(tmp_path / f"log-{name}", [*callbacks, saver], max_epochs=2, enable_checkpointing=True).fit(
+            Wide(), train, val
+        )
         sizes[name] = (tmp_path / name / "last.ckpt").stat().st_size
     model_bytes = sum(t.numel() * t.element_size() for t in Wide().state_dict().values())
     # the merged state_dict plus the raw weights for resuming: one model more, where the cpu tier adds the window too
@@ -304,9 +330,17 @@ def test_a_rerun_in_the_same_folder_gets_the_next_default_window_folder(tmp_path
     train, val = data()
     for _ in range(2):
         saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-        trainer(tmp_path, [CheckpointAverager(window=3, every_n_steps=4), saver], max_epochs=1, logger=False, enable_checkpointing=True).fit(Regression(), train, val)
+        trainer(
+            tmp_path,
+            [CheckpointAverager(window=3, every_n_steps=4), saver],
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=True,
+        ).fit(Regression(), train, val)
     assert (tmp_path / "ckptavg" / "window" / "manifest.json").exists()
-    assert (tmp_path / "ckptavg_1" / "window" / "manifest.json").exists() and (tmp_path / "ckptavg_1" / "merged.safetensors").exists()
+    assert (tmp_path / "ckptavg_1" / "window" / "manifest.json").exists() and (
+        tmp_path / "ckptavg_1" / "merged.safetensors"
+    ).exists()
 
 
 def test_a_cpu_window_state_without_its_tensors_is_a_value_error_naming_the_field():

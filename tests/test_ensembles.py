@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
+from digits_helpers import digits_tensors, train_classifier
 
 from ckptavg import CheckpointWindow, distill, ensemble, merge_state_dicts
-from digits_helpers import digits_tensors, train_classifier
 
 
 def with_state(model, state):
@@ -27,7 +27,15 @@ class Branchy(torch.nn.Module):
         return self.linear(x) if float(self.linear.weight.detach().sum()) > 0 else -self.linear(x)
 
 
-@pytest.mark.parametrize("make", [lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)), Branchy])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+        ),
+        Branchy,
+    ],
+)
 def test_the_ensemble_averages_each_members_output(make):
     torch.manual_seed(0)
     members = [make() for _ in range(3)]
@@ -86,10 +94,17 @@ def test_distilling_an_ensemble_of_separate_models_beats_their_average(two_separ
     losses = distill(student, teacher, train, steps=300, temperature=2.0, lr=1e-2, progress=False)
     assert len(losses) == 300 and losses[-1] < losses[0]
     alone = [accuracy(m, test) for m in models]
-    scores = {"ensemble": accuracy(teacher, test), "average": accuracy(averaged, test), "student": accuracy(student, test)}
+    scores = {
+        "ensemble": accuracy(teacher, test),
+        "average": accuracy(averaged, test),
+        "student": accuracy(student, test),
+    }
     assert scores["average"] < min(alone) - 0.05  # averaging separate models fails ...
     assert scores["ensemble"] >= max(alone) - 0.01  # ... an ensemble does not ...
-    assert scores["student"] > scores["average"] + 0.05 and scores["student"] >= min(alone) - 0.03, (alone, scores)  # ... nor its student
+    assert scores["student"] > scores["average"] + 0.05 and scores["student"] >= min(alone) - 0.03, (
+        alone,
+        scores,
+    )  # ... nor its student
 
 
 def test_distill_refuses_bad_arguments(two_separate_models):

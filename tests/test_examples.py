@@ -14,7 +14,9 @@ ROOT = Path(__file__).parents[1]
 
 def run(tmp_path: Path, *args: str) -> str:
     env = os.environ | {"CKPTAVG_BENCH_RESULTS": str(tmp_path / "results"), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 

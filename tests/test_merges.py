@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -117,8 +118,12 @@ def test_decay_linear_over_even_steps_is_sma_and_even_spacing_uses_j_over_n():
     assert coefficients("decay", [10, 20, 30, 40], shape="linear") == pytest.approx(sma(4), abs=1e-15)
     n = 8
     f = lambda t: 1 - math.sqrt(t)  # noqa: E731
-    assert coefficients("decay", n, shape="1-sqrt") == pytest.approx([f(j / n) - f((j + 1) / n) for j in range(n)], abs=1e-12)
-    assert coefficients("decay", n, shape=lambda t: (1 - t) ** 2) == pytest.approx([(1 - j / n) ** 2 - (1 - (j + 1) / n) ** 2 for j in range(n)])
+    assert coefficients("decay", n, shape="1-sqrt") == pytest.approx(
+        [f(j / n) - f((j + 1) / n) for j in range(n)], abs=1e-12
+    )
+    assert coefficients("decay", n, shape=lambda t: (1 - t) ** 2) == pytest.approx(
+        [(1 - j / n) ** 2 - (1 - (j + 1) / n) ** 2 for j in range(n)]
+    )
 
 
 @pytest.mark.parametrize(
@@ -175,9 +180,9 @@ def test_posthoc_ema_integrates_edm2s_power_profile_over_the_window():
     gamma = gamma_of(0.1)
     got = coefficients("posthoc", steps, sigma_rel=0.1)
     # Independent: the profile t^gamma integrated numerically over each snapshot's midpoint cell.
-    edges = [200.0] + [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [3200.0]
+    edges = [200.0] + [(a + b) / 2 for a, b in itertools.pairwise(steps)] + [3200.0]
     masses = []
-    for a, b in zip(edges, edges[1:]):
+    for a, b in itertools.pairwise(edges):
         t = np.linspace(a, b, 20001)
         masses.append(np.trapezoid((t / 3200.0) ** gamma, t))
     assert got == pytest.approx(list(np.array(masses) / sum(masses)), rel=1e-6)

@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
+from digits_helpers import digits_tensors, train_classifier
 
 from ckptavg import merge_state_dicts, np_merge
-from digits_helpers import digits_tensors, train_classifier
 
 
 def train(seed, x, y, steps=300):
@@ -41,7 +41,9 @@ def test_np_merge_recovers_what_a_plain_average_of_separate_models_loses(two_mod
     learned = accuracy(models[0], merged, test)
     assert min(alone) > 0.9 and average < min(alone) - 0.05  # the plain average fails here
     assert learned > average + 0.05 and learned >= min(alone) - 0.02, (alone, average, learned)
-    per_tensor = np_merge(models[0], [a, b], torch.nn.functional.cross_entropy, held_out, steps=300, granularity="tensor")
+    per_tensor = np_merge(
+        models[0], [a, b], torch.nn.functional.cross_entropy, held_out, steps=300, granularity="tensor"
+    )
     assert accuracy(models[0], per_tensor, test) > average
 
 
@@ -53,7 +55,9 @@ def test_np_merge_starts_from_the_plain_average_and_merges_more_models_in_turn(t
     reference = {k: (states[0][k].double() + states[1][k].double()) / 2 for k in states[0]}
     assert all(torch.allclose(untrained[k].double(), reference[k], atol=1e-7) for k in reference)
     three = np_merge(models[0], states, loss, held_out, steps=0)  # ((A, B) / 2 + C) / 2
-    assert all(torch.allclose(three[k].double(), (reference[k] + states[2][k].double()) / 2, atol=1e-7) for k in reference)
+    assert all(
+        torch.allclose(three[k].double(), (reference[k] + states[2][k].double()) / 2, atol=1e-7) for k in reference
+    )
     before = copy.deepcopy(models[0].state_dict())
     np_merge(models[0], states, loss, held_out, steps=3)
     assert all(torch.equal(v, before[k]) for k, v in models[0].state_dict().items())

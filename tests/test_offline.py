@@ -2,10 +2,10 @@ import collections
 
 import pytest
 import torch
+from conftest import assert_close_to_reference, perturbed_states, reference_merge
 from safetensors.torch import save_file
 
 from ckptavg import CheckpointWindow, merge_state_dicts
-from conftest import assert_close_to_reference, perturbed_states, reference_merge
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -6,13 +6,12 @@ import lightning as L
 import pytest
 import torch
 import torchmetrics
+from conftest import assert_close_to_reference, reference_merge, run_ranks
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lit_helpers import DigitsClassifier, Regression, data, digits, trainer, val_loss_of
 
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
 from ckptavg.testing import InjectDivergence
-from conftest import assert_close_to_reference, reference_merge, run_ranks
-from lit_helpers import DigitsClassifier, Regression, data, digits, trainer, val_loss_of
-
 
 # -- the framework-free guard -----------------------------------------------------------------------
 
@@ -20,7 +19,10 @@ from lit_helpers import DigitsClassifier, Regression, data, digits, trainer, val
 def noisy_losses(n: int, seed: int = 0) -> list[float]:
     """A decreasing loss with heavy, skewed mini-batch noise (occasional 2x outliers)."""
     rng = random.Random(seed)
-    return [(2.0 / (1 + i / 200) + 0.5) * (1 + 0.15 * rng.gauss(0, 1) + (0.6 if rng.random() < 0.01 else 0)) for i in range(n)]
+    return [
+        (2.0 / (1 + i / 200) + 0.5) * (1 + 0.15 * rng.gauss(0, 1) + (0.6 if rng.random() < 0.01 else 0))
+        for i in range(n)
+    ]
 
 
 def test_no_false_alarm_on_ordinary_noisy_losses():
@@ -108,10 +110,16 @@ def test_restore_only_when_the_stable_point_does_better_on_the_current_batch():
     assert guard.events[0].batch_loss == guard.events[0].stable_loss == 5.0
     # Trouble in the weights: the stable point scores far better on the same batch: restore.
     scores = iter([50.0, 0.2])  # the current weights, then the stable point
-    due = next(step for step in range(460, 500) if guard.observe(step, 500.0, model=model, evaluate=lambda: next(scores)))
+    due = next(
+        step for step in range(460, 500) if guard.observe(step, 500.0, model=model, evaluate=lambda: next(scores))
+    )
     assert due == 460 + 3 + 9
     event = guard.restore(model, step=due)
-    assert event.action == "restored" and (event.batch_loss, event.stable_loss) == (50.0, 0.2) and "vs 0.2 for the stable point" in str(event)
+    assert (
+        event.action == "restored"
+        and (event.batch_loss, event.stable_loss) == (50.0, 0.2)
+        and "vs 0.2 for the stable point" in str(event)
+    )
 
 
 def test_restore_merges_only_snapshots_before_the_spike_and_resets_the_optimizer():
@@ -156,7 +164,9 @@ def test_restore_errors_say_what_to_try():
         assert guard.observe(step, float("nan"))
         guard.restore(model, step=step)
     assert guard.observe(30, float("nan"))
-    with pytest.raises(RecoveryError, match=r"after 2 restores within 100 steps \(at steps \[10, 20\]\).*lower learning rate"):
+    with pytest.raises(
+        RecoveryError, match=r"after 2 restores within 100 steps \(at steps \[10, 20\]\).*lower learning rate"
+    ):
         guard.restore(model, step=30)
     guard.restore(model, step=200)  # outside the span: allowed again
 
@@ -212,7 +222,9 @@ def test_divergence_is_recovered_without_manual_action(tmp_path, clean, mode):
 
     # Without recovery the raw weights end in NaN or far off (its end-of-run merge would still skip
     # NaN snapshots, since the window rejects them, but every step after the spike is lost).
-    unprotected, _, _ = run(tmp_path / "without", InjectDivergence({60, 61, 62}, mode, lr_factor=400), recover=False, merge_at_end=False)
+    unprotected, _, _ = run(
+        tmp_path / "without", InjectDivergence({60, 61, 62}, mode, lr_factor=400), recover=False, merge_at_end=False
+    )
     diverged = val_loss_of(unprotected, val)
     assert not math.isfinite(diverged) or diverged > 3 * clean_loss
 
@@ -221,7 +233,11 @@ def test_restore_limit_gives_up_with_a_warning_by_default(tmp_path):
     """No crash from the safety net: past the budget it warns, logs, and training goes on."""
     with pytest.warns(UserWarning, match="restore budget is spent, so recovery gives up"):
         _, averager, _ = run(tmp_path, InjectDivergence({30, 50, 70}), recover={"max_restores": 2})
-    assert [(e.step, e.action) for e in averager.recovery_events] == [(30, "restored"), (50, "restored"), (70, "gave up")]
+    assert [(e.step, e.action) for e in averager.recovery_events] == [
+        (30, "restored"),
+        (50, "restored"),
+        (70, "gave up"),
+    ]
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "ckptavg/recovery_gave_up" in logged and "ckptavg/trigger_limit" in logged
     # The window refused the NaN snapshots: the end-of-run merge is finite.
@@ -242,9 +258,13 @@ def test_lr_is_scaled_after_a_restore_then_given_back(tmp_path):
             seen[trainer.global_step + 1] = optimizer.param_groups[0]["lr"]
 
     L.seed_everything(0)
-    averager = CheckpointAverager(window=4, every_n_steps=4, recover={"lr_scale": 0.1, "lr_scale_steps": 3}, merge_at_end=False)
+    averager = CheckpointAverager(
+        window=4, every_n_steps=4, recover={"lr_scale": 0.1, "lr_scale_steps": 3}, merge_at_end=False
+    )
     train, _ = data()
-    trainer(tmp_path, [averager, InjectDivergence({40}), WatchLR()], max_epochs=4, limit_val_batches=0).fit(Regression(), train)
+    trainer(tmp_path, [averager, InjectDivergence({40}), WatchLR()], max_epochs=4, limit_val_batches=0).fit(
+        Regression(), train
+    )
     assert [e.step for e in averager.recovery_events] == [40]
     assert [seen[s] for s in (40, 41, 42, 43, 44)] == pytest.approx([0.05, 0.005, 0.005, 0.005, 0.05])
 
@@ -321,7 +341,9 @@ def test_restore_is_checked_on_the_current_batch_without_a_trace(tmp_path):
     model = CountingRegression()
     averager = CheckpointAverager(window=8, every_n_steps=4, preview=False, merge_at_end=False)
     train, _ = data(shuffle=True)
-    trainer(tmp_path, [averager, ScrambleWeights(120)], max_epochs=12, limit_val_batches=0, log_every_n_steps=1).fit(model, train)
+    trainer(tmp_path, [averager, ScrambleWeights(120)], max_epochs=12, limit_val_batches=0, log_every_n_steps=1).fit(
+        model, train
+    )
     (event,) = averager.recovery_events
     assert event.action == "restored" and event.onset == 120 and event.steps_merged[-1] == 116
     assert event.stable_loss < event.batch_loss and math.isfinite(event.batch_loss)
@@ -349,7 +371,11 @@ def test_policy_fields_go_in_recover():
     """One spelling (issue 12): the plain keyword arguments became top-level defaults under
     LightningCLI that silently overrode the recover mapping."""
     averager = CheckpointAverager(recover={"max_restores": 1, "lr_scale": 0.5, "lr_scale_steps": 10})
-    assert (averager.recovery.max_restores, averager.recovery.lr_scale, averager.recovery.lr_scale_steps) == (1, 0.5, 10)
+    assert (averager.recovery.max_restores, averager.recovery.lr_scale, averager.recovery.lr_scale_steps) == (
+        1,
+        0.5,
+        10,
+    )
     with pytest.raises(ValueError, match=r"unknown RecoveryPolicy fields \['max_restore'\]"):
         CheckpointAverager(recover={"max_restore": 2})
     with pytest.raises(TypeError, match="max_restores"):

@@ -60,7 +60,9 @@ def test_select_returns_the_best_candidate_and_every_score(digits_window):
         merged = merge_state_dicts([states[s] for s in window.steps], weights=row["weights"])
         assert row["score"] == pytest.approx(independent_loss(model, merged, held_out), rel=1e-5), row["name"]
     assert best == min(table, key=lambda row: row["score"])["weights"]
-    custom_best, custom = window.select(evaluate, {"sma": "sma", "last-two": [0] * 6 + [1, 1], "cos": ("decay", {"shape": "cosine"})})
+    custom_best, custom = window.select(
+        evaluate, {"sma": "sma", "last-two": [0] * 6 + [1, 1], "cos": ("decay", {"shape": "cosine"})}
+    )
     assert [row["name"] for row in custom] == ["sma", "last-two", "cos"]
     assert custom[1]["weights"] == [0.0] * 6 + [0.5, 0.5]
 
@@ -143,10 +145,14 @@ def test_learn_weights_descends_the_held_out_loss_and_matches_a_reference(digits
     learned = window.learn_weights(model, torch.nn.functional.cross_entropy, batches, steps=40, lr=0.1)
     assert len(learned) == len(window) and sum(learned) == pytest.approx(1.0) and min(learned) > 0
     assert evaluate(window.merge(learned)) < evaluate(window.merge("sma")) - 1e-4
-    reference = reference_learned_weights([states[s] for s in window.steps], model, batches, window.weights("sma"), 40, 0.1)
+    reference = reference_learned_weights(
+        [states[s] for s in window.steps], model, batches, window.weights("sma"), 40, 0.1
+    )
     assert learned == pytest.approx(reference, abs=2e-4)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert window.learn_weights(model, torch.nn.functional.cross_entropy, batches, steps=0, init="wma") == window.weights("wma")
+    assert window.learn_weights(
+        model, torch.nn.functional.cross_entropy, batches, steps=0, init="wma"
+    ) == window.weights("wma")
 
 
 def test_learn_weights_refuses_bad_arguments_before_any_work(digits_window):

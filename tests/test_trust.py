@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S, assert_close_to_reference, perturbed_states, reference_merge
 
 from ckptavg import CheckpointWindow, CkptavgWarning, FolderLockedError, consolidate
-from conftest import HANG_GUARD_S, assert_close_to_reference, perturbed_states, reference_merge
 
 HERE = Path(__file__).parent
 
@@ -21,7 +21,9 @@ def writer_process(dirpath: Path, until_step: int) -> subprocess.Popen:
     """The crash test's worker: writes snapshots (step s holds the value s) until it is killed.
     Returns once it has committed ``until_step``."""
     env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(HERE / "crash_worker.py"), str(dirpath)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "crash_worker.py"), str(dirpath)], stdout=subprocess.PIPE, text=True, env=env
+    )
     for line in proc.stdout:
         if line.strip().isdigit() and int(line) >= until_step:
             return proc
@@ -32,7 +34,9 @@ def test_one_writer_per_folder_readers_see_the_last_committed_window(tmp_path):
     d = tmp_path / "win"
     writer = writer_process(d, until_step=6)
     try:
-        with pytest.raises(FolderLockedError, match=rf"being written by another process \(pid {writer.pid}\).*readonly=True"):
+        with pytest.raises(
+            FolderLockedError, match=rf"being written by another process \(pid {writer.pid}\).*readonly=True"
+        ):
             CheckpointWindow.open(d)
         listing = sorted(p.name for p in d.iterdir())
         for _ in range(10):  # while the writer keeps writing and evicting
@@ -126,7 +130,11 @@ def test_a_hand_edited_manifest_is_refused_before_anything_is_touched(tmp_path, 
     d = tmp_path / "win"
     edit_manifest(d, edit)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
-    for opening in (lambda: CheckpointWindow.open(d), lambda: CheckpointWindow.open(d, readonly=True), lambda: consolidate(d, "sma")):
+    for opening in (
+        lambda: CheckpointWindow.open(d),
+        lambda: CheckpointWindow.open(d, readonly=True),
+        lambda: consolidate(d, "sma"),
+    ):
         with pytest.raises(ValueError, match=rf"manifest {d / 'manifest.json'} is malformed: .*{field}"):
             opening()
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before and outside.read_bytes() == b"not the window's"
@@ -135,7 +143,11 @@ def test_a_hand_edited_manifest_is_refused_before_anything_is_touched(tmp_path, 
 def test_a_rank_index_naming_other_folders_is_refused(tmp_path, tiny_net):
     d = tmp_path / "run"
     (d / "rank0").mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({"format": "ckptavg.ranks", "version": 1, "world_size": 1, "kind": "spread", "ranks": ["../elsewhere"]}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {"format": "ckptavg.ranks", "version": 1, "world_size": 1, "kind": "spread", "ranks": ["../elsewhere"]}
+        )
+    )
     with pytest.raises(ValueError, match=r"field 'ranks' must be \['rank0'.*got \['../elsewhere'\]"):
         consolidate(d, "sma")
 
@@ -206,7 +218,10 @@ def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path, mon
         (lambda s: s.pop("steps"), r"lacks \['steps'\]"),
         (lambda s: s.update(steps=[3, 2, 1]), "'steps' must increase"),
         (lambda s: s.update(steps=[1, "2", 3]), "'steps' must be a list of non-negative integers"),
-        (lambda s: s["layout"][0].__setitem__(2, [2_000_000_000]), r"'snapshots\['F32'\]' is \(3, \d+\); its layout and steps make \(3, 2000"),
+        (
+            lambda s: s["layout"][0].__setitem__(2, [2_000_000_000]),
+            r"'snapshots\['F32'\]' is \(3, \d+\); its layout and steps make \(3, 2000",
+        ),
         (lambda s: s.update(steps=[1, 2]), r"'snapshots\['\w+'\]' is \(3, \d+\); its layout and steps make \(2,"),
         (lambda s: s["snapshots"].pop("I64"), "holds groups"),
         (lambda s: s.update(layout=[["a", "F99", [2]]]), "field 'layout' is malformed"),
@@ -262,7 +277,9 @@ def test_a_window_loaded_from_another_folders_state_links_what_it_inherits(tmp_p
             assert inode(fork.dirpath / name) == inode(base / name)
         merged = CheckpointWindow.open(fork.dirpath, readonly=True).merge("sma")
         assert_close_to_reference(merged, reference_merge([states[i] for i in (0, 1, 2, 5)], "sma"))
-    assert {p.name: p.read_bytes() for p in base.iterdir() if p.name != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.name != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
     assert CheckpointWindow.open(base, readonly=True).steps == [1, 2, 3, 4, 5]
 
 
@@ -284,7 +301,10 @@ def test_a_fork_inherits_from_a_folder_whose_writer_is_still_running(tmp_path):
     assert torch.allclose(merged["big"], torch.full_like(merged["big"], sum(steps) / len(steps)))
 
 
-@pytest.mark.skipif(os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev if os.path.isdir("/dev/shm") else True, reason="needs a second file system")
+@pytest.mark.skipif(
+    os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev if os.path.isdir("/dev/shm") else True,
+    reason="needs a second file system",
+)
 def test_a_fork_on_another_file_system_copies_what_it_inherits(tmp_path, tiny_net):
     import shutil
     import tempfile
@@ -315,7 +335,9 @@ def test_a_fork_into_a_folder_that_holds_another_window_is_refused(tmp_path, tin
         other.snapshot(states[1], step=5)
     before = {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()}
     fork = CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "other")
-    with pytest.raises(FileExistsError, match=rf"{tmp_path / 'other'} already holds a checkpoint window.*another dirpath"):
+    with pytest.raises(
+        FileExistsError, match=rf"{tmp_path / 'other'} already holds a checkpoint window.*another dirpath"
+    ):
         fork.load_state_dict(state)
     assert {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()} == before
 
@@ -336,7 +358,9 @@ def test_resuming_in_place_never_deletes_what_a_finished_run_kept(tmp_path, tiny
     win.close()
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     again = CheckpointWindow(window=4, storage="disk", dirpath=d)
-    with pytest.raises(ValueError, match=r"finished at step 5.*would delete its snapshots of steps \[4, 5\].*own dirpath"):
+    with pytest.raises(
+        ValueError, match=r"finished at step 5.*would delete its snapshots of steps \[4, 5\].*own dirpath"
+    ):
         again.load_state_dict(state)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     # Resuming from the finished run's own last state (training on from its end) is fine.
@@ -347,7 +371,9 @@ def test_resuming_in_place_never_deletes_what_a_finished_run_kept(tmp_path, tiny
         assert resumed.snapshot(states[0], step=6) and resumed.steps == [3, 4, 5, 6]
     # A crashed (unfinished) run's later snapshots are dropped, with a warning naming them.
     with CheckpointWindow(window=4, storage="disk", dirpath=d) as crashed:
-        with pytest.warns(CkptavgWarning, match=r"dropping the snapshots of steps \[4, 5, 6\] taken after the checkpoint"):
+        with pytest.warns(
+            CkptavgWarning, match=r"dropping the snapshots of steps \[4, 5, 6\] taken after the checkpoint"
+        ):
             with pytest.warns(CkptavgWarning, match=r"lists steps \[1, 2\], whose files are no longer"):
                 crashed.load_state_dict(state)  # steps 1 and 2 were evicted meanwhile
         assert crashed.steps == [3]
@@ -363,7 +389,9 @@ def test_a_resume_whose_snapshot_folder_is_gone_goes_on_with_an_empty_window(tmp
         state = win.state_dict()
     shutil.rmtree(tmp_path / "base")
     with CheckpointWindow(window=4, storage="disk", dirpath=tmp_path / "new") as resumed:
-        with pytest.warns(CkptavgWarning, match=rf"lists steps \[1\], whose files are no longer in {tmp_path / 'base'}"):
+        with pytest.warns(
+            CkptavgWarning, match=rf"lists steps \[1\], whose files are no longer in {tmp_path / 'base'}"
+        ):
             resumed.load_state_dict(state)
         assert resumed.steps == [] and resumed.snapshot(states[1], step=2) and resumed.steps == [2]
 
@@ -413,11 +441,15 @@ except ValueError as err:
     print("REFUSED", err)
 """
     env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S
+    )
     assert done.returncode == 0, done.stderr
     assert f"{d} is not writable" in done.stdout and "opened readonly" in done.stdout
     assert "REFUSED cannot take a snapshot" in done.stdout
-    assert sorted(p.name for p in d.iterdir()) == ["manifest.json"] + [f"snapshot-{s:012d}.safetensors" for s in (1, 2, 3)]
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json"] + [
+        f"snapshot-{s:012d}.safetensors" for s in (1, 2, 3)
+    ]
 
 
 def test_a_snapshot_whose_manifest_does_not_fit_is_not_left_behind(tmp_path):
@@ -455,5 +487,8 @@ print("STEPS", CheckpointWindow.open(d, readonly=True).steps[-2:])
     env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
-    assert "ERROR writing the snapshot of step 41 to" in done.stdout and "the window keeps its previous 40 snapshots" in done.stdout
+    assert (
+        "ERROR writing the snapshot of step 41 to" in done.stdout
+        and "the window keeps its previous 40 snapshots" in done.stdout
+    )
     assert "STEPS [40, 42]" in done.stdout

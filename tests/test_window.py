@@ -4,10 +4,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import TinyNet, assert_close_to_reference, perturbed_states, reference_merge
 from torch.optim.swa_utils import AveragedModel
 
 from ckptavg import CheckpointWindow, CorruptSnapshotError, Layout
-from conftest import TinyNet, assert_close_to_reference, perturbed_states, reference_merge
 
 
 @pytest.fixture(params=["cpu", "disk"])
@@ -108,7 +108,10 @@ def test_ring_wraps_around_many_times_without_reallocating(tiny_net):
 def test_merge_of_big_tensors_crosses_block_boundaries():
     # Tensors larger than a block, and many small ones sharing a block, in a tiny block size.
     torch.manual_seed(1)
-    states = [{"big": torch.randn(37, 11), "small": torch.randn(3), "tiny": torch.randn(()), "n": torch.tensor(i)} for i in range(3)]
+    states = [
+        {"big": torch.randn(37, 11), "small": torch.randn(3), "tiny": torch.randn(()), "n": torch.tensor(i)}
+        for i in range(3)
+    ]
     win = CheckpointWindow(window=3)
     win.snapshot(states[0], step=0)
     win.layout.__init__([(e.name, e.dtype, e.shape) for e in win.layout], block_numel=16)  # a tiny block plan
@@ -260,7 +263,10 @@ def test_swapped_restores_bit_for_bit_after_an_exception(make_window, tiny_net):
                 assert torch.equal(v, merged[k])
             raise RuntimeError("boom")
     for k, v in model.state_dict().items():
-        assert torch.equal(v.view(torch.uint8) if v.is_floating_point() else v, raw[k].view(torch.uint8) if v.is_floating_point() else raw[k])
+        assert torch.equal(
+            v.view(torch.uint8) if v.is_floating_point() else v,
+            raw[k].view(torch.uint8) if v.is_floating_point() else raw[k],
+        )
     win.close()
 
 
@@ -309,7 +315,9 @@ def test_loading_a_bigger_state_into_a_smaller_window_keeps_the_newest(tiny_net)
 
 
 def test_layout_json_round_trip_keeps_order_and_offsets():
-    layout = Layout.from_tensors({"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(3), "c": torch.zeros(1, dtype=torch.int64)})
+    layout = Layout.from_tensors(
+        {"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(3), "c": torch.zeros(1, dtype=torch.int64)}
+    )
     again = Layout.from_json(layout.to_json())
     assert again == layout and list(again.entries) == ["a", "b", "c"]
     assert list(layout.group_numel) == [torch.int64, torch.float32, torch.bfloat16]  # aligned when packed
@@ -391,7 +399,9 @@ def test_every_storable_dtype_on_both_tiers(make_window):
     for step, s in enumerate(states):
         assert win.snapshot(s, step=step)
     merged = win.merge("wma")
-    assert {k: (v.dtype, tuple(v.shape)) for k, v in merged.items()} == {k: (v.dtype, tuple(v.shape)) for k, v in states[-1].items()}
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in merged.items()} == {
+        k: (v.dtype, tuple(v.shape)) for k, v in states[-1].items()
+    }
     assert_close_to_reference(merged, reference_merge(states[-3:], "wma"))
     win.close()
     if win.storage == "disk":  # the standard reader agrees on every dtype code
@@ -520,7 +530,7 @@ def test_merged_model_is_a_copy_holding_the_merge(tiny_net):
 def test_every_entry_point_takes_a_method_and_its_options_the_same_way(tmp_path, tiny_net, storage):
     """Issue 13: weights, merge, load_into, swapped, merged_model, merge_state_dicts and
     consolidate all take a registered method plus its options by name."""
-    from ckptavg import consolidate, coefficients, merge_state_dicts
+    from ckptavg import coefficients, consolidate, merge_state_dicts
 
     states = perturbed_states(tiny_net, 5)
     steps = [10, 20, 40, 50, 60]  # uneven: a snapshot was skipped at 30
@@ -539,7 +549,8 @@ def test_every_entry_point_takes_a_method_and_its_options_the_same_way(tmp_path,
     with pytest.raises(ValueError, match="has no option 'shap'"):
         win.merge("decay", shap="1-sqrt")
     assert_close_to_reference(
-        merge_state_dicts(states, "decay", shape="cosine"), reference_merge(states, coefficients("decay", 5, shape="cosine"))
+        merge_state_dicts(states, "decay", shape="cosine"),
+        reference_merge(states, coefficients("decay", 5, shape="cosine")),
     )
     if storage == "disk":
         win.flush()

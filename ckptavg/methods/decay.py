@@ -49,12 +49,16 @@ def decay(ctx: MergeContext, *, shape: str | Callable[[float], float] = "linear"
     non-increasing."""
     if isinstance(shape, str):
         if shape not in SHAPES:
-            raise ValueError(f"merge method 'decay': shape {shape!r} is not one of {sorted(SHAPES)} (or give a callable)")
+            raise ValueError(
+                f"merge method 'decay': shape {shape!r} is not one of {sorted(SHAPES)} (or give a callable)"
+            )
         f = SHAPES[shape]
     else:
         f = shape
         if not math.isclose(f(0.0), 1.0, abs_tol=1e-9) or not math.isclose(f(1.0), 0.0, abs_tol=1e-9):
-            raise ValueError(f"merge method 'decay': shape must have f(0) = 1 and f(1) = 0, got f(0) = {f(0.0)}, f(1) = {f(1.0)}")
+            raise ValueError(
+                f"merge method 'decay': shape must have f(0) = 1 and f(1) = 0, got f(0) = {f(0.0)}, f(1) = {f(1.0)}"
+            )
     t = positions(ctx.steps)
     weights = [f(a) - f(b) for a, b in zip(t[:-1], t[1:], strict=True)]
     if any(w < -1e-12 for w in weights):

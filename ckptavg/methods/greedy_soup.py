@@ -25,7 +25,9 @@ def greedy_soup(ctx: MergeContext) -> list[float]:
     alone = [score(uniform([i])) for i in range(ctx.n)]
     scored = [i for i in range(ctx.n) if math.isfinite(alone[i])]  # a NaN or infinite score is never best
     if not scored:
-        raise ValueError(f"greedy_soup: every snapshot scored NaN or infinity on the held-out data ({alone}); nothing to choose from")
+        raise ValueError(
+            f"greedy_soup: every snapshot scored NaN or infinity on the held-out data ({alone}); nothing to choose from"
+        )
     order = sorted(scored, key=lambda i: (alone[i], -i))  # ties: the newer snapshot first
     soup, best = [order[0]], alone[order[0]]
     for candidate in order[1:]:

@@ -59,7 +59,9 @@ def gamma_of(sigma_rel: float) -> float:
 
 
 @merge_method("posthoc")
-def posthoc(ctx: MergeContext, *, sigma_rel: float | None = None, gamma: float | None = None, max_lost: float = 0.05) -> list[float]:
+def posthoc(
+    ctx: MergeContext, *, sigma_rel: float | None = None, gamma: float | None = None, max_lost: float = 0.05
+) -> list[float]:
     """EDM2's power-function EMA at the newest snapshot, from the window's raw snapshots: give
     ``sigma_rel`` (EDM2's width, e.g. 0.05 to 0.15) or ``gamma``. Steps must be positive."""
     if (sigma_rel is None) == (gamma is None):
@@ -69,7 +71,9 @@ def posthoc(ctx: MergeContext, *, sigma_rel: float | None = None, gamma: float |
         raise ValueError(f"merge method 'posthoc': gamma must be > -1, got {g}")
     steps = ctx.steps
     if steps[0] <= 0:
-        raise ValueError(f"merge method 'posthoc': steps must be positive (the profile starts at step 0), got {list(steps)}")
+        raise ValueError(
+            f"merge method 'posthoc': steps must be positive (the profile starts at step 0), got {list(steps)}"
+        )
     if len(steps) == 1:
         return [1.0]
     end, power = float(steps[-1]), g + 1.0

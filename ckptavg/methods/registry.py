@@ -13,11 +13,11 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor
 
-Method = Union[str, Sequence[float]]
+Method = str | Sequence[float]
 """A registered merge method's name, or an explicit weight list (one per snapshot, oldest first)."""
 
 Evaluate = Callable[[Mapping[str, Tensor]], float]
@@ -68,9 +68,14 @@ def merge_method(name: str) -> Callable[[Callable[..., Sequence[float]]], Callab
     def register(function: Callable[..., Sequence[float]]) -> Callable[..., Sequence[float]]:
         key = name.lower()
         if key in _METHODS:
-            raise ValueError(f"a merge method named {key!r} is already registered ({_METHODS[key].function.__module__})")
+            raise ValueError(
+                f"a merge method named {key!r} is already registered ({_METHODS[key].function.__module__})"
+            )
         parameters = list(inspect.signature(function).parameters.values())
-        if not parameters or parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        if not parameters or parameters[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
             raise TypeError(f"merge method {key!r}: the first parameter must take the MergeContext")
         options = parameters[1:]
         loose = [p.name for p in options if p.kind is not inspect.Parameter.KEYWORD_ONLY]
@@ -109,7 +114,9 @@ def check_options(method: Method, options: Mapping[str, Any]) -> None:
     spec = get_method(method)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise ValueError(f"merge method {spec.name!r} has no option {unknown[0]!r}; its options: {sorted(spec.options) or 'none'}")
+        raise ValueError(
+            f"merge method {spec.name!r} has no option {unknown[0]!r}; its options: {sorted(spec.options) or 'none'}"
+        )
     missing = [n for n, p in spec.options.items() if p.default is inspect.Parameter.empty and n not in options]
     if missing:
         raise ValueError(f"merge method {spec.name!r} needs the option {missing[0]!r}")
