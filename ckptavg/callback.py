@@ -295,6 +295,7 @@ class CheckpointAverager(Callback):
         self._unwatched_warned = False  # training_step returned no loss to watch (said once per fit)
         self._names_checked = False  # select and monitor were found among the logged metrics
         self._checkpoint_merge: MergeSpec | None = None  # what checkpoints' state_dict holds (None: the raw weights)
+        self._root: Path | None = None  # the trainer's default_root_dir (absolute), recorded in checkpoints
         self._scaled_lrs: list[tuple[dict[str, Any], float]] = []
         self._last_watched_step = 0
         self._restored_at = -1
@@ -373,7 +374,7 @@ class CheckpointAverager(Callback):
         win = CheckpointWindow(self.window_size, storage=self._storage, dirpath=dirpath, spread=self._spread)
         state = self._pending_state or {}
         if state.get("window") is not None:
-            win.load_state_dict(self._own_part(state["window"]))
+            win.load_state_dict(self._relocated(self._own_part(state["window"]), state.get("root")))
         if self.recovery is not None:
             self._guard = SpikeGuard(win, self.recovery, self.merge, self.alpha, self.merge_options)
             if state.get("guard") is not None:
@@ -400,6 +401,7 @@ class CheckpointAverager(Callback):
         self._checkpoint_merge = self._checkpoint_holds(trainer)
         # DDP replicas are identical: each rank keeps 1/world of the window (FSDP2 shards are already apart).
         self._spread = self.spread and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
+        self._root = Path(trainer.default_root_dir).absolute()
         root = trainer.log_dir or trainer.default_root_dir  # log_dir is broadcast from rank 0
         averagers = [cb for cb in trainer.callbacks if isinstance(cb, CheckpointAverager)]  # type: ignore[attr-defined]
         index = next(i for i, cb in enumerate(averagers) if cb is self)
@@ -1117,6 +1119,9 @@ class CheckpointAverager(Callback):
             window = {"ranks": _gather_to_rank0(window), "world_size": self._world_size}
         return {
             "window": window,
+            "root": None
+            if self._root is None
+            else str(self._root),  # finds a disk window again after the run folder moved
             "guard": self._guard.state_dict() if self._guard is not None else None,
             "merge": self.merge,  # what the merged weights of this checkpoint are (see ckptavg.load_merged_weights)
             "alpha": self.alpha,
@@ -1127,6 +1132,21 @@ class CheckpointAverager(Callback):
             if self._window is not None and len(self._window)
             else None,
         }
+
+    def _relocated(self, window: dict[str, Any], root: Any) -> dict[str, Any]:
+        """A disk window whose run folder moved (copied to another machine, renamed) is found at the
+        same place inside this run's ``default_root_dir``, when the recorded folder is gone."""
+        recorded = window.get("dirpath")
+        if not recorded or Path(recorded).exists() or not root or self._root is None:
+            return window
+        try:
+            moved = self._root / Path(recorded).relative_to(root)
+        except ValueError:
+            return window  # the window was not inside the old run folder
+        if not moved.is_dir():
+            return window
+        _info(f"CheckpointAverager: the checkpoint's window folder {recorded} is gone; reading it from {moved}")
+        return {**window, "dirpath": str(moved)}
 
     def _own_part(self, window: dict[str, Any]) -> dict[str, Any]:
         """This rank's window state out of a checkpoint (see :meth:`state_dict`)."""

@@ -353,3 +353,24 @@ def test_a_cpu_window_state_without_its_tensors_is_a_value_error_naming_the_fiel
     del state["snapshots"]
     with pytest.raises(ValueError, match=r"lacks \['snapshots'\]"):
         CheckpointWindow(3).load_state_dict(state)
+
+
+def test_a_disk_window_is_found_again_after_its_run_folder_moved(tmp_path):
+    import shutil
+
+    train, val = data()
+    L.seed_everything(0)
+    first = tmp_path / "a"
+    saver = ModelCheckpoint(dirpath=first / "ckpt", save_last=True)
+    run = trainer(
+        first, [CheckpointAverager(window=4, every_n_steps=2), saver], max_epochs=1, enable_checkpointing=True
+    )
+    run.fit(Regression(), train, val)
+    shutil.move(first, tmp_path / "b")  # copied to another machine, or renamed
+    moved = tmp_path / "b"
+    averager = CheckpointAverager(window=4, every_n_steps=2, merge_at_end=False)
+    resumed = trainer(
+        moved, [averager, ModelCheckpoint(dirpath=moved / "ckpt2")], max_steps=18, enable_checkpointing=True
+    )
+    resumed.fit(Regression(), train, val, ckpt_path=moved / "ckpt" / "last.ckpt")
+    assert averager.window.steps == [12, 14, 16, 18]  # the inherited snapshots, and one more
