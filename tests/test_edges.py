@@ -302,7 +302,7 @@ def test_a_checkpoint_holds_the_weights_its_monitored_metric_measured_and_resume
 
 class Wide(Regression):
     def __init__(self):
-        super().__init__()
+        super().__init__(lr=0.005)  # stable at this width: the window fills with every snapshot
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1))
 
 
@@ -323,7 +323,7 @@ def test_checkpoints_stay_near_one_extra_copy_by_default(tmp_path):
     model_bytes = sum(t.numel() * t.element_size() for t in Wide().state_dict().values())
     # the merged state_dict plus the raw weights for resuming: one model more, where the cpu tier adds the window too
     assert 0.9 * model_bytes < sizes["auto"] - sizes["none"] < 1.2 * model_bytes
-    assert sizes["cpu"] - sizes["none"] > 3 * (sizes["auto"] - sizes["none"])
+    assert sizes["cpu"] - sizes["none"] > (8 + 1) * model_bytes  # the window, and the raw weights
 
 
 def test_a_rerun_in_the_same_folder_gets_the_next_default_window_folder(tmp_path):
