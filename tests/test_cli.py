@@ -543,3 +543,25 @@ def test_inspect_shows_a_merges_record_and_a_checkpoints_window_and_verify_reads
     for command in ("merge", "export", "inspect", "verify"):
         help_text = ckptavg(command, "--help", cwd=tmp_path).stdout
         assert "usage:" in help_text and "-h, --help" in help_text and len(help_text.splitlines()) > 8
+
+
+def test_inspect_says_a_lightning_checkpoint_carries_a_window_and_how_to_export_it(tmp_path, capsys):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ckptavg import CheckpointAverager
+    from ckptavg.cli import main
+    from lit_helpers import Regression, data, trainer
+
+    L.seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    averager = CheckpointAverager(window=3, every_n_steps=4, storage="cpu")
+    trainer(tmp_path, [averager, saver], max_epochs=1, enable_checkpointing=True).fit(Regression(), *data())
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ckpt" / "last.ckpt"), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ((name, state),) = report["averagers"].items()
+    assert name.startswith("CheckpointAverager") and state["steps"] == [8, 12, 16] and state["storage"] == "cpu"
+    assert "ckptavg export" in report["hint"] and report["step"] == 16
+    assert main(["inspect", str(tmp_path / "ckpt" / "last.ckpt")]) == 0
+    assert "holds a ckptavg window: ckptavg export" in capsys.readouterr().out
