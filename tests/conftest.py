@@ -119,4 +119,4 @@ def run_ranks(worker: str, out: Path, *args: str, torchrun: bool = False) -> lis
 
 
 # Test workers are scripts: pytest must never import them (they would run with its arguments).
-collect_ignore_glob = ["*_worker.py"]
+collect_ignore_glob = ["workers/*"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchmetrics
 from conftest import HANG_GUARD_S, assert_close_to_reference, reference_merge, run_ranks
+from helpers.lit import Recorder, Regression, data, trainer, val_loss_of
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -405,7 +405,7 @@ def test_constructor_errors(kwargs, message):
 
 
 def test_ddp_two_processes(tmp_path):
-    ranks = run_ranks("ddp_worker.py", tmp_path)
+    ranks = run_ranks("workers/ddp_lightning.py", tmp_path)
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key
     assert ranks[0]["steps"] == ranks[1]["steps"] == [10, 12, 14, 16]  # 8 batches per rank per epoch
@@ -421,7 +421,7 @@ def test_ddp_two_processes(tmp_path):
 def test_ddp_spread_window_resumes_from_a_checkpoint(tmp_path, storage):
     # Each rank keeps half of the window; a run stopped after 2 epochs and resumed by a new Trainer
     # ends bit for bit like the uninterrupted run, with the same window.
-    ranks = run_ranks("ddp_worker.py", tmp_path, f"resume-{storage}")
+    ranks = run_ranks("workers/ddp_lightning.py", tmp_path, f"resume-{storage}")
     for rank in ranks:
         assert rank["steps_a"] == rank["steps_b"] == [18, 20, 22, 24]
         assert rank["stored_numel"] <= rank["full_numel"] / 2 + 64
@@ -435,7 +435,7 @@ def test_ddp_spread_window_resumes_from_a_checkpoint(tmp_path, storage):
 def test_spread_window_resumes_in_a_single_process(tmp_path):
     # A 2-process DDP run's spread window (every rank's half in the checkpoint) resumes in one
     # process: the merge at the end covers snapshots from both runs.
-    ranks = run_ranks("ddp_worker.py", tmp_path, "resize")
+    ranks = run_ranks("workers/ddp_lightning.py", tmp_path, "resize")
     assert ranks[0]["steps"] == [10, 12, 14, 16]
     L.seed_everything(0)
     model = Regression()

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 from conftest import assert_close_to_reference, reference_merge
+from helpers.lit import Recorder, Regression, data, trainer, val_loss_of
 from lightning.pytorch.callbacks import Callback
-from lit_helpers import Recorder, Regression, data, trainer, val_loss_of
 from safetensors import safe_open
 
 from ckptavg import CheckpointAverager, coefficients
@@ -202,7 +202,7 @@ def test_preview_ensemble_logs_the_ensembles_metrics_and_leaves_the_module_as_it
 
 
 def test_preview_ensemble_says_so_when_validation_never_calls_forward(tmp_path):
-    from lit_helpers import DigitsClassifier, digits
+    from helpers.lit import DigitsClassifier, digits
 
     L.seed_everything(0)
     averager = CheckpointAverager(window=3, every_n_steps=10, preview_ensemble=True, merge_at_end=False)

@@ -547,11 +547,11 @@ def test_inspect_shows_a_merges_record_and_a_checkpoints_window_and_verify_reads
 
 def test_inspect_says_a_lightning_checkpoint_carries_a_window_and_how_to_export_it(tmp_path, capsys):
     import lightning as L
+    from helpers.lit import Regression, data, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ckptavg import CheckpointAverager
     from ckptavg.cli import main
-    from lit_helpers import Regression, data, trainer
 
     L.seed_everything(0)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

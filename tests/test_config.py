@@ -4,8 +4,8 @@ LightningCLI, jsonargparse parsing the callback's signature)."""
 from pathlib import Path
 
 import pytest
+from helpers.lit import Regression, RegressionData
 from lightning.pytorch.cli import LightningCLI
-from lit_helpers import Regression, RegressionData
 
 from ckptavg import CheckpointAverager, RecoveryPolicy
 

@@ -3,7 +3,7 @@ separating the cases that matter on real runs (scikit-learn's digits)."""
 
 import pytest
 import torch
-from digits_helpers import digits_tensors, train_classifier
+from helpers.digits import digits_tensors, train_classifier
 
 from ckptavg import CheckpointWindow
 

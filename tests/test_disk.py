@@ -211,7 +211,7 @@ def test_sigkill_at_random_moments_leaves_a_reopenable_window(tmp_path):
     seen_steps: list[int] = []
     for trial in range(6):
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "crash_worker.py"), str(d)],
+            [sys.executable, str(HERE / "workers" / "crash.py"), str(d)],
             stdout=subprocess.PIPE,
             text=True,
             env=os.environ | {"PYTHONPATH": str(HERE.parent)},

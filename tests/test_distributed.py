@@ -22,7 +22,7 @@ def test_fsdp2_windows_are_shard_native_and_consistent(tmp_path):
     # Each rank snapshots, merges and restores its own DTensor shards (cpu and disk tiers); the
     # merged model, gathered, equals a single-process merge of the full tensors. A NaN on one rank
     # restores both at the same step, to the same pre-spike merge.
-    ranks = run_ranks("fsdp_worker.py", tmp_path, torchrun=True)
+    ranks = run_ranks("workers/fsdp.py", tmp_path, torchrun=True)
     assert ranks[0]["local_shapes"]["0.weight"] == (8, 8)  # half of (16, 8): only the shard is stored
     assert ranks[0]["local_shapes"]["2.weight"] == (3, 16) and ranks[1]["local_shapes"]["2.weight"] == (2, 16)
     sharding = ranks[1]["sharding"]
@@ -53,7 +53,7 @@ def test_fsdp2_windows_are_shard_native_and_consistent(tmp_path):
 def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
     # The full window of rank 0 is the reference: DDP parameters are identical on every rank, and
     # rank 0's buffers (BatchNorm statistics) are the ones DDP broadcasts.
-    ranks = run_ranks("ddp_window_worker.py", tmp_path, torchrun=True)
+    ranks = run_ranks("workers/ddp_window.py", tmp_path, torchrun=True)
     full = ranks[0]
     assert not torch.equal(ranks[0]["sma_full"]["module.1.running_mean"], ranks[1]["sma_full"]["module.1.running_mean"])
     for rank in ranks:
@@ -114,7 +114,7 @@ def test_lightning_model_parallel_strategy_keeps_fsdp2_shards(tmp_path):
     # rank, merged.safetensors holds the full tensors, and the folders consolidate offline.
     from safetensors.torch import load_file
 
-    ranks = run_ranks("fsdp_lightning_worker.py", tmp_path)
+    ranks = run_ranks("workers/fsdp_lightning.py", tmp_path)
     assert ranks[0]["local_shapes"]["net.0.weight"] == (16, 8)  # half of (32, 8)
     assert ranks[0]["restores"] == ranks[1]["restores"] == [(12, [4, 6, 8, 10])]
     assert ranks[0]["steps"] == ranks[1]["steps"] == [8, 10, 14, 16]
@@ -131,7 +131,7 @@ def test_lightning_model_parallel_resume_is_bit_identical(tmp_path):
     # cpu tier under ModelParallelStrategy: Lightning writes a distributed checkpoint (one file per
     # rank plus rank 0's meta.pt, which carries every rank's window shards); a run stopped after 2
     # epochs and resumed by a new Trainer ends exactly like an uninterrupted one.
-    ranks = run_ranks("fsdp_lightning_worker.py", tmp_path, "resume")
+    ranks = run_ranks("workers/fsdp_lightning.py", tmp_path, "resume")
     assert (tmp_path / "ckpt" / "last.ckpt" / "meta.pt").is_file()
     for rank in ranks:
         assert rank["steps_a"] == rank["steps_b"] == [18, 20, 22, 24]

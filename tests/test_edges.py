@@ -8,8 +8,8 @@ import threading
 import lightning as L
 import pytest
 import torch
+from helpers.lit import Regression, data, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lit_helpers import Regression, data, trainer
 
 from ckptavg import CheckpointAverager
 
@@ -257,7 +257,7 @@ def test_two_averagers_that_would_clash_are_refused_at_setup(tmp_path):
 
 
 def test_a_checkpoint_holds_the_weights_its_monitored_metric_measured_and_resumes_the_raw_run(tmp_path):
-    from lit_helpers import val_loss_of
+    from helpers.lit import val_loss_of
 
     L.seed_everything(0)
     train, val = data(shuffle=True)

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from digits_helpers import digits_tensors, train_classifier
+from helpers.digits import digits_tensors, train_classifier
 
 from ckptavg import CheckpointWindow, distill, ensemble, merge_state_dicts
 

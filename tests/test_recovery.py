@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchmetrics
 from conftest import assert_close_to_reference, reference_merge, run_ranks
+from helpers.lit import DigitsClassifier, Regression, data, digits, trainer, val_loss_of
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lit_helpers import DigitsClassifier, Regression, data, digits, trainer, val_loss_of
 
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
 from ckptavg.testing import InjectDivergence
@@ -360,7 +360,7 @@ def test_recover_false_has_no_guard(tmp_path):
 
 
 def test_ddp_spike_on_one_rank_restores_both_together(tmp_path):
-    ranks = run_ranks("ddp_worker.py", tmp_path, "spike-on-rank-1")
+    ranks = run_ranks("workers/ddp_lightning.py", tmp_path, "spike-on-rank-1")
     assert ranks[0]["restores"] == ranks[1]["restores"] == [12]
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key

@@ -22,7 +22,7 @@ def writer_process(dirpath: Path, until_step: int) -> subprocess.Popen:
     Returns once it has committed ``until_step``."""
     env = os.environ | {"PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "crash_worker.py"), str(dirpath)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, str(HERE / "workers" / "crash.py"), str(dirpath)], stdout=subprocess.PIPE, text=True, env=env
     )
     for line in proc.stdout:
         if line.strip().isdigit() and int(line) >= until_step:

@@ -1,6 +1,6 @@
 """FSDP2 (fully_shard) on CPU with gloo, 2 processes: each rank keeps a window of its own shards.
 
-    python -m torch.distributed.run --nproc_per_node 2 fsdp_worker.py OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/fsdp.py OUT
 
 A plain training loop with a SpikeGuard; rank 1 alone sees a NaN loss at step 9. Each rank saves
 what it saw to OUT/rank<r>.pt; the test compares.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from loop_helpers import train_step
+from helpers.loop import train_step
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 

@@ -1,6 +1,6 @@
 """Plain PyTorch DDP on CPU with gloo, 2 processes: a spread window next to a full one.
 
-    python -m torch.distributed.run --nproc_per_node 2 ddp_window_worker.py OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/workers/ddp_window.py OUT
 
 Each rank saves what it saw to OUT/rank<r>.pt; the test compares.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from loop_helpers import train_step
+from helpers.loop import train_step
 from torch import nn
 
 from ckptavg import CheckpointWindow, consolidate

@@ -1,6 +1,6 @@
 """Lightning DDP on CPU with 2 processes (Lightning relaunches this script for rank 1).
 
-python ddp_worker.py OUT [spike-on-rank-1 | resume-cpu | resume-disk | resize]
+python tests/workers/ddp_lightning.py OUT [spike-on-rank-1 | resume-cpu | resume-disk | resize]
 """
 
 import sys
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from helpers.lit import Recorder, Regression, data, finish, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lit_helpers import Recorder, Regression, data, finish, trainer
 
 from ckptavg import CheckpointAverager
 

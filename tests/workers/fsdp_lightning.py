@@ -1,7 +1,7 @@
 """Lightning ModelParallelStrategy (FSDP2) on CPU with gloo, 2 processes (Lightning relaunches
 this script for rank 1).
 
-    python fsdp_lightning_worker.py OUT [resume]
+    python tests/workers/fsdp_lightning.py OUT [resume]
 """
 
 import sys
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from helpers.lit import Recorder, Regression, data, finish, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lit_helpers import Recorder, Regression, data, finish, trainer
 from torch.distributed.fsdp import fully_shard
 
 from ckptavg import CheckpointAverager
