@@ -548,6 +548,7 @@ class CheckpointAverager(Callback):
             self._check_cost(trainer, pl_module)
         self._last_watched_step = trainer.global_step
         self._loss_sum, self._loss_count, self._unwatched_warned = None, 0, False
+        self._restored_at, self._last_validation = -1, None  # an earlier fit's, if this callback ran before
         if self._window is not None and self._window.steps and self._window.steps[-1] > trainer.global_step:
             # A new fit with the same callback object: its snapshots belong to another run.
             rank_zero_warn(
