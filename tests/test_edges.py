@@ -382,7 +382,9 @@ def test_a_second_fit_with_the_same_callback_inherits_nothing_from_the_first(tmp
     train, val = data()
     L.seed_everything(0)
     averager = CheckpointAverager(window=8, every_n_steps=4, recover={"warmup": 4}, merge_at_end=False)
-    trainer(tmp_path / "a", [averager, InjectDivergence({12})], max_steps=16, limit_val_batches=0).fit(Regression(), train)
+    trainer(tmp_path / "a", [averager, InjectDivergence({12})], max_steps=16, limit_val_batches=0).fit(
+        Regression(), train
+    )
     assert [e.step for e in averager.recovery_events] == [12]
     trainer(tmp_path / "b", [averager], max_steps=16, limit_val_batches=0).fit(Regression(), train)
     assert averager.window.steps == [4, 8, 12, 16]  # step 12 is no restore of this run
