@@ -1183,6 +1183,8 @@ def _warnings_at(pl_module: pl.LightningModule) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CkptavgWarning)
         yield
+    if not caught:
+        return  # the usual step: no source lookup on the hot path
     step_fn = type(pl_module).training_step
     try:
         filename, lineno = inspect.getsourcefile(step_fn) or "<unknown>", inspect.getsourcelines(step_fn)[1]
