@@ -5,7 +5,7 @@ weighted-sum kernel; SMA, WMA and EMA differ only in how they choose the coeffic
 """
 
 from .ensembles import Ensemble, distill, distillation_loss, ensemble
-from .files import CkptavgWarning, CorruptSnapshotError, FolderLockedError
+from .errors import CkptavgWarning, CorruptSnapshotError, FolderLockedError
 from .layout import Layout
 from .learning import learn_weights, np_merge
 from .methods import coefficients, ema, merge_method, method_names, sma, wma

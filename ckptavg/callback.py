@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from . import _evaluation
+from .errors import check_int
 from .files import CkptavgWarning, human_size, safetensors_metadata
 from .layout import local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, check_alpha, coefficients, method_names
@@ -227,15 +228,12 @@ class CheckpointAverager(Callback):
         log_correlation: bool = False,
         preview_ensemble: bool = False,
     ):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}")
+        check_int(window, "window", minimum=1)
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            check_int(value, name, minimum=1, optional=True)
         if every_n_steps is not None and every_n_epochs is not None:
             raise ValueError("give every_n_steps or every_n_epochs, not both")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
+        check_int(start_step, "start_step")
         if merge_options is not None and not isinstance(merge_options, Mapping):
             raise ValueError(f"merge_options must be a mapping of option names to values, got {merge_options!r}")
         merge_options = dict(merge_options or {})

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .errors import check_int
 from .learning import functional_names
 
 
@@ -137,8 +138,7 @@ def distill(
     Returns:
         The training loss of every step.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"distill: steps must be a non-negative integer, got {steps!r}")
+    check_int(steps, "distill: steps")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"distill: temperature must be a positive number, got {temperature!r}")
     if not 0.0 <= hard_weight <= 1.0:

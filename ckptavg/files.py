@@ -20,27 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import CkptavgWarning, CorruptSnapshotError, FolderLockedError  # noqa: F401  (their home before 0.2)
 from .layout import Layout, dtype_code
 
 TMP_SUFFIX = ".tmp"
 _WRITE_CHUNK = 64 << 20  # bytes per write() call; bounds the time the GIL-free crc/write hold a view
-
-
-class CkptavgWarning(UserWarning, RuntimeWarning):
-    """Something was refused or dropped while keeping stored data safe (a rejected snapshot, an
-    unusable file, a missing file). Both a ``UserWarning`` and a ``RuntimeWarning``."""
-
-
-class CorruptSnapshotError(OSError, ValueError):
-    """A stored snapshot file is missing, truncated or fails its checksum. The message names it."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"snapshot file {self.path} is unusable: {reason}")
-
-    def __str__(self) -> str:
-        return f"snapshot file {self.path} is unusable: {self.reason}"
 
 
 def human_size(nbytes: float) -> str:
@@ -148,10 +132,6 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
-
-
-class FolderLockedError(RuntimeError):
-    """A window folder already has a writer (another process, or another window in this one)."""
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .errors import check_int
+
 if TYPE_CHECKING:
     from .window import CheckpointWindow
 
@@ -54,8 +56,7 @@ def check_batches(batches: Iterable[Any], what: str) -> list[Any]:
 
 
 def _check_training_args(steps: int, lr: float, what: str) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{what}: steps must be a non-negative integer, got {steps!r}")
+    check_int(steps, f"{what}: steps")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"{what}: lr must be a positive number, got {lr!r}")
 

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .errors import check_int
 from .files import CkptavgWarning
 from .layout import local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, Method, coefficients
@@ -122,12 +123,9 @@ class RecoveryPolicy:
             "max_restores": self.max_restores, "restore_span": self.restore_span,
         }  # fmt: skip
         for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RecoveryPolicy.{name} must be a positive integer, got {value!r}")
+            check_int(value, f"RecoveryPolicy.{name}", minimum=1)
         for name in ("warmup", "lr_scale_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"RecoveryPolicy.{name} must be a non-negative integer, got {value!r}")
+            check_int(getattr(self, name), f"RecoveryPolicy.{name}")
         for name in ("rise", "threshold", "min_increase"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .errors import check_int
 from .files import (
     TMP_SUFFIX,
     CkptavgWarning,
@@ -142,8 +143,7 @@ def _check_record(record: Any, i: int) -> None:
         raise ValueError(f"field 'snapshots[{i}]' must be an object, got {record!r}")
     for key in ("step", "nbytes", "header_bytes", "header_crc32"):
         value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{field(key)} must be a non-negative integer, got {value!r}")
+        check_int(value, field(key))
     name = record.get("file")
     if not isinstance(name, str) or name != snapshot_filename(record["step"]):
         raise ValueError(
@@ -405,8 +405,7 @@ class DiskStore:
             if steps != sorted(set(steps)):
                 raise ValueError(f"field 'snapshots': steps must increase, got {steps}")
             window = manifest.get("window")
-            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-                raise ValueError(f"field 'window' must be a positive integer, got {window!r}")
+            check_int(window, "field 'window'", minimum=1)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"manifest {path} is malformed: {err}") from err
         return manifest
@@ -426,8 +425,7 @@ class DiskStore:
         A writer (the default) takes the folder's lock and removes what a crashed writer left
         behind. A ``capacity`` smaller than the snapshots held raises, naming them, unless
         ``evict`` allows deleting the oldest. ``readonly`` changes nothing and takes no lock."""
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise ValueError(f"window must be a positive integer or None, got {capacity!r}")
+        check_int(capacity, "window", minimum=1, optional=True)
         manifest = cls.read_manifest(dirpath)
         try:
             layout = Layout.from_json(manifest["layout"])

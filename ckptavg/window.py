@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .diagnostics import Correlation, correlation_of
+from .errors import check_int
 from .files import CkptavgWarning
 from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
@@ -109,8 +110,7 @@ class CheckpointWindow:
         spread: bool | None = None,
         process_group: Any = None,
     ):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}")
+        check_int(window, "window", minimum=1)
         if storage not in ("cpu", "disk"):
             raise ValueError(f"storage must be 'cpu' or 'disk', got {storage!r}")
         if storage == "disk":
@@ -282,8 +282,7 @@ class CheckpointWindow:
         steps = self.steps
         if step is None:
             return steps[-1] + 1 if steps else 0
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        check_int(step, "step")
         if steps and step <= steps[-1]:
             raise ValueError(f"step {step} is not after the newest stored step {steps[-1]}; steps must increase")
         return step
