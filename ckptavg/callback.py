@@ -493,6 +493,11 @@ class CheckpointAverager(Callback):
         # Resuming continues the raw run (Lightning has just loaded the merged state_dict); testing or
         # validating a checkpoint keeps the merged weights it scored.
         if trainer.state.fn == "fit" and RAW_STATE_KEY in checkpoint:
+            raw = checkpoint[RAW_STATE_KEY]
+            if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+                raise ValueError(
+                    f"the checkpoint's field {RAW_STATE_KEY!r} must map names to tensors (the raw weights to resume)"
+                )
             trainer.strategy.load_model_state_dict(
                 {"state_dict": checkpoint[RAW_STATE_KEY]}, strict=pl_module.strict_loading
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -318,7 +319,14 @@ def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | N
         dict(state.get("merge_options") or {}),
     )
     if state.get("coefficients") is not None:  # what the run applied (since 0.2): options need not be rebuilt
-        method, options = [float(c) for c in state["coefficients"]], {}
+        coefficients_ = state["coefficients"]
+        if not isinstance(coefficients_, (list, tuple)) or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients_
+        ):
+            raise ValueError(
+                f"{path}: the CheckpointAverager state's field 'coefficients' must be a list of finite numbers"
+            )
+        method, options = [float(c) for c in coefficients_], {}
     weights.update(_merge_window_state(window, method, alpha, options, where=path))
     return weights
 

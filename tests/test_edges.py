@@ -388,3 +388,23 @@ def test_a_second_fit_with_the_same_callback_inherits_nothing_from_the_first(tmp
     assert [e.step for e in averager.recovery_events] == [12]
     trainer(tmp_path / "b", [averager], max_steps=16, limit_val_batches=0).fit(Regression(), train)
     assert averager.window.steps == [4, 8, 12, 16]  # step 12 is no restore of this run
+
+
+def test_tampered_checkpoint_fields_are_value_errors_naming_them(tmp_path):
+    from ckptavg import load_merged_weights
+
+    train, val = data()
+    L.seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    averager = CheckpointAverager(window=3, every_n_steps=4, storage="cpu")
+    trainer(tmp_path, [averager, saver], max_epochs=1, enable_checkpointing=True).fit(Regression(), train, val)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("CheckpointAverager")]
+    tampered = {**checkpoint, "callbacks": {key: {**checkpoint["callbacks"][key], "coefficients": ["x", 1]}}}
+    torch.save(tampered, tmp_path / "coefficients.ckpt")
+    with pytest.raises(ValueError, match="field 'coefficients' must be a list of finite numbers"):
+        load_merged_weights(tmp_path / "coefficients.ckpt")
+    torch.save({**checkpoint, "ckptavg_raw_state_dict": [1, 2]}, tmp_path / "raw.ckpt")
+    resumed = CheckpointAverager(window=3, every_n_steps=4, storage="cpu")
+    with pytest.raises(ValueError, match="field 'ckptavg_raw_state_dict' must map names to tensors"):
+        trainer(tmp_path, [resumed], max_epochs=2).fit(Regression(), train, val, ckpt_path=tmp_path / "raw.ckpt")
