@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, report  # noqa: E402
 from models import ByteGPT, batch_at, stdlib_bytes, validation_batches  # noqa: E402
 
-from ckptavg import CheckpointWindow, CkptavgWarning, SpikeGuard, evaluator  # noqa: E402
+from ckptavg import CheckpointWindow, CkptavgWarning, SpikeGuard, evaluator, learn_weights, select  # noqa: E402
 from ckptavg.methods import coefficients  # noqa: E402
 from ckptavg.methods.posthoc import gamma_of  # noqa: E402
 
@@ -368,7 +368,7 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
                 )
         if run.step in check_steps and len(window) >= 2:
             preview = merged_loss(spread_over(window, default_subset(window, cfg), "sma"))["loss"]
-            picked, _ = window.select(select_on)
+            picked, _ = select(window, select_on)
             selected = merged_loss(picked)["loss"]
             cooled = run.branch()
             cooled.advance(cooldown(peak, run.step, steps // 10), run.step + steps // 10)
@@ -415,11 +415,11 @@ def run_seed(task_name: str, steps: int, seed: int, evals: int) -> dict[str, Any
         "post-hoc EMA sigma_rel=0.10 (32)": spread_over(window, everything, "posthoc", sigma_rel=0.10),
     }
     vectors["greedy soup (32, selection data)"] = window.weights("greedy_soup", evaluate=select_on)
-    picked, table = window.select(select_on)
+    picked, table = select(window, select_on)
     chosen_name = min(table, key=lambda row: row["score"])["name"]
     vectors[f"selected (32, selection data): {chosen_name}"] = picked
-    vectors["learned (32, selection data)"] = window.learn_weights(
-        scratch, task.loss_fn, task.select, steps=cfg.learn_steps, lr=0.05
+    vectors["learned (32, selection data)"] = learn_weights(
+        window, scratch, task.loss_fn, task.select, steps=cfg.learn_steps, lr=0.05
     )
     for name, weights in vectors.items():
         results[name] = merged_loss(weights)

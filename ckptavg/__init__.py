@@ -11,7 +11,7 @@ from .learning import learn_weights, np_merge
 from .methods import coefficients, ema, merge_method, method_names, sma, wma
 from .offline import consolidate, load_merged_weights, load_state_file, merge_state_dicts
 from .recovery import RecoveryError, RecoveryEvent, RecoveryPolicy, SpikeGuard
-from .selection import evaluator
+from .selection import evaluator, select
 from .window import CheckpointWindow, load_state
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "merge_state_dicts",
     "method_names",
     "np_merge",
+    "select",
     "sma",
     "wma",
 ]

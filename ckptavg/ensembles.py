@@ -10,13 +10,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .errors import check_int
 from .learning import functional_names
+
+if TYPE_CHECKING:
+    from .window import CheckpointWindow
 
 
 class Ensemble(nn.Module):
@@ -62,6 +65,17 @@ class Ensemble(nn.Module):
             )
         self.size = len(states)
         self.vectorized: bool | None = None
+
+    @classmethod
+    def from_window(
+        cls, window: CheckpointWindow, model: nn.Module, average: Literal["logits", "probs"] = "logits"
+    ) -> Ensemble:
+        """The ensemble of a window's held snapshots: its forward averages the outputs of ``model``'s
+        architecture under each snapshot's weights. Holds every snapshot (``N x model``) on the
+        model's device."""
+        if window.sharding is not None:
+            raise ValueError("an ensemble needs whole snapshots: this window holds one rank's part")
+        return cls(model, [window.read(step) for step in window.steps], average)
 
     def _stacked(self) -> dict[str, Tensor]:
         return {name: getattr(self, key) for name, key in self._keys.items()}

@@ -128,7 +128,7 @@ def learn_weights(
 
     Example:
         >>> import torch
-        >>> from ckptavg import CheckpointWindow
+        >>> from ckptavg import CheckpointWindow, learn_weights
         >>> model = torch.nn.Linear(3, 1)
         >>> window = CheckpointWindow(window=4)
         >>> for step in range(1, 5):
@@ -136,7 +136,7 @@ def learn_weights(
         ...         _ = model.weight.add_(0.1)
         ...     _ = window.snapshot(model, step=step)
         >>> batches = [(torch.ones(8, 3), torch.zeros(8, 1))]
-        >>> weights = window.learn_weights(model, torch.nn.functional.mse_loss, batches, steps=20)
+        >>> weights = learn_weights(window, model, torch.nn.functional.mse_loss, batches, steps=20)
         >>> len(weights), round(sum(weights), 6)
         (4, 1.0)
     """

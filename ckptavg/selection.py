@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .learning import call_with, check_batches
 from .methods import Evaluate, Method
+
+if TYPE_CHECKING:
+    from .window import CheckpointWindow
 
 Candidate = Method | tuple[str, Mapping[str, Any]]
 """A method name, an explicit weight list, or ``(method, options)``."""
@@ -82,3 +85,35 @@ def as_method(candidate: Candidate) -> tuple[Method, dict[str, Any]]:
     if isinstance(candidate, Sequence) and all(isinstance(w, (int, float)) for w in candidate):
         return [float(w) for w in candidate], {}  # type: ignore[arg-type]  # numbers, checked above
     raise ValueError(f"a candidate is a method name, a weight list or (method, options), got {candidate!r}")
+
+
+def select(
+    window: CheckpointWindow, evaluate: Evaluate, candidates: Mapping[str, Candidate] | None = None
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """Try merges of ``window`` on held-out data and return the best one's coefficient vector, with
+    a table of every candidate (``name``, ``score``, ``weights``; lower scores are better).
+
+    Args:
+        evaluate: merged state dict -> number, lower is better (:func:`ckptavg.evaluator`).
+        candidates: ``{name: method name | weight list | (method, options)}``; by default the
+            newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA, the
+            decay shapes and post-hoc EMA widths 0.05, 0.1 and 0.2. One merge and one
+            evaluation each.
+
+    A merge chosen on data is only as good as that data: choose on held-out data other than
+    the data you report."""
+    chosen = candidates if candidates is not None else default_candidates(len(window), window.steps)
+    if not chosen:
+        raise ValueError("select needs at least one candidate")
+    tried: list[tuple[str, float, list[float]]] = []
+    for name, candidate in chosen.items():
+        method, options = as_method(candidate)
+        weights = window.weights(method, evaluate=evaluate, **options)
+        tried.append((name, float(evaluate(window.merge(weights))), weights))
+    finite = [row for row in tried if math.isfinite(row[1])]  # a NaN score is never best
+    if not finite:
+        raise ValueError(
+            f"select: no candidate scored a finite value on the held-out data ({ {name: score for name, score, _ in tried} })"
+        )
+    _, _, best = min(finite, key=lambda row: row[1])
+    return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +19,6 @@ from .files import CkptavgWarning
 from .kernels import PendingCopy
 from .layout import Layout, dtype_code, local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, Evaluate, Method, coefficients
-from .selection import Candidate, as_method, default_candidates
 from .sharding import (
     Spread,
     all_ranks_max,
@@ -386,35 +384,17 @@ class CheckpointWindow:
         )
 
     def select(
-        self, evaluate: Evaluate, candidates: Mapping[str, Candidate] | None = None
+        self, evaluate: Evaluate, candidates: Mapping[str, Any] | None = None
     ) -> tuple[list[float], list[dict[str, Any]]]:
-        """Try merges on held-out data and return the best one's coefficient vector, with a table
-        of every candidate (``name``, ``score``, ``weights``; lower scores are better).
+        """Deprecated: ``ckptavg.select(window, evaluate, candidates)`` (:func:`ckptavg.selection.select`)."""
+        warnings.warn(
+            "CheckpointWindow.select is deprecated: use ckptavg.select(window, evaluate, candidates)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .selection import select  # the deprecated spelling only: the window depends on nothing above it
 
-        Args:
-            evaluate: merged state dict -> number, lower is better (:func:`ckptavg.evaluator`).
-            candidates: ``{name: method name | weight list | (method, options)}``; by default the
-                newest snapshot alone, SMA over the newest ``k`` for every ``k``, WMA, EMA, the
-                decay shapes and post-hoc EMA widths 0.05, 0.1 and 0.2. One merge and one
-                evaluation each.
-
-        A merge chosen on data is only as good as that data: choose on held-out data other than
-        the data you report."""
-        chosen = candidates if candidates is not None else default_candidates(len(self), self.steps)
-        if not chosen:
-            raise ValueError("select needs at least one candidate")
-        tried: list[tuple[str, float, list[float]]] = []
-        for name, candidate in chosen.items():
-            method, options = as_method(candidate)
-            weights = self.weights(method, evaluate=evaluate, **options)
-            tried.append((name, float(evaluate(self._merge_with(weights))), weights))
-        finite = [row for row in tried if math.isfinite(row[1])]  # a NaN score is never best
-        if not finite:
-            raise ValueError(
-                f"select: no candidate scored a finite value on the held-out data ({ {name: score for name, score, _ in tried} })"
-            )
-        _, _, best = min(finite, key=lambda row: row[1])
-        return best, [{"name": name, "score": score, "weights": weights} for name, score, weights in tried]
+        return select(self, evaluate, candidates)
 
     def correlation(self) -> Correlation:
         """Whether averaging is safe for the held snapshots: weight and deviation cosines, the
@@ -429,14 +409,15 @@ class CheckpointWindow:
         return correlation_of(self.steps, self._store.iter_blocks())
 
     def ensemble(self, model: nn.Module, average: Literal["logits", "probs"] = "logits") -> nn.Module:
-        """A prediction ensemble of the held snapshots (:class:`ckptavg.ensembles.Ensemble`): its
-        forward averages the outputs of ``model``'s architecture under each snapshot's weights.
-        Holds every snapshot (``N x model``) on the model's device."""
-        from .ensembles import Ensemble
+        """Deprecated: ``ckptavg.Ensemble.from_window(window, model, average)``."""
+        warnings.warn(
+            "CheckpointWindow.ensemble is deprecated: use ckptavg.Ensemble.from_window(window, model, average)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .ensembles import Ensemble  # the deprecated spelling only
 
-        if self.sharding is not None:
-            raise ValueError("an ensemble needs whole snapshots: this window holds one rank's part")
-        return Ensemble(model, [self.read(step) for step in self.steps], average)
+        return Ensemble.from_window(self, model, average)
 
     def learn_weights(
         self,
@@ -448,9 +429,13 @@ class CheckpointWindow:
         lr: float = 0.05,
         init: Method = "sma",
     ) -> list[float]:
-        """Learn the coefficient vector on held-out batches by gradient descent (TWA-style); see
-        :func:`ckptavg.learning.learn_weights` for the arguments, memory and time."""
-        from .learning import learn_weights
+        """Deprecated: ``ckptavg.learn_weights(window, model, loss_fn, batches, ...)``."""
+        warnings.warn(
+            "CheckpointWindow.learn_weights is deprecated: use ckptavg.learn_weights(window, model, loss_fn, batches, ...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .learning import learn_weights  # the deprecated spelling only
 
         return learn_weights(self, model, loss_fn, batches, steps=steps, lr=lr, init=init)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ckptavg import CheckpointAverager, distillation_loss
+from ckptavg import CheckpointAverager, Ensemble, distillation_loss
 
 
 def mlp() -> nn.Module:
@@ -96,7 +96,7 @@ def main() -> None:
     raw = copy.deepcopy(classifier.net)
     merged = averager.window.merged_model(classifier, "sma").net
     # The window holds the LightningModule's names ("net.0.weight"): the ensemble is of that module.
-    teacher = averager.window.ensemble(classifier, average="probs")
+    teacher = Ensemble.from_window(averager.window, classifier, average="probs")
     student = Student(teacher)
     L.Trainer(**options).fit(student, train)
     for name, model in (

@@ -176,7 +176,7 @@ class NanScore(Regression):
 
 
 def test_greedy_soup_and_select_never_pick_a_nan_score():
-    from ckptavg import CheckpointWindow
+    from ckptavg import CheckpointWindow, select
 
     win = CheckpointWindow(3)
     for step in range(1, 4):
@@ -187,7 +187,7 @@ def test_greedy_soup_and_select_never_pick_a_nan_score():
     with pytest.raises(ValueError, match="every snapshot scored NaN"):
         win.weights("greedy_soup", evaluate=lambda sd: math.nan)
     with pytest.raises(ValueError, match="no candidate scored a finite value"):
-        win.select(lambda sd: math.nan)
+        select(win, lambda sd: math.nan)
 
 
 def test_keep_best_judges_each_metric_in_its_own_direction(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.digits import digits_tensors, train_classifier
 
-from ckptavg import CheckpointWindow, distill, ensemble, merge_state_dicts
+from ckptavg import CheckpointWindow, Ensemble, distill, ensemble, merge_state_dicts
 
 
 def with_state(model, state):
@@ -49,7 +49,7 @@ def test_the_ensemble_averages_each_members_output(make):
     x = torch.randn(5, 4)
     with torch.no_grad():
         outputs = torch.stack([with_state(members[0], s)(x) for s in states])
-        for both in (ensemble(members[0], states).eval(), window.ensemble(members[0]).eval()):
+        for both in (ensemble(members[0], states).eval(), Ensemble.from_window(window, members[0]).eval()):
             assert torch.allclose(both(x), outputs.mean(0), atol=1e-6)
             assert both.vectorized is (make is not Branchy)
         probs = ensemble(members[0], states, average="probs").eval()(x)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ckptavg import CheckpointWindow, coefficients, evaluator, merge_state_dicts
+from ckptavg import CheckpointWindow, coefficients, evaluator, learn_weights, merge_state_dicts, select
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +53,15 @@ def test_evaluator_scores_merged_weights_without_touching_the_model(digits_windo
 def test_select_returns_the_best_candidate_and_every_score(digits_window):
     model, window, states, held_out = digits_window
     evaluate = evaluator(model, torch.nn.functional.cross_entropy, held_out)
-    best, table = window.select(evaluate)
+    best, table = select(window, evaluate)
     names = [row["name"] for row in table]
     assert names[:2] == ["newest", "sma-newest-2"] and {"wma", "ema", "decay-cosine", "decay-1-sqrt"} <= set(names)
     for row in table:  # every score is what an independent evaluation of that merge gives
         merged = merge_state_dicts([states[s] for s in window.steps], weights=row["weights"])
         assert row["score"] == pytest.approx(independent_loss(model, merged, held_out), rel=1e-5), row["name"]
     assert best == min(table, key=lambda row: row["score"])["weights"]
-    custom_best, custom = window.select(
-        evaluate, {"sma": "sma", "last-two": [0] * 6 + [1, 1], "cos": ("decay", {"shape": "cosine"})}
+    custom_best, custom = select(
+        window, evaluate, {"sma": "sma", "last-two": [0] * 6 + [1, 1], "cos": ("decay", {"shape": "cosine"})}
     )
     assert [row["name"] for row in custom] == ["sma", "last-two", "cos"]
     assert custom[1]["weights"] == [0.0] * 6 + [0.5, 0.5]
@@ -95,7 +95,7 @@ def test_greedy_soup_follows_the_greedy_rule(digits_window):
 def test_select_tries_posthoc_widths_by_default(digits_window):
     model, window, states, held_out = digits_window
     evaluate = evaluator(model, torch.nn.functional.cross_entropy, held_out)
-    _, table = window.select(evaluate)
+    _, table = select(window, evaluate)
     rows = {row["name"]: row for row in table}
     assert {"posthoc-0.05", "posthoc-0.1", "posthoc-0.2"} <= set(rows)
     assert rows["posthoc-0.1"]["weights"] == pytest.approx(window.weights("posthoc", sigma_rel=0.1, max_lost=1.0))
@@ -142,7 +142,7 @@ def test_learn_weights_descends_the_held_out_loss_and_matches_a_reference(digits
     x, y = held_out[0]
     batches = [(x[i : i + 60], y[i : i + 60]) for i in range(0, 360, 60)]
     evaluate = evaluator(model, torch.nn.functional.cross_entropy, batches)
-    learned = window.learn_weights(model, torch.nn.functional.cross_entropy, batches, steps=40, lr=0.1)
+    learned = learn_weights(window, model, torch.nn.functional.cross_entropy, batches, steps=40, lr=0.1)
     assert len(learned) == len(window) and sum(learned) == pytest.approx(1.0) and min(learned) > 0
     assert evaluate(window.merge(learned)) < evaluate(window.merge("sma")) - 1e-4
     reference = reference_learned_weights(
@@ -150,8 +150,8 @@ def test_learn_weights_descends_the_held_out_loss_and_matches_a_reference(digits
     )
     assert learned == pytest.approx(reference, abs=2e-4)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert window.learn_weights(
-        model, torch.nn.functional.cross_entropy, batches, steps=0, init="wma"
+    assert learn_weights(
+        window, model, torch.nn.functional.cross_entropy, batches, steps=0, init="wma"
     ) == window.weights("wma")
 
 
@@ -159,15 +159,15 @@ def test_learn_weights_refuses_bad_arguments_before_any_work(digits_window):
     model, window, _, held_out = digits_window
     loss = torch.nn.functional.cross_entropy
     with pytest.raises(ValueError, match="steps must be a non-negative integer"):
-        window.learn_weights(model, loss, held_out, steps=-1)
+        learn_weights(window, model, loss, held_out, steps=-1)
     with pytest.raises(ValueError, match="lr must be a positive number"):
-        window.learn_weights(model, loss, held_out, lr=float("nan"))
+        learn_weights(window, model, loss, held_out, lr=float("nan"))
     with pytest.raises(ValueError, match="at least one batch"):
-        window.learn_weights(model, loss, [])
+        learn_weights(window, model, loss, [])
     with pytest.raises(ValueError, match="init must be non-negative"):
-        window.learn_weights(model, loss, held_out, init=[2, -1, 0, 0, 0, 0, 0, 0])
+        learn_weights(window, model, loss, held_out, init=[2, -1, 0, 0, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
-        window.learn_weights(model, loss, held_out, init="nope")
+        learn_weights(window, model, loss, held_out, init="nope")
 
 
 def test_evaluator_keeps_the_models_non_persistent_buffers():
@@ -188,3 +188,36 @@ def test_evaluator_keeps_the_models_non_persistent_buffers():
     with torch.no_grad():
         expected = float(torch.nn.functional.mse_loss(twin(x), y))
     assert evaluator(model, torch.nn.functional.mse_loss, [(x, y)])(state) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_window_methods_of_0_1_still_work_with_a_deprecation_warning():
+    from ckptavg import Ensemble
+
+    window = CheckpointWindow(window=3)
+    model = torch.nn.Linear(2, 1)
+    for step in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(0.5)
+        window.snapshot(model, step=step)
+    batches = [(torch.ones(4, 2), torch.zeros(4, 1))]
+    evaluate = evaluator(model, torch.nn.functional.mse_loss, batches)
+    with pytest.warns(DeprecationWarning, match=r"use ckptavg.select\(window"):
+        assert window.select(evaluate) == select(window, evaluate)
+    with pytest.warns(DeprecationWarning, match=r"use ckptavg.learn_weights\(window"):
+        old = window.learn_weights(model, torch.nn.functional.mse_loss, batches, steps=3)
+    assert old == learn_weights(window, model, torch.nn.functional.mse_loss, batches, steps=3)
+    with pytest.warns(DeprecationWarning, match=r"use ckptavg.Ensemble.from_window"):
+        ensemble = window.ensemble(model)
+    x = torch.randn(5, 2)
+    assert torch.equal(ensemble(x), Ensemble.from_window(window, model)(x))
+
+
+def test_the_window_imports_nothing_built_on_it():
+    import ast
+    from pathlib import Path
+
+    import ckptavg.window
+
+    tree = ast.parse(Path(ckptavg.window.__file__).read_text())
+    top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert not top_level & {"selection", "learning", "ensembles", "offline", "recovery", "callback", "cli"}
