@@ -845,7 +845,7 @@ class CheckpointAverager(Callback):
             ("select", self.select),
             ("monitor", None if self.monitor is None else self.monitor.removeprefix(MERGED_PREFIX)),
         ):
-            if name is not None and not any(k == name or k.startswith(name + "/dataloader_idx_") for k in logged):
+            if name is not None and not any(_is_metric(k, name) for k in logged):
                 raise ValueError(
                     f"CheckpointAverager: {argument}={getattr(self, argument)!r} is not a metric the module logs in validation "
                     f"(it logs {logged}); name one of those (merged/<name> for the merge's)"
@@ -1011,7 +1011,7 @@ class CheckpointAverager(Callback):
         """Compare raw and merged on the monitored metric (every dataloader's); warn when the merged
         weights score worse. Returns whether to keep the raw weights."""
         monitor, mode = self._monitored(trainer)
-        keys = [k for k in merged if k in raw and (k == monitor or k.startswith(monitor + "/dataloader_idx_"))]
+        keys = [k for k in merged if k in raw and _is_metric(k, monitor)]
         sign = 1.0 if mode == "min" else -1.0
         worse = [k for k in keys if sign * (merged[k] - raw[k]) > 0]
         if not worse:
@@ -1209,6 +1209,11 @@ _log = logging.getLogger("lightning.pytorch.callbacks.ckptavg")  # Lightning's h
 def _info(message: str) -> None:
     """What the callback does, said once (rank 0), through Lightning's logging."""
     _log.info(message)
+
+
+def _is_metric(key: str, name: str) -> bool:
+    """Whether the logged ``key`` is the metric ``name``, or its value on one of several dataloaders."""
+    return key == name or key.startswith(name + "/dataloader_idx_")
 
 
 def _recorded_storage(window: Any) -> Literal["cpu", "disk"] | None:

@@ -90,6 +90,7 @@ class Source:
     shards: dict[str, str] | None = None  # Hugging Face: tensor name -> shard file name
     recorded_step: int | None = None  # the training step the checkpoint records inside, if any
     key: str | None = None  # where the state dict sat inside a torch file
+    contents: Any = None  # everything a torch file holds (read once: inspect looks for a window in it)
 
     @property
     def step(self) -> int | None:
@@ -186,7 +187,7 @@ def open_source(path: Path, key: str | None = None) -> Source:
         return Source(path, tensors, recorded_step=_recorded_step(getattr(tensors, "metadata", None)))
     obj = read_torch_file(path)
     found, tensors = find_state_dict(obj, path, key)
-    return Source(path, tensors, recorded_step=_recorded_step(obj), key=found)
+    return Source(path, tensors, recorded_step=_recorded_step(obj), key=found, contents=obj)
 
 
 def _natural(path: str) -> list[Any]:
@@ -575,13 +576,12 @@ def inspect_path(
     metadata = getattr(source.tensors, "metadata", None)
     if metadata:
         report["metadata"] = {k: _parsed(v) for k, v in metadata.items()}
-    if source.path.is_file() and source.path.suffix not in (".safetensors",):
-        averagers = _averager_states(source.path)
-        if averagers:
-            report["averagers"] = averagers
-            report["hint"] = (
-                f"this checkpoint holds a ckptavg window: ckptavg export {source.path} -o merged.safetensors writes the merge it measured"
-            )
+    averagers = _averager_states(source.contents)
+    if averagers:
+        report["averagers"] = averagers
+        report["hint"] = (
+            f"this checkpoint holds a ckptavg window: ckptavg export {source.path} -o merged.safetensors writes the merge it measured"
+        )
     return report
 
 
@@ -592,9 +592,8 @@ def _parsed(text: str) -> Any:
         return text
 
 
-def _averager_states(path: Path) -> dict[str, Any]:
-    """The ``CheckpointAverager`` states a Lightning checkpoint carries: window steps and merge."""
-    obj = read_torch_file(path)
+def _averager_states(obj: Any) -> dict[str, Any]:
+    """The ``CheckpointAverager`` states a loaded Lightning checkpoint carries: window steps and merge."""
     callbacks = obj.get("callbacks") if isinstance(obj, Mapping) else None
     found = {}
     for name, state in (callbacks or {}).items():

@@ -99,10 +99,11 @@ def load_state_file(path: str | os.PathLike[str], *, key: str | None = None) -> 
     return find_state_dict(read_torch_file(path), path, key)[1]
 
 
-def read_torch_file(path: Path) -> Any:
-    """Everything a torch file holds, loaded with ``weights_only=True`` (memory-mapped)."""
+def read_torch_file(path: Path, *, mmap: bool = True) -> Any:
+    """Everything a torch file holds, loaded with ``weights_only=True`` (memory-mapped unless the
+    tensors outlive the call: a file rewritten under a mapping changes or faults them)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises a variety of types for bad files
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
@@ -289,10 +290,7 @@ def load_merged_weights(checkpoint: str | os.PathLike[str], *, averager: str | N
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises a variety of types for bad files
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    ckpt = read_torch_file(path, mmap=False)  # the returned weights outlive the call
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' entry")
     found = ckpt.get("callbacks")
