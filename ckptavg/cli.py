@@ -28,7 +28,6 @@ import argparse
 import glob
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -43,6 +42,7 @@ from torch import Tensor
 from . import __version__
 from .files import (
     CorruptSnapshotError,
+    atomic_folder,
     atomic_write_bytes,
     human_size,
     safetensors_metadata,
@@ -253,34 +253,6 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool, *, folder: b
             )
 
 
-def _sibling(output: Path, tag: str) -> Path:
-    return output.with_name(f".{output.name}.ckptavg-{tag}-{os.getpid()}")
-
-
-def build_folder(output: Path, write: Any) -> None:
-    """Call ``write(folder)`` on a fresh folder beside ``output``, then put it in place in one rename
-    (an existing output moves aside first and is removed last): an error or an interrupt leaves
-    the old output, or nothing, never a partial folder."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(output, "new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        write(staging)
-        if output.is_symlink() or output.is_file():
-            output.unlink()
-        if output.exists():
-            old = _sibling(output, "old")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 # -- merging -------------------------------------------------------------------------------------
 
 
@@ -409,7 +381,7 @@ def command_merge(args: argparse.Namespace) -> int:
     try:
         if as_folder:
             model_files = next((s for s in opened if s.path.is_dir()), None)  # the oldest Hugging Face input
-            build_folder(
+            atomic_folder(
                 output,
                 lambda folder: _write_hf_folder(folder, model_files, layout, tensors, weights, metadata, progress),
             )
@@ -437,7 +409,7 @@ def _merge_window(
     metadata = _metadata(method, weights, [str(window)], options, chosen)
     layout = Layout.from_tensors(merged)
     if as_folder:
-        build_folder(
+        atomic_folder(
             output,
             lambda folder: write_safetensors(folder / HF_SINGLE, layout, tensor_chunks(layout, merged), metadata),
         )

@@ -110,7 +110,7 @@ def ensemble(
 
     Example:
         >>> import torch
-        >>> from ckptavg import ensemble
+        >>> from ckptavg.ensembles import ensemble
         >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
         >>> both = ensemble(a, [a.state_dict(), b.state_dict()])
         >>> x = torch.randn(4, 3)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,50 @@ def atomic_write_bytes(path: Path, chunks: Iterable[memoryview | bytes]) -> int:
         raise
     fsync_dir(path.parent)
     return crc
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` writes a whole file at a temporary name beside ``path``, which then replaces
+    ``path`` in one rename: a crash or a full disk never leaves a half-written file there, and a
+    file or link planted at the temporary name is replaced, never written through."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        tmp.unlink(missing_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _sibling(output: Path, tag: str) -> Path:
+    return output.with_name(f".{output.name}.ckptavg-{tag}-{os.getpid()}")
+
+
+def atomic_folder(output: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(folder)`` on a fresh folder beside ``output``, then put it in place in one rename
+    (an existing output moves aside first and is removed last): an error or an interrupt leaves
+    the old output, or nothing, never a partial folder."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(output, "new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        if output.is_symlink() or output.is_file():
+            output.unlink()
+        if output.exists():
+            old = _sibling(output, "old")
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def link_or_copy(source: Path, source_fd: int, target: Path) -> None:
@@ -302,3 +347,21 @@ class SnapshotReader:
 
     def close(self) -> None:
         self._file.close()
+
+
+def add_safetensors_metadata(path: Path, fields: dict[str, str]) -> None:
+    """Add ``fields`` to a safetensors file's metadata (atomically; the tensor bytes are copied as
+    they are, a chunk at a time)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), **fields}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep the data aligned, as safetensors writes it
+
+        def chunks() -> Iterator[bytes]:
+            yield struct.pack("<Q", len(encoded)) + encoded
+            while chunk := f.read(_WRITE_CHUNK):
+                yield chunk
+
+        atomic_write_bytes(path, chunks())

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .learning import call_with, check_batches
-from .methods import Evaluate, Method
+from .methods import Evaluate, MergeSpec, Method
 
 if TYPE_CHECKING:
     from .window import CheckpointWindow
@@ -80,7 +80,7 @@ def as_method(candidate: Candidate) -> tuple[Method, dict[str, Any]]:
         and isinstance(candidate[1], Mapping)
     ):
         return candidate[0], dict(candidate[1])
-    if isinstance(candidate, str):
+    if isinstance(candidate, (str, MergeSpec)):
         return candidate, {}
     if isinstance(candidate, Sequence) and all(isinstance(w, (int, float)) for w in candidate):
         return [float(w) for w in candidate], {}  # type: ignore[arg-type]  # numbers, checked above

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from models import ByteGPT, batch_at, stdlib_bytes, validation_batches  # noqa: E402
 
 from ckptavg import CheckpointAverager  # noqa: E402
-from ckptavg.testing import InjectDivergence  # noqa: E402
+from ckptavg.lightning.testing import InjectDivergence  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")

@@ -2,7 +2,7 @@
 
 A digits MLP is trained at a constant learning rate with ``CheckpointAverager``; the window's
 snapshots then form a prediction ensemble (``window.ensemble``), and a fresh student of the same
-size is trained on it with ``ckptavg.distillation_loss`` in its ``training_step``. The script
+size is trained on it with ``ckptavg.ensembles.distillation_loss`` in its ``training_step``. The script
 prints the accuracy of the raw model, the merged model, the ensemble and the student.
 
     python examples/distill_lightning.py [--steps 600]
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ckptavg import CheckpointAverager, Ensemble, distillation_loss
+from ckptavg import CheckpointAverager, Ensemble
+from ckptavg.ensembles import distillation_loss
 
 
 def mlp() -> nn.Module:

@@ -100,7 +100,7 @@ def test_the_recovery_check_runs_steps_that_need_autograd_and_leaves_no_module_s
 
 
 def test_the_recovery_check_leaves_every_tensor_of_the_module_as_it_was():
-    from ckptavg import _evaluation
+    from ckptavg.lightning import _internals as _evaluation
 
     model = StatefulRegression()
     model.train()
@@ -377,7 +377,7 @@ def test_a_disk_window_is_found_again_after_its_run_folder_moved(tmp_path):
 
 
 def test_a_second_fit_with_the_same_callback_inherits_nothing_from_the_first(tmp_path):
-    from ckptavg.testing import InjectDivergence
+    from ckptavg.lightning.testing import InjectDivergence
 
     train, val = data()
     L.seed_everything(0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from helpers.digits import digits_tensors, train_classifier
 
-from ckptavg import CheckpointWindow, Ensemble, distill, ensemble, merge_state_dicts
+from ckptavg import CheckpointWindow, Ensemble, distill, merge_state_dicts
+from ckptavg.ensembles import ensemble
 
 
 def with_state(model, state):

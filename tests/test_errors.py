@@ -41,3 +41,20 @@ def test_the_error_types_keep_their_promises():
     from ckptavg import files
 
     assert files.CkptavgWarning is CkptavgWarning  # the names' home before 0.2 still has them
+
+
+def test_names_that_left_the_top_level_keep_working_with_a_deprecation_warning():
+    import ckptavg
+    from ckptavg import layout, methods
+
+    for name, target in (("sma", methods.sma), ("Layout", layout.Layout), ("merge_method", methods.merge_method)):
+        with pytest.warns(DeprecationWarning, match=f"ckptavg.{name} is deprecated"):
+            assert getattr(ckptavg, name) is target
+    with pytest.warns(DeprecationWarning, match="ckptavg.callback is deprecated"):
+        import importlib
+        import sys
+
+        sys.modules.pop("ckptavg.callback", None)
+        module = importlib.import_module("ckptavg.callback")
+    assert module.CheckpointAverager is ckptavg.CheckpointAverager
+    assert len(ckptavg.__all__) <= 22 and all(hasattr(ckptavg, name) for name in ckptavg.__all__)

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from ckptavg import coefficients, ema, sma, wma
-from ckptavg.methods import normalize
+from ckptavg import coefficients
+from ckptavg.methods import ema, normalize, sma, wma
 
 
 def test_sma_wma_formulas():
@@ -203,3 +203,60 @@ def test_posthoc_warns_when_the_window_is_too_short_for_the_width():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         coefficients("posthoc", list(range(100, 900, 100)), sigma_rel=0.05)  # a narrow profile inside the window
+
+
+def test_merge_spec_checks_once_where_it_is_written_and_merges_bit_for_bit_like_the_name():
+    import doctest
+
+    import torch
+
+    from ckptavg import CheckpointWindow, MergeSpec
+    from ckptavg.methods import spec as spec_module
+
+    assert doctest.testmod(spec_module).failed == 0
+    for bad, message in (
+        ({"method": "ema", "alpha": 0.0}, "alpha must be in"),
+        ({"method": "ema", "alhpa": 0.3}, "has no option 'alhpa'"),
+        ({"method": "decay", "shape": "cosnie"}, "'cosnie' is not one of"),
+        ({"method": "nope"}, "unknown merge method 'nope'"),
+        ({"method": [0.5, 0.5]}, "must be a registered method's name"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            MergeSpec(**bad)
+    spec = MergeSpec("EMA", alpha=0.3)
+    assert spec.method == "ema" and dict(spec.options) == {"alpha": 0.3}
+    assert spec == MergeSpec("ema", alpha=0.3) and hash(spec) == hash(MergeSpec("ema", alpha=0.3))
+    with pytest.raises(AttributeError):
+        spec.method = "sma"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="carries its own options"):
+        coefficients(spec, 3, 0.5)
+    with pytest.raises(ValueError, match="carries its own options"):
+        MergeSpec.of(spec, alpha=0.5)
+    assert MergeSpec.of("decay", shape="cosine") == MergeSpec("decay", shape="cosine")
+
+    torch.manual_seed(0)
+    window = CheckpointWindow(4)
+    model = torch.nn.Linear(3, 2)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        window.snapshot(model, step=step)
+    for spec, (name, alpha, options) in (
+        (MergeSpec("ema", alpha=0.3), ("ema", 0.3, {})),
+        (MergeSpec("decay", shape="1-sqrt"), ("decay", 0.2, {"shape": "1-sqrt"})),
+    ):
+        assert window.weights(spec) == window.weights(name, alpha, **options) == spec.coefficients(window.steps)
+        for key, tensor in window.merge(spec).items():
+            assert torch.equal(tensor, window.merge(name, alpha, **options)[key])
+
+
+def test_the_averager_takes_a_merge_spec_as_merge_and_as_candidates():
+    from ckptavg import CheckpointAverager, MergeSpec
+
+    averager = CheckpointAverager(
+        merge=MergeSpec("ema", alpha=0.3), candidates={"cos": MergeSpec("decay", shape="cosine")}
+    )
+    assert (averager.merge, averager.alpha, averager.merge_options) == ("ema", 0.3, {})
+    assert averager.candidates["cos"].method == "decay" and averager.candidates["cos"].options == {"shape": "cosine"}
+    listed = CheckpointAverager(candidates=[MergeSpec("wma")])
+    assert list(listed.candidates) == ["wma"]

@@ -11,7 +11,7 @@ from helpers.lit import DigitsClassifier, Regression, data, digits, trainer, val
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ckptavg import CheckpointAverager, CheckpointWindow, RecoveryError, RecoveryPolicy, SpikeGuard
-from ckptavg.testing import InjectDivergence
+from ckptavg.lightning.testing import InjectDivergence
 
 # -- the framework-free guard -----------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ import torch
 from conftest import TinyNet, assert_close_to_reference, perturbed_states, reference_merge
 from torch.optim.swa_utils import AveragedModel
 
-from ckptavg import CheckpointWindow, CorruptSnapshotError, Layout
+from ckptavg import CheckpointWindow, CorruptSnapshotError
+from ckptavg.layout import Layout
 
 
 @pytest.fixture(params=["cpu", "disk"])

@@ -19,6 +19,7 @@ from .registry import (
     method_names,
     normalize,
 )
+from .spec import MergeSpec
 
 
 def sma(n: int) -> list[float]:
@@ -41,6 +42,7 @@ __all__ = [
     "Evaluate",
     "MergeContext",
     "MergeMethod",
+    "MergeSpec",
     "Method",
     "check_alpha",
     "check_options",

@@ -13,12 +13,16 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from .spec import MergeSpec
 
 from torch import Tensor
 
-Method = str | Sequence[float]
-"""A registered merge method's name, or an explicit weight list (one per snapshot, oldest first)."""
+Method = Union[str, "MergeSpec", Sequence[float]]
+"""A registered merge method's name, a :class:`~ckptavg.methods.MergeSpec` (a method with its
+options), or an explicit weight list (one per snapshot, oldest first)."""
 
 Evaluate = Callable[[Mapping[str, Tensor]], float]
 """Scores a merged state dict on held-out data; lower is better."""
@@ -156,6 +160,13 @@ def coefficients(
     ones), oldest first; sums to 1. ``alpha`` is ``"ema"``'s option (checked for every method,
     so that a typo is not silently ignored); other options go by name. ``score`` (see
     :class:`MergeContext`) is given by a window for methods that choose on held-out data."""
+    from .spec import MergeSpec  # built on this module
+
+    if isinstance(method, MergeSpec):
+        if options or alpha != DEFAULT_ALPHA:
+            raise ValueError(f"{method!r} carries its own options; give them to the MergeSpec, not here")
+        spec_options = dict(method.options)
+        method, options = method.method, spec_options
     check_alpha(alpha)
     steps = tuple(range(steps)) if isinstance(steps, int) else tuple(int(s) for s in steps)
     if not steps:

@@ -76,7 +76,7 @@ def main() -> None:
     averager = CheckpointAverager(window=4, every_n_steps=2, dirpath=root / "out", recover={"warmup": 4})
     callbacks = [averager]
     if mode == "spike-on-rank-1":
-        from ckptavg.testing import InjectDivergence
+        from ckptavg.lightning.testing import InjectDivergence
 
         callbacks.append(InjectDivergence({12}, rank=1))
     run, model = fit("", callbacks, max_epochs=2)

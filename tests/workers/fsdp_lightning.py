@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
 from ckptavg import CheckpointAverager
-from ckptavg.testing import InjectDivergence
+from ckptavg.lightning.testing import InjectDivergence
 
 root = Path()  # set by main() from the command line
 

@@ -9,72 +9,35 @@ counters, the train/eval mode capture, the RNG state and the state of every torc
 Progress bars stay in ``trainer.callbacks`` with their hooks muted: Lightning and Rich's refresh
 thread look the bar up there at any moment.
 
-This is the one module that touches Lightning internals; each is looked up defensively.
+This is the one module that touches Lightning's private names; each is looked up defensively,
+and :func:`check_version` says at setup when the installed Lightning is outside the tested range.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import RunningStage
 
+from ..isolation import (
+    metric_states,
+    module_tensors,
+    restore_metric_states,
+    restore_module_tensors,
+    rng_state,
+    set_rng_state,
+)
+
+TESTED_VERSIONS = ((2, 4), (2, 6))  # the oldest and newest Lightning minor versions the suite has run on
 _METRIC_DICTS = ("_callback_metrics", "_logged_metrics", "_progress_bar_metrics")
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    return copy.deepcopy(value)
-
-
-def metric_states(module: torch.nn.Module) -> list[tuple[Any, dict[str, Any]]]:
-    """A copy of the state of every torchmetrics ``Metric`` inside ``module``."""
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a dependency
-        return []
-    saved = []
-    for m in module.modules():
-        if isinstance(m, Metric):
-            names = list(getattr(m, "_defaults", {})) + ["_update_count", "_computed", "_forward_cache", "_is_synced"]
-            saved.append((m, {n: _clone(getattr(m, n)) for n in names if hasattr(m, n)}))
-    return saved
-
-
-def restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
-    for metric, state in saved:
-        for name, value in state.items():
-            setattr(metric, name, value)
 
 
 @contextmanager
@@ -232,34 +195,49 @@ def batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Cal
     return evaluate
 
 
-_Saved = tuple[torch.nn.Module, str, str, torch.Tensor, torch.Tensor]
-
-
-def module_tensors(module: torch.nn.Module) -> list[_Saved]:
-    """A copy of every tensor a module and its submodules hold (parameters, buffers, persistent or
-    not, and plain tensor attributes), with the objects they are bound to."""
-    saved: list[_Saved] = []
-    for owner in module.modules():
-        for where, tensors in (
-            ("_parameters", owner._parameters),
-            ("_buffers", owner._buffers),
-            ("__dict__", vars(owner)),
-        ):
-            for name, tensor in tensors.items():
-                if isinstance(tensor, torch.Tensor) and (
-                    where != "__dict__" or not isinstance(tensor, torch.nn.Parameter)
-                ):
-                    saved.append((owner, where, name, tensor, tensor.detach().clone()))
-    return saved
-
-
-@torch.no_grad()
-def restore_module_tensors(saved: list[_Saved]) -> None:
-    """Bind every name back to its own tensor (a step may have rebound it) and restore its values."""
-    for owner, where, name, tensor, value in saved:
-        (vars(owner) if where == "__dict__" else getattr(owner, where))[name] = tensor
-        tensor.copy_(value)
-
-
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def check_version() -> None:
+    """Warn, once per process, when the installed Lightning is outside the tested versions: the
+    private names this module reads may have moved."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    version = tuple(int(part) for part in pl.__version__.split(".")[:2] if part.isdigit())
+    oldest, newest = TESTED_VERSIONS
+    if not oldest <= version <= newest:
+        warnings.warn(
+            f"CheckpointAverager is tested with Lightning {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}; this is "
+            f"{pl.__version__}. If a preview fails, please report it with this version",
+            stacklevel=2,
+        )
+
+
+_version_checked = False
+
+
+def move_before(trainer: pl.Trainer, callback: Callback, first: Callable[[Callback], bool]) -> None:
+    """Move ``callback`` before the first earlier callback for which ``first`` holds (Lightning runs
+    callbacks' hooks in list order)."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    mine = callbacks.index(callback)
+    earlier = [i for i, cb in enumerate(callbacks[:mine]) if first(cb)]
+    if earlier:
+        callbacks.insert(earlier[0], callbacks.pop(mine))
+
+
+@contextmanager
+def forward_replaced(module: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Inside: ``module(...)`` calls ``forward`` (an instance attribute shadowing the method)."""
+    own = module.__dict__.get("forward")  # a forward set on the instance (rare) is put back as it was
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is not None:
+            module.forward = own
+        else:
+            del module.forward  # the class's forward again
