@@ -1,0 +1,186 @@
+"""Everything the Trainer adapter needs that a ``TrainerCallback`` is not handed: the one module of
+ckptavg that touches the Trainer's private names or replaces its methods.
+
+A ``TrainerCallback`` receives the arguments, the state and the model, not the Trainer. The
+adapter needs the Trainer itself to run its evaluation loop on the merged weights, to see every
+micro-batch's loss and to find the folder a run resumes from. :func:`find_trainer` finds it on
+the call stack of the event that delivers the callback its first hook; :class:`TrainerTap` then
+wraps three of its methods on that instance (not on the class): ``training_step`` (its return
+value, the micro-batch's loss as the Trainer logs it, and its inputs, for the restore check),
+``evaluate`` (which dataset and metric prefix an ``on_evaluate`` belongs to) and
+``_load_from_checkpoint`` (the folder a resume reads). Each wrapper calls the original unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from ..isolation import (
+    metric_states,
+    module_tensors,
+    restore_metric_states,
+    restore_module_tensors,
+    rng_state,
+    set_rng_state,
+)
+
+TESTED_VERSIONS = ((4, 46), (5, 24))  # the oldest and newest transformers versions the adapter was run with
+_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+_version_checked = False
+
+
+def check_version() -> None:
+    """Warn, once per process, when transformers is outside the tested versions."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    oldest, newest = TESTED_VERSIONS
+    if not oldest <= version <= newest:
+        warnings.warn(
+            f"CheckpointAveragerCallback is tested with transformers {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}; "
+            f"this is {transformers.__version__}. If a preview fails, please report it with this version",
+            stacklevel=2,
+        )
+
+
+def find_trainer() -> transformers.Trainer | None:
+    """The ``Trainer`` whose method is on the call stack (the one calling the callback's hook)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, transformers.Trainer):
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+class TrainerTap:
+    """What the adapter observes of one Trainer (see the module docstring)."""
+
+    def __init__(self, trainer: transformers.Trainer):
+        self.trainer = trainer
+        self.step_loss: torch.Tensor | None = None  # the sum of this optimizer step's micro-batch losses
+        self.last_inputs: Any = None  # the last micro-batch's inputs, for the restore check
+        self.evaluating: list[tuple[Any, list[str] | None, str]] = []  # (eval_dataset, ignore_keys, prefix)
+        self.resumed_from: str | None = None
+        original_step = trainer.training_step
+        original_evaluate = trainer.evaluate
+        original_load = getattr(trainer, "_load_from_checkpoint", None)
+
+        def training_step(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = original_step(model, inputs, *args, **kwargs)
+            if isinstance(loss, torch.Tensor):
+                # training_step returns the micro-batch's share of the step's loss (the Trainer logs
+                # their sum per optimizer step), already divided for gradient accumulation.
+                loss = loss.detach().float()
+                self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+            self.last_inputs = inputs
+            return loss
+
+        def evaluate(
+            eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+        ) -> Any:
+            self.evaluating.append((eval_dataset, ignore_keys, metric_key_prefix))
+            try:
+                return original_evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self.evaluating.pop()
+
+        trainer.training_step = training_step  # type: ignore[method-assign]
+        trainer.evaluate = evaluate  # type: ignore[method-assign]
+        if original_load is not None:
+
+            def load_from_checkpoint(resume_from_checkpoint: str, *args: Any, **kwargs: Any) -> Any:
+                self.resumed_from = str(resume_from_checkpoint)
+                return original_load(resume_from_checkpoint, *args, **kwargs)
+
+            trainer._load_from_checkpoint = load_from_checkpoint  # type: ignore[method-assign]
+
+    def take_step_loss(self) -> torch.Tensor | None:
+        loss, self.step_loss = self.step_loss, None
+        return loss
+
+    def current(self) -> tuple[Any, list[str] | None, str]:
+        """The dataset, ignored keys and metric prefix of the evaluation in progress."""
+        return self.evaluating[-1] if self.evaluating else (None, None, "eval")
+
+    def batch_loss(self, model: nn.Module) -> Callable[[], float] | None:
+        """A callable returning the training loss of the last micro-batch with the model's current
+        weights, leaving no trace (RNG, every module tensor and torchmetrics state restored)."""
+        inputs = self.last_inputs
+        if inputs is None:
+            return None
+        trainer = self.trainer
+
+        def evaluate() -> float:
+            saved = rng_state(), metric_states(model), module_tensors(model)
+            try:
+                with torch.enable_grad(), trainer.compute_loss_context_manager():
+                    loss = trainer.compute_loss(trainer.model_wrapped, trainer._prepare_inputs(inputs))
+                return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
+            finally:
+                set_rng_state(saved[0])
+                restore_metric_states(saved[1])
+                restore_module_tensors(saved[2])
+
+        return evaluate
+
+    def evaluate_quietly(self, eval_dataset: Any, ignore_keys: list[str] | None, prefix: str) -> dict[str, float]:
+        """The Trainer's own evaluation loop (its collator, ``compute_metrics``, batch size and
+        distributed gathering) on ``eval_dataset``, with metric keys ``<prefix>_<name>``; no
+        callback sees it, nothing is logged, and the RNG and the modules' train/eval modes are
+        restored. Speed metrics are dropped."""
+        trainer = self.trainer
+        handler = trainer.callback_handler
+        model = trainer.model
+        assert model is not None
+        saved_callbacks, saved_rng = handler.callbacks, rng_state()
+        saved_modes = {name: m.training for name, m in model.named_modules()}
+        handler.callbacks = []
+        try:
+            dataloader = trainer.get_eval_dataloader(eval_dataset)
+            output = trainer.evaluation_loop(
+                dataloader,
+                description="ckptavg preview",
+                prediction_loss_only=True if trainer.compute_metrics is None else None,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=prefix,
+            )
+        finally:
+            handler.callbacks = saved_callbacks
+            set_rng_state(saved_rng)
+            for name, m in model.named_modules():
+                m.train(saved_modes.get(name, m.training))
+        return {
+            k: float(v)
+            for k, v in (output.metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(_SPEED_SUFFIXES)
+        }
+
+
+def move_first(trainer: transformers.Trainer, callback: Any) -> None:
+    """Run ``callback``'s hooks before every other callback's: its ``on_evaluate`` adds the merged
+    metrics to the dict that early stopping (and the Trainer's best-model bookkeeping) then read."""
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
+
+
+def save_model_into(trainer: transformers.Trainer, folder: str) -> None:
+    """Write the model's weights into a checkpoint folder the way the Trainer's own checkpoint
+    does (and never push them to the Hub, as a user's ``save_model`` call would)."""
+    trainer.save_model(folder, _internal_call=True)
