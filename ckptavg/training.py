@@ -860,6 +860,25 @@ def warnings_pointing_at(source: Callable[[], tuple[str, int, str]]) -> Iterator
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+_checked_versions: set[str] = set()
+
+
+def warn_if_untested(package: str, version: str, tested: tuple[tuple[int, int], tuple[int, int]], adapter: str) -> None:
+    """Warn, once per process and package, when ``version`` is outside the ``tested`` (oldest,
+    newest) minor versions: the private names an adapter reads may have moved."""
+    if package in _checked_versions:
+        return
+    _checked_versions.add(package)
+    minor = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    oldest, newest = tested
+    if not oldest <= minor <= newest:
+        warnings.warn(
+            f"{adapter} is tested with {package} {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}; this is {version}. "
+            "If a preview fails, please report it with this version",
+            stacklevel=3,
+        )
+
+
 def is_metric(key: str, name: str) -> bool:
     """Whether the logged ``key`` is the metric ``name``, or its value on one of several dataloaders."""
     return key == name or key.startswith(name + "/dataloader_idx_")

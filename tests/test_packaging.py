@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
         assert "pip install 'ckptavg[lightning]'" in str(err), err
     else:
         raise AssertionError("CheckpointAverager imported without Lightning")
-    assert not [m for m in sys.modules if m.startswith(("lightning", "torchmetrics"))]
+    assert not [m for m in sys.modules if m.startswith(("lightning", "torchmetrics", "transformers", "accelerate"))]
     print("core without lightning: ok")
     """
 )
@@ -100,6 +100,8 @@ def test_no_import_cycles_and_only_the_lightning_package_imports_lightning():
         text = path.read_text()
         if "lightning" not in path.relative_to(PACKAGE).parts:
             assert "import lightning" not in text and "from lightning" not in text, path
+        if "hf" not in path.relative_to(PACKAGE).parts:
+            assert "import transformers" not in text and "from transformers" not in text, path
     private = [
         p.name
         for p in (PACKAGE / "lightning").glob("*.py")

@@ -125,3 +125,16 @@ def test_config_errors_are_the_averagers():
     window.snapshot(torch.nn.Linear(2, 2), step=1)
     window.snapshot(torch.nn.Linear(2, 2), step=2)
     assert config.main.weights(window) == window.weights("ema", 0.4)
+
+
+def test_an_untested_framework_version_is_said_once():
+    import warnings
+
+    from ckptavg import training
+
+    with pytest.warns(UserWarning, match="tested with somelib 2.4 to 2.6; this is 3.0.1"):
+        training.warn_if_untested("somelib", "3.0.1", ((2, 4), (2, 6)), "MyAdapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training.warn_if_untested("somelib", "3.0.1", ((2, 4), (2, 6)), "MyAdapter")  # once per process
+        training.warn_if_untested("otherlib", "2.5.0", ((2, 4), (2, 6)), "MyAdapter")  # inside the range

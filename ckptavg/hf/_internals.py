@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,26 +30,15 @@ from ..isolation import (
     rng_state,
     set_rng_state,
 )
+from ..training import warn_if_untested
 
 TESTED_VERSIONS = ((4, 46), (5, 24))  # the oldest and newest transformers versions the adapter was run with
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
-_version_checked = False
 
 
 def check_version() -> None:
-    """Warn, once per process, when transformers is outside the tested versions."""
-    global _version_checked
-    if _version_checked:
-        return
-    _version_checked = True
-    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
-    oldest, newest = TESTED_VERSIONS
-    if not oldest <= version <= newest:
-        warnings.warn(
-            f"CheckpointAveragerCallback is tested with transformers {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}; "
-            f"this is {transformers.__version__}. If a preview fails, please report it with this version",
-            stacklevel=2,
-        )
+    """Warn, once per process, when the installed transformers is outside the tested versions."""
+    warn_if_untested("transformers", transformers.__version__, TESTED_VERSIONS, "CheckpointAveragerCallback")
 
 
 def find_trainer() -> transformers.Trainer | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +34,7 @@ from ..isolation import (
     rng_state,
     set_rng_state,
 )
+from ..training import warn_if_untested
 
 TESTED_VERSIONS = ((2, 4), (2, 6))  # the oldest and newest Lightning minor versions the suite has run on
 _METRIC_DICTS = ("_callback_metrics", "_logged_metrics", "_progress_bar_metrics")
@@ -200,23 +200,8 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 
 def check_version() -> None:
-    """Warn, once per process, when the installed Lightning is outside the tested versions: the
-    private names this module reads may have moved."""
-    global _version_checked
-    if _version_checked:
-        return
-    _version_checked = True
-    version = tuple(int(part) for part in pl.__version__.split(".")[:2] if part.isdigit())
-    oldest, newest = TESTED_VERSIONS
-    if not oldest <= version <= newest:
-        warnings.warn(
-            f"CheckpointAverager is tested with Lightning {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]}; this is "
-            f"{pl.__version__}. If a preview fails, please report it with this version",
-            stacklevel=2,
-        )
-
-
-_version_checked = False
+    """Warn, once per process, when the installed Lightning is outside the tested versions."""
+    warn_if_untested("Lightning", pl.__version__, TESTED_VERSIONS, "CheckpointAverager")
 
 
 def move_before(trainer: pl.Trainer, callback: Callback, first: Callable[[Callback], bool]) -> None:
