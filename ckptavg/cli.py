@@ -49,8 +49,8 @@ from .files import (
     snapshot_header,
     tensor_bytes,
 )
-from .kernels import weighted_sum_
-from .layout import BLOCK_NUMEL, Entry, Layout, accumulation_dtype, dtype_code, is_averaged
+from .kernels import stream_merge
+from .layout import Entry, Layout, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
 from .offline import (
     consolidate,
@@ -282,31 +282,13 @@ def merged_chunks(
     """The merged tensors' bytes in file order, computed one block at a time with the window's
     kernel (:func:`ckptavg.kernels.weighted_sum_`: fp32 accumulation, fp64 for fp64); integer
     tensors from the newest input with a non-zero weight, as in the window."""
-    live = [(s, w) for s, w in zip(sources, weights, strict=True) if w != 0.0]
-    newest = live[-1][0]
-    accumulators: dict[torch.dtype, tuple[Tensor, Tensor]] = {}  # per accumulation dtype: (acc, scratch), reused
-    for entry in file_order(layout):
-        if not is_averaged(entry.dtype):
-            yield tensor_bytes(newest[entry.name].reshape(-1).contiguous())
-            progress(entry.numel * entry.dtype.itemsize)
-            continue
-        rows = [(s[entry.name].reshape(-1), w) for s, w in live]
-        acc_dtype = accumulation_dtype(entry.dtype)
-        if acc_dtype not in accumulators:
-            accumulators[acc_dtype] = (
-                torch.empty(BLOCK_NUMEL, dtype=acc_dtype),
-                torch.empty(BLOCK_NUMEL, dtype=acc_dtype),
+    for entry, lo, hi, values in stream_merge(file_order(layout), sources, weights):
+        if is_averaged(entry.dtype) and not torch.isfinite(values).all():
+            raise UsageError(
+                f"tensor {entry.name!r}: the merge is not finite (NaN or Inf in an input, or weights that overflow)"
             )
-        acc, scratch = accumulators[acc_dtype]
-        for lo in range(0, entry.numel, BLOCK_NUMEL):
-            hi = min(lo + BLOCK_NUMEL, entry.numel)
-            block = weighted_sum_(acc[: hi - lo], ((row[lo:hi], w) for row, w in rows), scratch)
-            if not torch.isfinite(block).all():
-                raise UsageError(
-                    f"tensor {entry.name!r}: the merge is not finite (NaN or Inf in an input, or weights that overflow)"
-                )
-            yield tensor_bytes(block.to(entry.dtype))
-            progress((hi - lo) * entry.dtype.itemsize)
+        yield tensor_bytes(values.to(entry.dtype).contiguous())
+        progress((hi - lo) * entry.dtype.itemsize)
 
 
 def tensor_chunks(layout: Layout, tensors: Mapping[str, Tensor]) -> Iterator[memoryview]:

@@ -6,13 +6,13 @@ blocks and tensors, never with the number of elements.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .layout import Block, Layout, accumulation_dtype, flat_local, is_averaged
+from .layout import BLOCK_NUMEL, Block, Entry, Layout, accumulation_dtype, flat_local, is_averaged
 
 RowSource = Callable[[torch.dtype, int, int], Iterable[tuple[Tensor, float]]]
 """``rows(dtype, lo, hi)`` yields ``(row, coefficient)`` for elements ``[lo, hi)`` of a dtype group,
@@ -87,6 +87,33 @@ def merge_blocks(
             if progress is not None:
                 progress(block.hi - block.lo)
     return merged
+
+
+def stream_merge(
+    entries: Iterable[Entry], sources: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+) -> Iterator[tuple[Entry, int, int, Tensor]]:
+    """The merge of whole tensors held elsewhere (files read lazily, state dicts), tensor by tensor
+    in ``entries``' order and block by block: ``(entry, lo, hi, values)`` for elements ``[lo, hi)``
+    of the flattened tensor. Floating tensors are accumulated with :func:`weighted_sum_` in
+    ``entry``'s accumulation dtype (``values`` is a reused buffer: consume it before the next
+    item); integer and bool tensors come whole from the newest source with a non-zero weight, as
+    in the window. Each source tensor is read once. The offline merges and the command line
+    write these blocks into tensors or straight into a file."""
+    live = [(s, w) for s, w in zip(sources, weights, strict=True) if w != 0.0]
+    newest = live[-1][0]
+    buffers: dict[torch.dtype, tuple[Tensor, Tensor]] = {}  # per accumulation dtype: (acc, scratch)
+    for entry in entries:
+        if not is_averaged(entry.dtype):
+            yield entry, 0, entry.numel, flat_local(newest[entry.name])
+            continue
+        rows = [(flat_local(s[entry.name]), w) for s, w in live]
+        acc_dtype = accumulation_dtype(entry.dtype)
+        if acc_dtype not in buffers:
+            buffers[acc_dtype] = (torch.empty(BLOCK_NUMEL, dtype=acc_dtype), torch.empty(BLOCK_NUMEL, dtype=acc_dtype))
+        acc, scratch = buffers[acc_dtype]
+        for lo in range(0, entry.numel, BLOCK_NUMEL):
+            hi = min(lo + BLOCK_NUMEL, entry.numel)
+            yield entry, lo, hi, weighted_sum_(acc[: hi - lo], ((row[lo:hi], w) for row, w in rows), scratch)
 
 
 def block_views(

@@ -11,15 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels import weighted_sum_
+from .kernels import stream_merge
 from .layout import (
-    BLOCK_NUMEL,
     Layout,
-    accumulation_dtype,
     dtype_from_code,
-    flat_local,
-    is_averaged,
-    local_tensor,
     state_tensors,
 )
 from .methods import DEFAULT_ALPHA, Method, coefficients
@@ -190,21 +185,9 @@ def merge_state_dicts(
     for index, (source, tensors) in enumerate(zip(sources, dicts, strict=True)):
         layout.check(tensors, what=_describe(source, index))
 
-    live = [(d, c) for d, c in zip(dicts, coeffs, strict=True) if c != 0.0]
-    newest = live[-1][0]  # integer tensors: from the newest checkpoint that is merged, as in the window
-    merged: dict[str, Tensor] = {}
-    for entry in layout:
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-        merged[entry.name] = out
-        if not is_averaged(entry.dtype):
-            out.copy_(local_tensor(newest[entry.name]))
-            continue
-        rows = [(flat_local(d[entry.name]), c) for d, c in live]  # each file read once
-        flat = out.view(-1)
-        acc = torch.empty(min(BLOCK_NUMEL, entry.numel), dtype=accumulation_dtype(entry.dtype))
-        for lo in range(0, entry.numel, BLOCK_NUMEL):
-            hi = min(lo + BLOCK_NUMEL, entry.numel)
-            flat[lo:hi].copy_(weighted_sum_(acc[: hi - lo], ((row[lo:hi], c) for row, c in rows)))
+    merged = {entry.name: torch.empty(entry.shape, dtype=entry.dtype) for entry in layout}
+    for entry, lo, hi, values in stream_merge(layout, dicts, coeffs):
+        merged[entry.name].view(-1)[lo:hi].copy_(values)
     return merged
 
 

@@ -501,7 +501,7 @@ class TrainingSession:
         every_epochs = self.cadence[1]
         return every_epochs is not None and (epoch + 1) % every_epochs == 0 and step > self.config.start_step
 
-    def snapshot(self, model: nn.Module, step: int, *, overlap: bool = True) -> bool:
+    def snapshot(self, model: nn.Module | Mapping[str, Tensor], step: int, *, overlap: bool = True) -> bool:
         """Snapshot ``model`` at ``step``, unless the loss is abnormal (such a state is never merged),
         the session just restored, or the step was seen already. Returns whether one was taken."""
         if self.guard is not None and (not self.guard.healthy or step == self.restored_at):

@@ -613,7 +613,7 @@ class CheckpointWindow:
 
     def verify(self) -> list[str]:
         """Disk windows: read every file, drop (and name, in a warning) those that are unusable."""
-        return self._store.verify() if isinstance(self._store, DiskStore) else []
+        return self._store.verify() if self._store is not None else []
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the window: the snapshots themselves for ``storage="cpu"``,
@@ -717,7 +717,7 @@ class CheckpointWindow:
         """Record that the run completed (disk windows; default: at the newest snapshot's step). A
         later resume in this folder from an earlier state, which would delete the snapshots kept
         after it, is then refused: a fork of a finished run needs its own ``dirpath``."""
-        if isinstance(self._store, DiskStore):
+        if self._store is not None:
             steps = self._store.steps
             self._store.finish(step if step is not None else (steps[-1] if steps else 0))
 

@@ -275,7 +275,7 @@ def test_a_window_written_before_format_pt_still_opens(tmp_path, monkeypatch):
     from ckptavg import files
 
     legacy = files._legacy_snapshot_metadata
-    monkeypatch.setattr("ckptavg.storage.snapshot_metadata", legacy)  # write as ckptavg 0.1 did
+    monkeypatch.setattr("ckptavg.storage.disk.snapshot_metadata", legacy)  # write as ckptavg 0.1 did
     window = CheckpointWindow(window=3, storage="disk", dirpath=tmp_path / "window")
     snaps = states(3)
     for s in snaps:

@@ -268,7 +268,7 @@ def test_discard_from_drops_the_newest_snapshots_and_continues(tmp_path, tiny_ne
 def test_a_long_disk_merge_shows_progress_and_merges_the_same(tmp_path, tiny_net, monkeypatch, capsys):
     """Issue 12: a long disk merge showed no progress. Above PROGRESS_BYTES (2 GiB; lowered
     here) it shows a tqdm bar on a terminal; the result is the same."""
-    from ckptavg import storage
+    from ckptavg.storage import disk as storage
 
     states = perturbed_states(tiny_net, 3)
     with CheckpointWindow(window=3, storage="disk", dirpath=tmp_path / "win") as win:

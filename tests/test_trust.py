@@ -172,7 +172,7 @@ def test_ctrl_c_while_flush_waits_keeps_the_snapshot_being_written(tmp_path, mon
     import signal
     import threading
 
-    from ckptavg import storage
+    from ckptavg.storage import disk as storage
 
     main = threading.main_thread()
     interrupted = threading.Event()

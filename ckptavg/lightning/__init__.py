@@ -6,5 +6,6 @@ Install with ``pip install "ckptavg[lightning]"``.
 """
 
 from .callback import CheckpointAverager
+from .diloco import DiLoCoStrategy
 
-__all__ = ["CheckpointAverager"]
+__all__ = ["CheckpointAverager", "DiLoCoStrategy"]

@@ -415,8 +415,10 @@ class CheckpointAverager(Callback):
             self._snapshot(pl_module, trainer.global_step)
 
     def _snapshot(self, pl_module: pl.LightningModule, step: int) -> None:
+        # Under DiLoCoStrategy the model being trained is the global (merged) one, not this replica.
+        global_state = getattr(self._trainer.strategy, "global_state", None) if self._trainer is not None else None
         with _warnings_at(pl_module):
-            self.session.snapshot(pl_module, step)
+            self.session.snapshot(global_state() if callable(global_state) else pl_module, step)
 
     # -- recovery -----------------------------------------------------------------------------------
 

@@ -1,28 +1,22 @@
-"""Where snapshots live: a CPU ring buffer, or safetensors files on disk.
-
-Both stores copy an incoming snapshot into a host buffer first (checking it for NaN/Inf on the
-way) and only then commit it, so a rejected or failed snapshot never disturbs stored ones. Both
-answer a merge the same way: they feed rows of blocks, with their coefficients, to the one kernel
-in :mod:`ckptavg.kernels`.
-"""
+"""The disk tier: one safetensors file per snapshot, written in a background thread, listed by a
+manifest that is rewritten atomically after each file (the format: :mod:`.manifest`)."""
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .errors import check_int
-from .files import (
+from ..errors import check_int
+from ..files import (
     TMP_SUFFIX,
     CkptavgWarning,
     CorruptSnapshotError,
@@ -35,72 +29,19 @@ from .files import (
     snapshot_metadata,
     write_snapshot,
 )
-from .kernels import PendingCopy, copy_checked, merge_blocks
-from .layout import Block, Layout, dtype_code, dtype_from_code
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "ckptavg.window"
-MANIFEST_VERSION = 1
-RANKS_FORMAT = "ckptavg.ranks"  # the top-level index of a multi-process window
-OTHER_RANK = "a tensor on another rank"  # a spread snapshot is rejected by every rank together
-_SNAPSHOT_FILE = re.compile(r"^snapshot-(\d+)\.safetensors$")
-
-
-def warn_rejected(step: int, name: str, stacklevel: int = 3) -> None:
-    """``name``: the non-finite tensor (or :data:`OTHER_RANK`)."""
-    what = name if name == OTHER_RANK else f"tensor {name!r}"
-    warnings.warn(
-        f"snapshot at step {step} rejected: {what} holds NaN or Inf; the window is unchanged",
-        CkptavgWarning,
-        stacklevel=stacklevel,
-    )
-
-
-def snapshot_filename(step: int) -> str:
-    return f"snapshot-{step:012d}.safetensors"
-
-
-def rank_dirpath(dirpath: str | os.PathLike[str], rank: int, world: int) -> Path:
-    """Where one rank of a multi-process run keeps its files: ``dirpath/rank<r>`` (``dirpath``
-    itself in a single process), so that every rank can be given the same ``dirpath``."""
-    return Path(dirpath) / f"rank{rank}" if world > 1 else Path(dirpath)
-
-
-def write_ranks_manifest(dirpath: str | os.PathLike[str], sharding: Mapping[str, Any]) -> None:
-    """Rank 0's index of a multi-process window: the world size and the kind of sharding (each
-    rank's own manifest holds its placements). Written without communication."""
-    Path(dirpath).mkdir(parents=True, exist_ok=True)
-    world = int(sharding["world_size"])
-    atomic_write_json(
-        Path(dirpath) / MANIFEST,
-        {"format": RANKS_FORMAT, "version": MANIFEST_VERSION, "world_size": world, "kind": sharding["kind"],
-         "ranks": [rank_dirpath(dirpath, r, world).name for r in range(world)]},
-    )  # fmt: skip
-
-
-def rank_dirpaths(dirpath: str | os.PathLike[str]) -> list[Path]:
-    """The per-rank folders of a multi-process window, as rank 0's index lists them (a missing one
-    raises ``FileNotFoundError`` naming it); ``[dirpath]`` for a single-process window."""
-    path = Path(dirpath) / MANIFEST
-    index = read_json(path) if path.is_file() else {}
-    if index.get("format") != RANKS_FORMAT:
-        return [Path(dirpath)]
-    try:
-        world = int(index["world_size"])
-        names = list(index["ranks"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"the index {path} is malformed: {err!r}") from None
-    # Names are read from a file that may have been edited: only this index's own plain names.
-    if names != [f"rank{r}" for r in range(world)]:
-        raise ValueError(f"the index {path} field 'ranks' must be ['rank0', ..., 'rank{world - 1}'], got {names!r}")
-    folders = [Path(dirpath) / name for name in names]
-    missing = [f.name for f in folders if not (f / MANIFEST).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{dirpath} is a window of {index['world_size']} processes, but the folders of {missing} are missing or hold no manifest"
-        )
-    return folders
-
+from ..kernels import PendingCopy, copy_checked, merge_blocks
+from ..layout import Block, Layout
+from .manifest import (
+    _SNAPSHOT_FILE,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    RANKS_FORMAT,
+    check_record,
+    snapshot_filename,
+    wanted_records,
+)
+from .protocol import warn_rejected
 
 PROGRESS_BYTES = 2 << 30  # a disk merge reading this much shows a progress bar (on a terminal)
 
@@ -118,213 +59,6 @@ def progress_bar(total: float, description: str, quiet: bool = False) -> Any:
         leave=False,
         disable=True if quiet else None,
     )
-
-
-def _wanted_records(store: DiskStore | None, steps: list[int], dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of ``store`` (the window in ``dirpath``, ``None`` if there is none) for ``steps``
-    (a checkpoint's window); steps whose files are gone are reported."""
-    on_disk = {int(r["step"]): r for r in store._records} if store is not None else {}
-    missing = [int(s) for s in steps if int(s) not in on_disk]
-    if missing:
-        warnings.warn(
-            f"the checkpoint's window lists steps {missing}, whose files are no longer in {dirpath}; "
-            f"continuing with the {len(steps) - len(missing)} that are",
-            CkptavgWarning,
-            stacklevel=5,  # the caller of CheckpointWindow.load_state_dict
-        )
-    return [on_disk[int(s)] for s in steps if int(s) in on_disk]
-
-
-def _check_record(record: Any, i: int) -> None:
-    """One manifest entry: a plain snapshot file name inside the folder (never a path), matching its
-    step, and non-negative integer sizes and checksums."""
-    field = lambda key: f"field 'snapshots[{i}].{key}'"  # noqa: E731
-    if not isinstance(record, dict):
-        raise ValueError(f"field 'snapshots[{i}]' must be an object, got {record!r}")
-    for key in ("step", "nbytes", "header_bytes", "header_crc32"):
-        value = record.get(key)
-        check_int(value, field(key))
-    name = record.get("file")
-    if not isinstance(name, str) or name != snapshot_filename(record["step"]):
-        raise ValueError(
-            f"{field('file')} must be the plain file name {snapshot_filename(record['step'])!r}, got {name!r}"
-        )
-    crcs = record.get("group_crc32")
-    if not isinstance(crcs, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in crcs.values()):
-        raise ValueError(f"{field('group_crc32')} must map dtype names to integers, got {crcs!r}")
-
-
-class SnapshotStore(Protocol):
-    """What a storage tier provides to :class:`ckptavg.CheckpointWindow`. Snapshots are indexed
-    by position, 0 = the oldest held; the read API (:meth:`read_groups`, :meth:`merge`) is the
-    only way anything outside a store reaches its data."""
-
-    layout: Layout
-    capacity: int
-
-    @property
-    def steps(self) -> list[int]: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def pinned(self) -> bool: ...
-    def __len__(self) -> int: ...
-    def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy: ...
-    def commit(self, step: int, copy: PendingCopy | None = None) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-    def discard_from(self, step: int) -> None: ...
-    def read_groups(self, index: int) -> dict[torch.dtype, Tensor]: ...
-    def scratch(self) -> dict[str, Tensor]: ...
-    def iter_blocks(self) -> Iterator[tuple[torch.dtype, Block, list[Tensor]]]: ...
-    def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class CpuRing:
-    """``capacity`` snapshots in host memory, allocated once.
-
-    Each dtype group is one ``[capacity + 1, numel]`` tensor. The spare row receives the incoming
-    snapshot; only when it proved finite does it join the window (evicting the oldest row, which
-    becomes the next spare). After the first ``capacity + 1`` snapshots nothing is allocated.
-    """
-
-    def __init__(self, layout: Layout, capacity: int, pin_memory: bool = False):
-        self.layout = layout
-        self.capacity = capacity
-        self._ring = {
-            d: torch.empty(capacity + 1, n, dtype=d, pin_memory=pin_memory) for d, n in layout.group_numel.items()
-        }
-        self._slots: list[int] = []  # live rows, oldest -> newest
-        self._steps: list[int] = []
-        self._spare = 0
-        self._pending: tuple[int, int, PendingCopy] | None = None  # (row, step, copy in flight)
-
-    @property
-    def steps(self) -> list[int]:
-        self.settle(wait=False)
-        pending = [self._pending[1]] if self._pending is not None else []
-        return (self._steps + pending)[-self.capacity :]  # a copy in flight counts (it is rarely refused)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
-        """Copy a snapshot into the spare row (see :func:`copy_checked`). Nothing joins the window
-        until :meth:`commit`. Waits only if the previous copy still fills the spare row."""
-        self.settle()
-        self._spare = next(s for s in range(self.capacity + 1) if s not in self._slots)
-        return copy_checked(self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()})
-
-    def commit(self, step: int, copy: PendingCopy | None = None) -> None:
-        """Add the staged snapshot to the window (evicting the oldest when full); with a copy still
-        in flight, once it has completed and proved finite."""
-        if copy is not None and copy.in_flight:
-            self._pending = (self._spare, step, copy)
-        else:
-            self._commit(self._spare, step)
-
-    def settle(self, wait: bool = True) -> None:
-        """Commit (or reject, with a warning) a snapshot whose copy was in flight."""
-        if self._pending is None or not (wait or self._pending[2].ready()):
-            return
-        slot, step, copy = self._pending
-        self._pending = None
-        bad = copy.verdict()
-        if bad is None:
-            self._commit(slot, step)
-        else:
-            warn_rejected(step, bad)
-
-    def _commit(self, slot: int, step: int) -> None:
-        self._slots.append(slot)
-        self._steps.append(step)
-        if len(self._slots) > self.capacity:
-            del self._slots[0], self._steps[0]
-
-    def discard_from(self, step: int) -> None:
-        """Drop the snapshots taken at or after ``step`` (always the newest)."""
-        self.settle()
-        while self._steps and self._steps[-1] >= step:
-            del self._slots[-1], self._steps[-1]
-
-    @property
-    def pinned(self) -> bool:
-        return all(ring.is_pinned() for ring in self._ring.values())
-
-    @property
-    def nbytes(self) -> int:
-        """Host memory held (the ring, spare row included)."""
-        return sum(ring.numel() * ring.element_size() for ring in self._ring.values())
-
-    def read_groups(self, index: int) -> dict[torch.dtype, Tensor]:
-        """Snapshot ``index`` (0 = oldest held) as one flat tensor per dtype group: read-only
-        views of the ring (valid until the next snapshot overwrites that row)."""
-        self.settle()
-        slot = self._slots[index]
-        return {d: ring[slot] for d, ring in self._ring.items()}
-
-    def iter_blocks(self) -> Iterator[tuple[torch.dtype, Block, list[Tensor]]]:
-        """Every block of every group, as one read-only row per held snapshot (oldest first);
-        views of the ring, valid until the next snapshot."""
-        self.settle()
-        for dtype, blocks in self.layout.blocks.items():
-            ring = self._ring[dtype]
-            for block in blocks:
-                yield dtype, block, [ring[slot, block.lo : block.hi] for slot in self._slots]
-
-    def scratch(self) -> dict[str, Tensor]:
-        """A merge output to copy elsewhere at once, with no allocation: views of an unused row
-        (the spare), valid until the next snapshot."""
-        self.settle()
-        spare = next(slot for slot in range(self.capacity + 1) if slot not in self._slots)
-        return self.layout.views({d: ring[spare] for d, ring in self._ring.items()})
-
-    def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        self.settle()
-        live = [(slot, c) for slot, c in zip(self._slots, coefficients, strict=True) if c != 0.0]
-
-        def rows(dtype: torch.dtype, lo: int, hi: int) -> Iterator[tuple[Tensor, float]]:
-            ring = self._ring[dtype]
-            return ((ring[slot, lo:hi], c) for slot, c in live)
-
-        def newest(dtype: torch.dtype, lo: int, hi: int) -> Tensor:
-            return self._ring[dtype][live[-1][0], lo:hi]  # the newest snapshot merged, not one excluded by before=
-
-        return merge_blocks(self.layout, rows, newest, out)
-
-    def flush(self) -> None:
-        self.settle()
-
-    def close(self) -> None:
-        self.settle()
-
-    def state_dict(self) -> dict[str, Any]:
-        self.settle()
-        index = torch.tensor(self._slots, dtype=torch.long)
-        return {
-            "steps": list(self._steps),
-            "snapshots": {dtype_code(d): ring.index_select(0, index) for d, ring in self._ring.items()},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        steps = [int(s) for s in state["steps"]]
-        snapshots = {dtype_from_code(code): t for code, t in state["snapshots"].items()}
-        if set(snapshots) != set(self._ring):
-            raise ValueError(f"snapshot groups {sorted(map(str, snapshots))} do not match the layout's")
-        for dtype, rows in snapshots.items():
-            if tuple(rows.shape) != (len(steps), self.layout.group_numel[dtype]) or rows.dtype != dtype:
-                raise ValueError(
-                    f"{dtype_code(dtype)} snapshots have shape {tuple(rows.shape)} and dtype {rows.dtype}; "
-                    f"expected ({len(steps)}, {self.layout.group_numel[dtype]}) and {dtype}"
-                )
-        keep = range(max(0, len(steps) - self.capacity), len(steps))
-        self._slots, self._steps = [], []
-        for slot, row in enumerate(keep):
-            for dtype, rows in snapshots.items():
-                self._ring[dtype][slot].copy_(rows[row])
-            self._commit(slot, steps[row])
 
 
 class DiskStore:
@@ -400,7 +134,7 @@ class DiskStore:
             if not isinstance(manifest.get("snapshots"), list):
                 raise ValueError("field 'snapshots' must be a list")
             for i, record in enumerate(manifest["snapshots"]):
-                _check_record(record, i)
+                check_record(record, i)
             steps = [record["step"] for record in manifest["snapshots"]]
             if steps != sorted(set(steps)):
                 raise ValueError(f"field 'snapshots': steps must increase, got {steps}")
@@ -495,7 +229,7 @@ class DiskStore:
         try:
             if reader is not None and reader.layout != layout:
                 raise ValueError(f"the files in {source} hold a different layout from the checkpoint's window")
-            records = _wanted_records(reader, steps, source)[-capacity:]
+            records = wanted_records(reader, steps, source)[-capacity:]
             store = cls(target, layout, capacity, pin_memory, sharding)
             try:
                 store._remove_leftovers()  # of an earlier attempt that crashed: the folder had no manifest
@@ -873,4 +607,4 @@ class DiskStore:
                 CkptavgWarning,
                 stacklevel=4,
             )
-        self._replace_records(_wanted_records(self, state["steps"], self.dirpath)[-self.capacity :])
+        self._replace_records(wanted_records(self, state["steps"], self.dirpath)[-self.capacity :])
