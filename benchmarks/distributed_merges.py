@@ -149,7 +149,8 @@ def main() -> None:
         worker(Path(out), int(seed), int(steps), int(evals), options.variants.split(","))
         return
     if options.quick:
-        options.worlds, options.seeds, options.steps, options.evals = "2", 1, 60, 2
+        options.worlds, options.seeds, options.evals = "2", 1, 2
+        options.steps = min(options.steps, 60)
     worlds = [int(w) for w in options.worlds.split(",")]
     variants = options.variants.split(",")
     runs: dict[int, list[dict[str, Any]]] = {w: [] for w in worlds}

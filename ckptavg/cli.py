@@ -31,7 +31,7 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,21 +49,23 @@ from .files import (
     snapshot_header,
     tensor_bytes,
 )
-from .kernels import stream_merge
+from .kernels import stream_elementwise, stream_merge
 from .layout import Entry, Layout, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
+from .methods.elementwise import check_elementwise, elementwise_names, is_elementwise
 from .offline import (
+    HF_INDEX,
+    HF_SINGLE,
     consolidate,
     consolidated_steps,
     find_state_dict,
     load_merged_weights,
     load_state_file,
+    open_folder,
     read_torch_file,
 )
 from .storage import MANIFEST, progress_bar, rank_dirpaths
 
-HF_SINGLE = "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 MODEL_FILES = re.compile(
     r"^(config\.json|generation_config\.json|[\w.-]*tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
@@ -101,43 +103,6 @@ class Source:
         return int(numbers[-1]) if numbers else self.recorded_step
 
 
-class _Sharded(Mapping[str, Tensor]):
-    """The tensors of a sharded Hugging Face folder, each read from its shard when asked for;
-    the index is checked against the shards' headers when it is opened."""
-
-    def __init__(self, folder: Path, weight_map: Mapping[str, str]):
-        self._files = {}
-        for name in sorted(set(weight_map.values())):
-            try:
-                self._files[name] = load_state_file(folder / name)
-            except FileNotFoundError:
-                raise UsageError(f"{folder / HF_INDEX} names the shard {name}, which does not exist") from None
-        self._map = dict(weight_map)
-        for tensor, shard in self._map.items():
-            if tensor not in self._files[shard]:
-                raise UsageError(f"{folder / HF_INDEX} maps tensor {tensor!r} to {shard}, which does not hold it")
-        for shard, reader in self._files.items():
-            unlisted = sorted(set(reader) - {t for t, s in self._map.items() if s == shard})
-            if unlisted:
-                raise UsageError(f"{folder / shard} holds tensors its index {HF_INDEX} does not list: {unlisted[:5]}")
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self._files[self._map[name]][name]
-
-    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self._files[self._map[name]].spec(name)  # type: ignore[attr-defined]  # shards are safetensors files
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return next(iter(self._files.values())).metadata  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._map)
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-
 def is_window(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
@@ -165,21 +130,8 @@ def open_source(path: Path, key: str | None = None) -> Source:
     if path.is_file() and path.name == HF_INDEX:
         path = path.parent  # the index stands for its folder
     if path.is_dir():
-        if (path / HF_INDEX).is_file():
-            try:
-                weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise UsageError(f"{path / HF_INDEX}: cannot read its 'weight_map': {err!r}") from None
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and "/" not in v and v.endswith(".safetensors") for v in weight_map.values()
-            ):
-                raise UsageError(
-                    f"{path / HF_INDEX}: 'weight_map' must map tensor names to .safetensors files in the folder"
-                )
-            return Source(path, _Sharded(path, weight_map), shards=dict(weight_map), recorded_step=_trainer_step(path))
-        if (path / HF_SINGLE).is_file():
-            return Source(path, load_state_file(path / HF_SINGLE), recorded_step=_trainer_step(path))
-        raise UsageError(f"{path} is a folder with no {HF_SINGLE}, {HF_INDEX} or ckptavg window manifest")
+        tensors, shards = open_folder(path)
+        return Source(path, tensors, shards=shards, recorded_step=_trainer_step(path))
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     if path.suffix == ".safetensors":
@@ -310,16 +262,26 @@ def write_safetensors(path: Path, layout: Layout, chunks: Iterator[memoryview], 
 
 
 def command_merge(args: argparse.Namespace) -> int:
+    if args.config:
+        if args.inputs or args.base or args.weights or args.option:
+            raise UsageError("--config holds the inputs, base, weights and options: give it alone (with -o)")
+        return _merge_config(args, Path(args.config))
+    if not args.inputs:
+        raise UsageError("give the inputs to merge (or --config merge.yml)")
+    if is_elementwise(args.method):
+        weights = _parse_weights(args.weights)
+        return merge_elementwise(
+            args, expand(args.inputs), args.base, args.method, weights, parse_options(args.option), None
+        )
+    if args.base:
+        raise UsageError(
+            f"--base is for element-wise methods ({', '.join(elementwise_names())}); --method {args.method} takes none"
+        )
     paths = expand(args.inputs)
     if args.last is not None and args.last < 1:
         raise UsageError(f"--last must be a positive integer, got {args.last}")
     options = parse_options(args.option)
-    try:
-        weights_arg = [float(w) for w in args.weights.split(",")] if args.weights else None
-    except ValueError:
-        raise UsageError(
-            f"--weights {args.weights!r}: expected numbers separated by commas, e.g. --weights 0.2,0.8"
-        ) from None
+    weights_arg = _parse_weights(args.weights)
     method: Any = weights_arg if weights_arg is not None else args.method
     output = Path(args.output)
     as_folder = output.suffix != ".safetensors"
@@ -365,7 +327,9 @@ def command_merge(args: argparse.Namespace) -> int:
             model_files = next((s for s in opened if s.path.is_dir()), None)  # the oldest Hugging Face input
             atomic_folder(
                 output,
-                lambda folder: _write_hf_folder(folder, model_files, layout, tensors, weights, metadata, progress),
+                lambda folder: _write_hf_folder(
+                    folder, model_files, layout, lambda part: merged_chunks(part, tensors, weights, progress), metadata
+                ),
             )
         else:
             write_safetensors(output, layout, merged_chunks(layout, tensors, weights, progress), metadata)
@@ -439,10 +403,8 @@ def _write_hf_folder(
     folder: Path,
     model_files: Source | None,
     layout: Layout,
-    sources: list[Mapping[str, Tensor]],
-    weights: Sequence[float],
+    chunks: Callable[[Layout], Iterator[memoryview]],
     metadata: dict[str, str],
-    progress: Any,
 ) -> None:
     """A Hugging Face folder: the sharding of ``model_files`` (one ``model.safetensors`` when it
     has none), each shard written as it is computed, its index, and the files a model needs
@@ -451,7 +413,7 @@ def _write_hf_folder(
     for shard in sorted(set(shards.values())):
         names = [e.name for e in layout if shards[e.name] == shard]
         part = Layout([(n, layout.entries[n].dtype, layout.entries[n].shape) for n in names])
-        write_safetensors(folder / shard, part, merged_chunks(part, sources, weights, progress), metadata)
+        write_safetensors(folder / shard, part, chunks(part), metadata)
     if len(set(shards.values())) > 1:
         index = {"metadata": {"total_size": layout.nbytes, "ckptavg": metadata}, "weight_map": shards}
         (folder / HF_INDEX).write_text(json.dumps(index, indent=2))
@@ -459,6 +421,165 @@ def _write_hf_folder(
         for item in sorted(model_files.path.iterdir()):
             if item.is_file() and not item.is_symlink() and MODEL_FILES.match(item.name):
                 shutil.copy2(item, folder / item.name)
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    try:
+        return [float(w) for w in text.split(",")] if text else None
+    except ValueError:
+        raise UsageError(f"--weights {text!r}: expected numbers separated by commas, e.g. --weights 0.2,0.8") from None
+
+
+def elementwise_chunks(
+    layout: Layout,
+    base: Mapping[str, Tensor] | None,
+    sources: Sequence[Mapping[str, Tensor]],
+    method: str,
+    weights: Sequence[float],
+    options: Mapping[str, Any],
+    dtype: torch.dtype | None,
+    progress: Any,
+) -> Iterator[memoryview]:
+    """An element-wise merge's bytes in file order, one tensor at a time (``dtype``: cast floats)."""
+    for entry, values in stream_elementwise(file_order(layout), base, sources, method, weights, options):
+        if is_averaged(entry.dtype) and not torch.isfinite(values).all():
+            raise UsageError(f"tensor {entry.name!r}: the {method} merge is not finite (NaN or Inf in an input?)")
+        if dtype is not None and is_averaged(entry.dtype):
+            values = values.to(dtype)
+        yield tensor_bytes(values.reshape(-1).contiguous())
+        progress(entry.numel * entry.dtype.itemsize)
+
+
+def merge_elementwise(
+    args: argparse.Namespace,
+    paths: list[Path],
+    base_path: str | None,
+    method: str,
+    weights: list[float] | None,
+    options: dict[str, Any],
+    dtype: torch.dtype | None,
+) -> int:
+    """Models fine-tuned from one base, merged element by element (TIES, DARE, SLERP, ...): inputs in
+    the order given; configs and tokenizer files, and the sharding, from the base."""
+    per_model = weights if weights is not None else [1.0] * len(paths)
+    if len(per_model) != len(paths):
+        raise UsageError(f"--weights: expected {len(paths)} (one per input model), got {len(per_model)}")
+    try:
+        check_elementwise(method, options, len(paths), base_path is not None)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    output = Path(args.output)
+    as_folder = output.suffix != ".safetensors"
+    base = open_source(Path(base_path), args.key) if base_path else None
+    check_output(output, paths + ([base.path] if base is not None else []), args.force, folder=as_folder)
+    opened = [open_source(p, args.key) for p in paths]
+    everything = ([base] if base is not None else []) + opened
+    layout = _checked_layout(everything)
+    if dtype is not None:
+        layout = Layout([(e.name, dtype if is_averaged(e.dtype) else e.dtype, e.shape) for e in layout])
+    _say(args, f"{method}: base {base.path if base else '(none)'}, inputs " + ", ".join(str(s.path) for s in opened))
+    metadata = safetensors_metadata(
+        "merged",
+        method=method,
+        weights=json.dumps(per_model),
+        options=json.dumps(options),
+        base=json.dumps(None if base is None else {"path": str(base.path), "sha256": _fingerprint(base.path)}),
+        inputs=json.dumps([{"path": str(s.path), "sha256": _fingerprint(s.path)} for s in opened]),
+    )
+    tensors = [s.tensors for s in opened]
+    origin = base.tensors if base is not None else None
+    bar = progress_bar((len(everything)) * layout.nbytes, f"{method}: merging {len(opened)} models", args.quiet)
+
+    def progress(written: int) -> None:
+        bar.update(written * len(everything))
+
+    def chunks(part: Layout) -> Iterator[memoryview]:
+        return elementwise_chunks(part, origin, tensors, method, per_model, options, dtype, progress)
+
+    try:
+        if as_folder:
+            atomic_folder(output, lambda folder: _write_hf_folder(folder, base or opened[0], layout, chunks, metadata))
+        else:
+            write_safetensors(output, layout, chunks(layout), metadata)
+    finally:
+        bar.close()
+    _say(args, f"merged {len(opened)} models with {method} into {output}")
+    return 0
+
+
+def _fingerprint(path: Path) -> str:
+    """The sha256 of an input's weights: the file, or a folder's weight files in name order."""
+    files = (
+        [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    )
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+MERGEKIT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _merge_config(args: argparse.Namespace, path: Path) -> int:
+    """A mergekit YAML config: ``merge_method``, ``base_model``, ``models`` (each ``model`` with
+    ``parameters: {weight, ...}``), ``parameters`` and ``dtype``. ``slices`` and per-layer
+    gradients are refused, naming the field."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UsageError(f"{path}: cannot read it as YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a mapping with merge_method, models, ...")
+    known = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_dtype"}
+    if "slices" in config:
+        raise UsageError(f"{path}: field 'slices' (layer ranges) is not supported; list whole models under 'models'")
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown field {unknown[0]!r} (known: {sorted(known)})")
+    method = str(config.get("merge_method", "")).lower()
+    models = config.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, dict) and "model" in m for m in models):
+        raise UsageError(f"{path}: field 'models' must be a list of {{model: <path>, parameters: {{...}}}}")
+    base = config.get("base_model")
+    folder = path.parent
+    resolve = lambda p: str(p if Path(p).is_absolute() else folder / p)  # noqa: E731
+    entries = [(resolve(m["model"]), dict(m.get("parameters") or {})) for m in models]
+    if base is not None:
+        entries = [(p, params) for p, params in entries if Path(p).resolve() != Path(resolve(base)).resolve()]
+    options = dict(config.get("parameters") or {})
+    for key, value in options.items():
+        if isinstance(value, list) and value and not all(isinstance(v, dict) for v in value):
+            raise UsageError(
+                f"{path}: parameters.{key}: per-layer gradients are not supported; give a value or filter rules"
+            )
+    weights = [float(params.pop("weight", 1.0)) for _, params in entries]
+    for key in sorted({k for _, params in entries for k in params}):
+        values = [params.get(key) for _, params in entries]
+        if len({json.dumps(v) for v in values}) > 1:
+            raise UsageError(
+                f"{path}: models[*].parameters.{key} differs between models: give it once under 'parameters'"
+            )
+        options.setdefault(key, values[0])
+    dtype_name = config.get("out_dtype") or config.get("dtype")
+    if dtype_name is not None and dtype_name not in MERGEKIT_DTYPES:
+        raise UsageError(f"{path}: dtype {dtype_name!r}: expected one of {sorted(MERGEKIT_DTYPES)}")
+    dtype = MERGEKIT_DTYPES[dtype_name] if dtype_name else None
+    paths = [Path(p) for p, _ in entries]
+    if method == "linear":
+        if options.pop("normalize", True) is False:
+            raise UsageError(f"{path}: linear with normalize: false is task arithmetic without a base: not supported")
+        args.inputs, args.weights, args.method = [str(p) for p in paths], ",".join(map(str, weights)), "weights"
+        args.config, args.option = None, [f"{k}={json.dumps(v)}" for k, v in options.items()]
+        args.last = None
+        return command_merge(args)
+    if not is_elementwise(method):
+        raise UsageError(f"{path}: merge_method {method!r}: expected linear or one of {elementwise_names()}")
+    return merge_elementwise(args, paths, None if base is None else resolve(base), method, weights, options, dtype)
 
 
 def command_export(args: argparse.Namespace) -> int:
@@ -724,10 +845,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "Merge checkpoints, oldest first, with one coefficient vector.\n\n" + __doc__.split("\n\n")[2])  # fmt: skip
     merge.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         help="files (.safetensors .pt .pth .bin .ckpt), Hugging Face folders, a window folder, or globs",
     )
-    merge.add_argument("--method", default="sma", help=f"merge method: {', '.join(method_names())} (default sma)")
+    merge.add_argument(
+        "--method",
+        default="sma",
+        help=f"merge method: {', '.join(method_names())}; for models fine-tuned from --base: {', '.join(elementwise_names())} (default sma)",
+    )
+    merge.add_argument("--base", help="the base model the inputs were fine-tuned from (element-wise methods)")
+    merge.add_argument(
+        "--config", help="a mergekit-style YAML file (merge_method, base_model, models, parameters, dtype)"
+    )
     merge.add_argument("--weights", help="explicit weights, one per input, oldest first: 0.2,0.8 (scaled to sum to 1)")
     merge.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="EMA coefficient (default 0.2)")
     merge.add_argument(

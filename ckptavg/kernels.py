@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .layout import BLOCK_NUMEL, Block, Entry, Layout, accumulation_dtype, flat_local, is_averaged
+from .layout import BLOCK_NUMEL, Block, Entry, Layout, accumulation_dtype, flat_local, is_averaged, local_tensor
 
 RowSource = Callable[[torch.dtype, int, int], Iterable[tuple[Tensor, float]]]
 """``rows(dtype, lo, hi)`` yields ``(row, coefficient)`` for elements ``[lo, hi)`` of a dtype group,
@@ -114,6 +114,28 @@ def stream_merge(
         for lo in range(0, entry.numel, BLOCK_NUMEL):
             hi = min(lo + BLOCK_NUMEL, entry.numel)
             yield entry, lo, hi, weighted_sum_(acc[: hi - lo], ((row[lo:hi], w) for row, w in rows), scratch)
+
+
+def stream_elementwise(
+    entries: Iterable[Entry],
+    base: Mapping[str, Tensor] | None,
+    sources: Sequence[Mapping[str, Tensor]],
+    method: str,
+    weights: Sequence[float],
+    options: Mapping[str, Any],
+) -> Iterator[tuple[Entry, Tensor]]:
+    """An element-wise method (:mod:`ckptavg.methods.elementwise`) over tensors held elsewhere,
+    one tensor at a time (memory: the inputs' and the base's copies of one tensor, and the result);
+    integer and bool tensors come from the base (else from the first input)."""
+    from .methods.elementwise import apply_elementwise
+
+    for entry in entries:
+        if not is_averaged(entry.dtype):
+            yield entry, local_tensor((base or sources[0])[entry.name])
+            continue
+        tensors = [local_tensor(s[entry.name]) for s in sources]
+        origin = None if base is None else local_tensor(base[entry.name])
+        yield entry, apply_elementwise(method, entry.name, origin, tensors, weights, options)
 
 
 def block_views(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,13 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels import stream_merge
+from .kernels import stream_elementwise, stream_merge
 from .layout import (
     Layout,
     dtype_from_code,
+    is_averaged,
     state_tensors,
 )
-from .methods import DEFAULT_ALPHA, Method, coefficients
+from .methods import DEFAULT_ALPHA, MergeSpec, Method, coefficients
+from .methods.elementwise import check_elementwise, elementwise_names, is_elementwise
 from .sharding import Placement, assemble, replicated_placements
 from .storage import DiskStore, rank_dirpaths
 
@@ -63,16 +66,77 @@ class _SafetensorsFile(Mapping[str, Tensor]):
             raise ValueError(f"{self.path}: tensor {name!r}: {err}") from None
 
 
+class ShardedFolder(Mapping[str, Tensor]):
+    """The tensors of a sharded Hugging Face folder, each read from its shard when asked for;
+    the index is checked against the shards' headers when it is opened."""
+
+    def __init__(self, folder: Path, weight_map: Mapping[str, str]):
+        self._files = {}
+        for name in sorted(set(weight_map.values())):
+            try:
+                self._files[name] = load_state_file(folder / name)
+            except FileNotFoundError:
+                raise ValueError(f"{folder / HF_INDEX} names the shard {name}, which does not exist") from None
+        self._map = dict(weight_map)
+        for tensor, shard in self._map.items():
+            if tensor not in self._files[shard]:
+                raise ValueError(f"{folder / HF_INDEX} maps tensor {tensor!r} to {shard}, which does not hold it")
+        for shard, reader in self._files.items():
+            unlisted = sorted(set(reader) - {t for t, s in self._map.items() if s == shard})
+            if unlisted:
+                raise ValueError(f"{folder / shard} holds tensors its index {HF_INDEX} does not list: {unlisted[:5]}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._files[self._map[name]][name]
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._files[self._map[name]].spec(name)  # type: ignore[attr-defined]  # shards are safetensors files
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return next(iter(self._files.values())).metadata  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+
+def open_folder(path: Path) -> tuple[Mapping[str, Tensor], dict[str, str] | None]:
+    """A Hugging Face folder's tensors (read lazily) and, when it is sharded, its weight map."""
+    if (path / HF_INDEX).is_file():
+        try:
+            weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path / HF_INDEX}: cannot read its 'weight_map': {err!r}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and "/" not in v and v.endswith(".safetensors") for v in weight_map.values()
+        ):
+            raise ValueError(
+                f"{path / HF_INDEX}: 'weight_map' must map tensor names to .safetensors files in the folder"
+            )
+        return ShardedFolder(path, weight_map), dict(weight_map)
+    if (path / HF_SINGLE).is_file():
+        return load_state_file(path / HF_SINGLE), None
+    raise ValueError(f"{path} is a folder with no {HF_SINGLE}, {HF_INDEX} or ckptavg window manifest")
+
+
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ema", "model_ema", "state_dict_ema")
 """Where training scripts usually keep the weights inside a saved dict, most common first."""
 
 
 def load_state_file(path: str | os.PathLike[str], *, key: str | None = None) -> Mapping[str, Tensor]:
-    """A state dict from a file, never unpickling code: safetensors (read lazily), or a torch file
-    (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``) loaded with ``weights_only=True``.
+    """A state dict from a file, never unpickling code: safetensors (read lazily), a torch file
+    (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``) loaded with ``weights_only=True``, or a
+    Hugging Face folder (single or sharded safetensors, read lazily).
 
     Args:
-        path: the file.
+        path: the file or folder.
         key: where the state dict sits inside a torch file that holds more (``"model"`` in
             ``torch.save({"model": ..., "optimizer": ..., "epoch": 3})``; dotted for nesting,
             ``"model.ema"``). By default the file itself when it maps names to tensors, else the
@@ -80,6 +144,8 @@ def load_state_file(path: str | os.PathLike[str], *, key: str | None = None) -> 
             file's keys listed, never read as an empty state dict.
     """
     path = Path(path)
+    if path.is_dir() or path.name == HF_INDEX:
+        return open_folder(path if path.is_dir() else path.parent)[0]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -151,44 +217,98 @@ def _describe(source: CheckpointSource, index: int) -> str:
 @torch.no_grad()
 def merge_state_dicts(
     state_dicts: Sequence[CheckpointSource],
-    weights: Method | None = None,
+    method: Method | None = None,
     *,
+    weights: Method | None = None,
+    base: CheckpointSource | None = None,
     alpha: float = DEFAULT_ALPHA,
     **options: Any,
 ) -> dict[str, Tensor]:
-    """Merge separately saved checkpoints, oldest first, with the same kernel as the window.
+    """Merge separately saved checkpoints with the same kernels as the window.
 
-    Each item is a state dict, a model, or a file path (safetensors, or a torch/Lightning
-    checkpoint loaded with ``weights_only=True``). ``weights`` is ``None`` (uniform), a merge method's
-    name with its ``options`` (see :mod:`ckptavg.methods`; the checkpoints count as evenly spaced)
-    or one number per checkpoint (scaled to sum to 1). Floats are
-    accumulated in fp32 (fp64 in fp64) and cast back once; integer and bool tensors come from the
-    newest checkpoint with a non-zero weight. Tensors are paired by name; any difference in names, shapes or dtypes raises
-    ``ValueError`` naming the key and the checkpoint.
+    Each item (and ``base``) is a state dict, a model, or a file path (safetensors, or a
+    torch/Lightning checkpoint loaded with ``weights_only=True``). ``method`` is:
+
+    - ``None`` or a coefficient method's name (``"sma"``, ``"ema"``, ...; the checkpoints count as
+      evenly spaced, oldest first) with its ``options``, or one number per checkpoint (scaled to sum
+      to 1; also accepted as ``weights=``). Floats are accumulated in fp32 (fp64 in fp64) and cast
+      back once; integer and bool tensors come from the newest checkpoint with a non-zero weight.
+    - an element-wise method for models fine-tuned from one ``base`` (``"task_arithmetic"``,
+      ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"breadcrumbs"``, ``"slerp"``,
+      ``"karcher"``, ``"model_stock"``; :mod:`ckptavg.methods.elementwise`), with ``weights`` one
+      per model (default 1) and its options (``density=0.5``; per tensor as a list of
+      ``{"filter": ..., "value": ...}``). Integer and bool tensors come from the base.
+
+    Tensors are paired by name; any difference in names, shapes or dtypes raises ``ValueError``
+    naming the key and the checkpoint, before anything is computed.
 
     >>> import torch
     >>> a = {"w": torch.zeros(2), "n": torch.tensor(1)}
     >>> b = {"n": torch.tensor(5), "w": torch.ones(2)}
     >>> merge_state_dicts([a, b], weights=[1, 3])
     {'w': tensor([0.7500, 0.7500]), 'n': tensor(5)}
+    >>> merge_state_dicts([b], "task_arithmetic", base=a, weights=[0.5])
+    {'w': tensor([0.5000, 0.5000]), 'n': tensor(1)}
     """
     if isinstance(state_dicts, (str, os.PathLike, Mapping)):
         raise TypeError("merge_state_dicts takes a sequence of checkpoints")
+    if isinstance(method, MergeSpec):
+        spec: MergeSpec = method
+        method, options = spec.method, {**spec.options, **options}
+    if method is not None and weights is not None and not is_elementwise(method):
+        raise ValueError("give a method or weights, not both (a weight list is itself the method)")
     sources = list(state_dicts)
-    coeffs = coefficients("sma" if weights is None else weights, len(sources), alpha, **options)
+    if is_elementwise(method):
+        assert isinstance(method, str)
+        return _merge_elementwise(sources, method, weights, base, options)
+    if base is not None:
+        raise ValueError(f"base= is for element-wise methods ({elementwise_names()}); {method or 'sma'!r} takes none")
+    chosen = method if method is not None else weights
+    coeffs = coefficients("sma" if chosen is None else chosen, len(sources), alpha, **options)
+    dicts = _load_all(sources)
+    layout = _common_layout(sources, dicts)
+    merged = {entry.name: torch.empty(entry.shape, dtype=entry.dtype) for entry in layout}
+    for entry, lo, hi, values in stream_merge(layout, dicts, coeffs):
+        merged[entry.name].view(-1)[lo:hi].copy_(values)
+    return merged
+
+
+def _load_all(sources: Sequence[CheckpointSource]) -> list[dict[str, Tensor]]:
+    """Every source's tensors (files read lazily), found inside ``{"model": ..., ...}`` dicts too."""
     loaded = [load_state_file(s) if isinstance(s, (str, os.PathLike)) else s for s in sources]
     dicts = [state_tensors(d) for d in loaded]
     for index, (source, tensors) in enumerate(zip(sources, dicts, strict=True)):
         if not tensors and isinstance(source, Mapping):  # {"model": ..., "optimizer": ..., "epoch": 3}
             dicts[index] = dict(find_state_dict(source, _describe(source, index))[1])
+    return dicts
+
+
+def _common_layout(sources: Sequence[CheckpointSource], dicts: Sequence[Mapping[str, Tensor]]) -> Layout:
     layout = Layout.from_tensors(dicts[0])
     for index, (source, tensors) in enumerate(zip(sources, dicts, strict=True)):
         layout.check(tensors, what=_describe(source, index))
+    return layout
 
-    merged = {entry.name: torch.empty(entry.shape, dtype=entry.dtype) for entry in layout}
-    for entry, lo, hi, values in stream_merge(layout, dicts, coeffs):
-        merged[entry.name].view(-1)[lo:hi].copy_(values)
-    return merged
+
+def _merge_elementwise(
+    sources: list[CheckpointSource],
+    method: str,
+    weights: Any,
+    base: CheckpointSource | None,
+    options: dict[str, Any],
+) -> dict[str, Tensor]:
+    check_elementwise(method, options, len(sources), base is not None)
+    per_model = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if len(per_model) != len(sources):
+        raise ValueError(f"weights: expected {len(sources)} (one per model), got {len(per_model)}")
+    everything = ([base] if base is not None else []) + sources
+    dicts = _load_all(everything)
+    layout = _common_layout(everything, dicts)
+    base_tensors, inputs = (dicts[0], dicts[1:]) if base is not None else (None, dicts)
+    return {
+        entry.name: tensor if is_averaged(entry.dtype) else tensor.clone()  # never the input's own storage
+        for entry, tensor in stream_elementwise(layout, base_tensors, inputs, method, per_model, options)
+    }
 
 
 def consolidate(

@@ -44,6 +44,7 @@ def test_plain_loop_example(tmp_path):
         ("distributed.py", ["--params", "3e5", "--repeats", "1"]),
         ("aggregate.py", ["--seeds", "1"]),
         ("hf_trainer.py", ["--quick", "--steps", "40"]),
+        ("distributed_merges.py", ["--quick", "--steps", "20", "--variants", "ddp,diloco-10,streaming-4,sparta-0.5%"]),
     ],
 )
 def test_benchmarks_run(tmp_path, script, args):

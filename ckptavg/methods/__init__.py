@@ -4,7 +4,8 @@ One weighted-sum kernel (:mod:`ckptavg.kernels`) applies any of them. A new meth
 here and one :func:`merge_method` decorator; see :mod:`ckptavg.methods.registry`.
 """
 
-from . import decay, greedy_soup, moving_averages, posthoc  # noqa: F401  (registers the methods)
+from . import decay, greedy_soup, model_stock, moving_averages, posthoc, spherical, task_vectors  # noqa: F401  (registers the methods)
+from .elementwise import TensorContext, elementwise_method, elementwise_names, is_elementwise
 from .registry import (
     DEFAULT_ALPHA,
     Evaluate,
@@ -39,6 +40,10 @@ def ema(n: int, alpha: float = DEFAULT_ALPHA) -> list[float]:
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "TensorContext",
+    "elementwise_method",
+    "elementwise_names",
+    "is_elementwise",
     "Evaluate",
     "MergeContext",
     "MergeMethod",

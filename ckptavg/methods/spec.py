@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .elementwise import check_elementwise, is_elementwise
 from .registry import check_options, coefficients, get_method
 
 
@@ -45,6 +46,11 @@ class MergeSpec:
             raise TypeError("MergeSpec(method, ...): method is a name; use MergeSpec.of(spec) to accept both")
         if not isinstance(method, str):
             raise ValueError(f"a MergeSpec's method must be a registered method's name, got {method!r}")
+        if is_elementwise(method):  # fine-tuned models with a base: options checked, no coefficients
+            check_elementwise(method, options, None, None)
+            object.__setattr__(self, "method", method.lower())
+            object.__setattr__(self, "options", dict(options))
+            return
         name = get_method(method).name
         check_options(name, options)
         with warnings.catch_warnings():
@@ -66,6 +72,11 @@ class MergeSpec:
         self, steps: int | Sequence[int], *, score: Callable[[Sequence[float]], float] | None = None
     ) -> list[float]:
         """The coefficient vector over snapshots at ``steps`` (or ``n`` evenly spaced), oldest first."""
+        if is_elementwise(self.method):
+            raise ValueError(
+                f"{self.method!r} merges fine-tuned models element by element (merge_state_dicts(..., base=...)); "
+                "it has no coefficient vector over snapshots"
+            )
         return coefficients(self.method, steps, score=score, **self.options)
 
     def __setattr__(self, name: str, value: Any) -> None:
