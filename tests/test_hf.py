@@ -209,3 +209,18 @@ def test_bf16_autocast_on_the_cpu_runs_and_ends_with_a_finite_merge(tmp_path):
     assert averager.window.steps == [5, 10]
     assert math.isfinite(_logged(run, "eval_merged_loss")[10])
     assert all(torch.isfinite(t).all() for t in run.model.state_dict().values())
+
+
+def test_a_peft_lora_model_ends_with_the_merged_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0))
+    averager = CheckpointAveragerCallback(window=2, every_n_steps=5)
+    run = trainer(tmp_path, [averager], model=model, max_steps=10, eval_steps=10)
+    run.train()
+    assert (tmp_path / "merged" / "adapter_model.safetensors").is_file()  # save_pretrained of a PEFT model: the adapter
+    reloaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "merged")
+    ids = datasets()[1].ids[:2]
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)

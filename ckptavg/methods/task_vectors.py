@@ -27,16 +27,18 @@ from torch import Tensor
 from .elementwise import TensorContext, elementwise_method
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` share of the entries largest in magnitude (at least one)."""
+def trim_(delta: Tensor, density: float) -> Tensor:
+    """Keep, in place, the ``density`` share of the entries largest in magnitude (at least one):
+    every entry at least as large as the ``k``-th largest (a linear-time selection, not a sort;
+    entries tied with it are kept too)."""
     if density >= 1.0:
-        return torch.ones_like(delta)
+        return delta
     if density <= 0.0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
-    return mask.view_as(delta)
+    magnitude = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(magnitude, delta.numel() - k + 1).values
+    return delta.mul_((magnitude >= threshold).view_as(delta))
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -99,7 +101,7 @@ def task_arithmetic(ctx: TensorContext, *, lambda_: float = 1.0, normalize: bool
 def ties(ctx: TensorContext, *, density: float = 1.0, lambda_: float = 1.0, normalize: bool = True) -> Tensor:
     """TIES (arXiv 2306.01708): trim each task vector to its top ``density`` by magnitude, elect
     each entry's sign by total mass, average the agreeing entries (disjoint mean)."""
-    deltas = [d * magnitude_mask(d, density) for d in _deltas(ctx)]
+    deltas = [trim_(d, density) for d in _deltas(ctx)]
     return combine(ctx, deltas, elect_sign=True, normalize=normalize, lambda_=lambda_)
 
 
