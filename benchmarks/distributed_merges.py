@@ -6,7 +6,8 @@
 Every variant trains the byte-level GPT (benchmarks/models.py) for the same inner steps, with the
 same per-worker batch (each worker its own data stream) and AdamW: data-parallel (DDP, a gradient
 all-reduce every step), DiLoCo with H = 10, 50 and 100, Streaming DiLoCo (4 fragments, bfloat16,
-one step of overlap), SPARTA (0.5% and 0.1% of the elements every step) and SPARTA + DiLoCo.
+five steps of overlap), SPARTA (0.5% and 0.1% of the elements every step) and SPARTA + DiLoCo;
+``avg-H`` (periodic averaging every H steps: DiLoCo with an outer ``SGD(lr=1)``) on request.
 Reported: the final validation loss (mean and spread over seeds, and the ratio to DDP's), and the
 bytes each worker handed to the collectives (DDP's counted in a gradient communication hook).
 
@@ -19,6 +20,7 @@ gives the simulated time to reach DDP's final loss + ``--target`` percent.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -78,6 +80,9 @@ def worker(out: Path, seed: int, steps: int, evals: int, variants: list[str]) ->
             net.register_comm_hook(comms, counting)
         if variant.startswith("diloco") or variant.endswith("diloco-100"):
             syncers.append(DiLoCo(model, optimizer, sync_every=int(variant.rsplit("-", 1)[1])))
+        if variant.startswith("avg-"):  # periodic averaging: DiLoCo with outer SGD(lr=1, momentum=0)
+            plain = functools.partial(torch.optim.SGD, lr=1.0)
+            syncers.append(DiLoCo(model, optimizer, sync_every=int(variant.split("-")[1]), outer_optimizer=plain))
         if variant.startswith("streaming"):
             syncers.append(
                 DiLoCo(
@@ -143,6 +148,8 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=50.0, help="simulated link, ms per hop")
     parser.add_argument("--target", type=float, default=2.0, help="percent above DDP's final loss")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", default="distributed_merges", help="the results file's name")
+    parser.add_argument("--from-json", help="rebuild the table from a results file instead of running")
     options = parser.parse_args()
     if options.worker:
         out, seed, steps, evals = options.worker
@@ -154,6 +161,18 @@ def main() -> None:
     worlds = [int(w) for w in options.worlds.split(",")]
     variants = options.variants.split(",")
     runs: dict[int, list[dict[str, Any]]] = {w: [] for w in worlds}
+    if options.from_json:
+        saved = json.loads(Path(options.from_json).read_text())
+        runs = {int(w): r for w, r in saved["runs"].items()}
+        worlds, variants = sorted(runs), list(next(iter(runs.values()))[0])
+        options.seeds, options.steps = len(next(iter(runs.values()))), saved["options"]["steps"]
+    _run_all(options, worlds, variants, runs)
+    _table(options, worlds, variants, runs)
+
+
+def _run_all(options: Any, worlds: list[int], variants: list[str], runs: dict[int, list[dict[str, Any]]]) -> None:
+    if options.from_json:
+        return
     env = os.environ | {
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]),
         "OMP_NUM_THREADS": "1",
@@ -170,6 +189,9 @@ def main() -> None:
                     + ", ".join(f"{v} {runs[world][-1][v]['final']:.4f}" for v in variants),
                     flush=True,
                 )
+
+
+def _table(options: Any, worlds: list[int], variants: list[str], runs: dict[int, list[dict[str, Any]]]) -> None:
     rows = []
     for world in worlds:
         for variant in variants:
@@ -190,10 +212,10 @@ def main() -> None:
                 "vs DDP": f"{(statistics.mean(ratios) - 1) * 100:+.2f}%",
                 "MB sent / worker": round(sent / 2**20, 2),
                 "less than DDP": f"{ddp_sent / sent:.0f}x" if sent else "-",
-                f"time to DDP+{options.target:g}% (sim. s)": "not reached" if min(reach) == float("inf") else f"{statistics.median(reach):.0f}",
+                f"time to DDP+{options.target:g}% (sim. s)": _reached(reach),
             })  # fmt: skip
     report(
-        "distributed_merges",
+        options.name,
         f"{options.steps} inner steps, {options.seeds} seed(s); link {options.bandwidth:g} Mbit/s, {options.latency:g} ms",
         [
             "workers",
@@ -206,6 +228,16 @@ def main() -> None:
         ],
         rows,
         extra={"runs": {str(w): r for w, r in runs.items()}, "options": vars(options)},
+    )
+
+
+def _reached(seconds: list[float]) -> str:
+    """The median simulated time over the seeds that reached the target, and how many did."""
+    reached = [s for s in seconds if s != float("inf")]
+    if not reached:
+        return "not reached"
+    return f"{statistics.median(reached):.0f}" + (
+        "" if len(reached) == len(seconds) else f" ({len(reached)}/{len(seconds)} seeds)"
     )
 
 

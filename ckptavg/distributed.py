@@ -103,7 +103,9 @@ class DiLoCo:
         inner_optimizer: the optimizer the training loop steps; each of its steps is one inner step.
         sync_every: inner steps between two syncs of each fragment (DiLoCo's H).
         outer_optimizer: a factory called with the global weights' tensors; default
-            :data:`DEFAULT_OUTER`.
+            :data:`DEFAULT_OUTER` (the paper's, made for thousands of outer steps). For short runs
+            ``functools.partial(torch.optim.SGD, lr=1.0)``, plain periodic averaging, does better
+            (``docs/distributed.md``).
         fragments: Streaming DiLoCo's fragments (1: plain DiLoCo). Fragment ``f`` syncs at the inner
             steps ``f * sync_every / fragments (mod sync_every)``; ``sync_every`` must be a multiple.
         fragment_delay: inner steps a fragment's all-reduce overlaps with training (0: wait at once).

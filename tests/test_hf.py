@@ -224,3 +224,15 @@ def test_a_peft_lora_model_ends_with_the_merged_adapter(tmp_path):
     model.eval(), reloaded.eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_checkpoint_rotation_never_touches_the_disk_window(tmp_path):
+    averager = CheckpointAveragerCallback(window=3, every_n_steps=5, storage="disk", recover=False)
+    run = trainer(
+        tmp_path, [averager], max_steps=30, save_strategy="steps", save_steps=10, save_total_limit=1, eval_steps=30
+    )
+    run.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-30"]
+    files = sorted(p.name for p in (tmp_path / "ckptavg" / "window").glob("*.safetensors"))
+    assert len(files) == 3 and averager.window.steps == [20, 25, 30]
+    assert averager.window.verify() == []
