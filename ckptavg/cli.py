@@ -547,7 +547,8 @@ def _merge_config(args: argparse.Namespace, path: Path) -> int:
         raise UsageError(f"{path}: field 'models' must be a list of {{model: <path>, parameters: {{...}}}}")
     base = config.get("base_model")
     folder = path.parent
-    resolve = lambda p: str(p if Path(p).is_absolute() else folder / p)  # noqa: E731
+    # As mergekit reads them: relative to the working directory; else beside the config file.
+    resolve = lambda p: str(p if Path(p).is_absolute() or Path(p).exists() else folder / p)  # noqa: E731
     entries = [(resolve(m["model"]), dict(m.get("parameters") or {})) for m in models]
     if base is not None:
         entries = [(p, params) for p, params in entries if Path(p).resolve() != Path(resolve(base)).resolve()]

@@ -99,6 +99,15 @@ def test_a_killed_replica_makes_the_other_fail_with_a_clear_error(tmp_path):
     assert survivor["seconds"] < 60  # well within the process group's timeout, not a hang
 
 
+def test_replicas_whose_models_differ_are_refused_on_every_rank(tmp_path):
+    ranks = run_ranks("workers/diloco.py", tmp_path, "mismatch", torchrun=True)
+    assert (
+        "rank 1's model differs from this one's: ('0.weight', (7, 5), 'torch.float32') vs ('0.weight', (8, 5)"
+        in ranks[0]["error"]
+    )
+    assert "rank 0's model differs" in ranks[1]["error"]
+
+
 def test_bad_configuration_is_refused_before_training():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

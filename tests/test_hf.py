@@ -236,3 +236,25 @@ def test_checkpoint_rotation_never_touches_the_disk_window(tmp_path):
     files = sorted(p.name for p in (tmp_path / "ckptavg" / "window").glob("*.safetensors"))
     assert len(files) == 3 and averager.window.steps == [20, 25, 30]
     assert averager.window.verify() == []
+
+
+def test_a_callback_added_after_the_trainer_was_built_resumes_too(tmp_path):
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 20:
+                control.should_training_stop = True
+
+    def averager():
+        return CheckpointAveragerCallback(window=4, every_n_steps=5, storage="cpu", recover=False)
+
+    saving = dict(save_strategy="steps", save_steps=20, eval_steps=20)
+    whole = trainer(tmp_path / "whole", [averager()], **saving)
+    whole.train()
+    trainer(tmp_path / "split", [averager(), StopAt()], **saving).train()
+    late = averager()
+    second = trainer(tmp_path / "split", [], model=tiny_gpt2(seed=1), **saving)
+    second.add_callback(late)
+    second.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-20"))
+    assert late.window.steps == [25, 30, 35, 40]
+    for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -193,6 +193,12 @@ class CheckpointAveragerCallback(TrainerCallback):
             root=output,
         )
         resumed = self._tap.resumed_from if self._tap is not None else None
+        if resumed is None and state.global_step > 0:
+            # Attached after the Trainer loaded the checkpoint (add_callback): its usual folder.
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            guess = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            resumed = str(guess) if guess.is_dir() else None
         if resumed and (Path(resumed) / RAW_FILE).is_file():
             # The checkpoint's model files hold the merge its monitored metric measured: training
             # goes on from the raw weights kept beside them.

@@ -51,9 +51,20 @@ def recorded(model, optimizer, run):
 def main() -> None:
     out = Path(sys.argv[1])
     killed = len(sys.argv) > 2 and sys.argv[2] == "killed"
+    mismatch = len(sys.argv) > 2 and sys.argv[2] == "mismatch"
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank = dist.get_rank()
     result = {}
+
+    if mismatch:  # rank 1's model is another shape: both ranks refuse before training
+        model = net(0) if rank == 0 else nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        try:
+            DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=3)
+        except ValueError as err:
+            result = {"error": str(err)}
+        torch.save(result, out / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        return
 
     if killed:
         model = net(rank)
