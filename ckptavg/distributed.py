@@ -251,6 +251,14 @@ class DiLoCo:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
 
+    def global_state(self) -> dict[str, Tensor]:
+        """The model's state dict with every parameter replaced by the global (merged) weights, in
+        the parameter's dtype and device; buffers as this replica holds them."""
+        state = dict(self.model.state_dict())
+        for (name, param), global_ in zip(self.model.named_parameters(), self.global_params, strict=True):
+            state[name] = global_.to(param.device, param.dtype)
+        return state
+
     def flush(self) -> None:
         """Finish every all-reduce in flight (before saving, or at the end of training)."""
         for fragment in sorted(self._pending):

@@ -136,3 +136,15 @@ def test_lightning_diloco_strategy_trains_replicas_apart_and_the_averager_merges
         if tensor.is_floating_point():
             reference = sum(s[name].double() for s in snapshots) / len(snapshots)
             assert torch.allclose(tensor.double(), reference, rtol=0, atol=1e-6), name
+
+
+def test_the_trainer_with_diloco_trains_replicas_apart_and_merges_them_every_sync(tmp_path):
+    pytest.importorskip("transformers")
+    ranks = run_ranks("workers/hf_diloco.py", tmp_path, torchrun=True)
+    assert ranks[0]["wrapped"] == "DistributedDataParallel"  # the Trainer's wrapper, with a hook that sends nothing
+    a, b = ranks[0]["seen"], ranks[1]["seen"]
+    assert not torch.equal(a[3], b[3])  # between syncs the replicas differ: no gradient all-reduce
+    assert torch.equal(a[5], b[5]) and torch.equal(a[20], b[20])  # after each sync they agree
+    numel = a[5].numel()
+    assert ranks[0]["bytes"] == 4 * numel * 4  # four syncs of every float32 parameter
+    assert ranks[0]["steps"] == [15, 20] and torch.equal(ranks[0]["final"], ranks[1]["final"])

@@ -7,6 +7,7 @@ Install with ``pip install "ckptavg[hf]"``.
 
 try:
     from .callback import CheckpointAveragerCallback
+    from .diloco import DiLoCoCallback
 except ModuleNotFoundError as err:  # pragma: no cover - exercised without transformers installed
     if (err.name or "").split(".")[0] not in ("transformers", "accelerate"):
         raise
@@ -15,4 +16,4 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised without trans
         name=err.name,
     ) from err
 
-__all__ = ["CheckpointAveragerCallback"]
+__all__ = ["CheckpointAveragerCallback", "DiLoCoCallback"]

@@ -233,14 +233,22 @@ class CheckpointAveragerCallback(TrainerCallback):
             self.session.add_loss(loss)
             self.session.end_step(step, model, [kwargs["optimizer"]], tap.batch_loss(model))
         if self.session.snapshot_due(step):
-            self.session.snapshot(model, step)
+            self.session.snapshot(self._snapshot_source(model), step)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         epoch = max(round(state.epoch or 0.0) - 1, 0)
         if self.session.epoch_snapshot_due(epoch, state.global_step):
-            self.session.snapshot(kwargs["model"], state.global_step)
+            self.session.snapshot(self._snapshot_source(kwargs["model"]), state.global_step)
+
+    def _snapshot_source(self, model: nn.Module) -> Any:
+        """The model, or under a DiLoCoCallback the global (merged) weights it is training."""
+        for callback in self.trainer.callback_handler.callbacks if self._tap is not None else []:
+            global_state = getattr(callback, "global_state", None)
+            if callback is not self and callable(global_state) and (state := global_state()) is not None:
+                return state
+        return model
 
     # -- previews -----------------------------------------------------------------------------------
 

@@ -89,16 +89,13 @@ class DiLoCoStrategy(DDPStrategy):
             self._restored = None
 
     def global_state(self) -> dict[str, Tensor]:
-        """The module's state dict with every parameter replaced by DiLoCo's global (merged) weights,
-        in the parameter's dtype; buffers as the module holds them."""
-        module = self.lightning_module
-        assert module is not None
-        state = dict(module.state_dict())
+        """The module's state dict with every parameter replaced by DiLoCo's global (merged) weights
+        (see :meth:`ckptavg.distributed.DiLoCo.global_state`)."""
         if self.diloco is None:
-            return state
-        for (name, param), global_ in zip(module.named_parameters(), self.diloco.global_params, strict=True):
-            state[name] = global_.to(param.device, param.dtype)
-        return state
+            module = self.lightning_module
+            assert module is not None
+            return dict(module.state_dict())
+        return self.diloco.global_state()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.diloco is not None:

@@ -1,0 +1,98 @@
+"""``DiLoCoCallback``: DiLoCo (and SPARTA) for the Hugging Face Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..distributed import DiLoCo, OuterFactory, Sparta
+from ..files import atomic_write
+
+STATE_FILE = "ckptavg_diloco.pt"
+
+
+def _local_gradients(state, bucket):  # DDP checks the annotations: none here
+    """A DDP communication hook that communicates nothing: each replica keeps its own gradients."""
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+class DiLoCoCallback(TrainerCallback):
+    """Train with DiLoCo (and SPARTA) under the Trainer: launch as for DDP (``torchrun``,
+    ``accelerate launch``); the Trainer's ``DistributedDataParallel`` wrapper is given a
+    communication hook that all-reduces nothing, so the replicas train on their own, and every
+    ``sync_every`` optimizer steps the outer step merges them (see
+    :class:`ckptavg.distributed.DiLoCo` for every argument). A
+    :class:`ckptavg.hf.CheckpointAveragerCallback` in the same Trainer snapshots the global
+    (merged) weights. Each ``checkpoint-N/`` gets ``ckptavg_diloco.pt`` (global weights, outer
+    optimizer, position in the round; rank 0's), read back on resume.
+
+    Example::
+
+        trainer = Trainer(..., callbacks=[DiLoCoCallback(sync_every=50), CheckpointAveragerCallback()])
+    """
+
+    def __init__(
+        self,
+        sync_every: int = 50,
+        *,
+        outer_optimizer: OuterFactory | None = None,
+        fragments: int = 1,
+        fragment_delay: int = 0,
+        communication_dtype: torch.dtype | None = None,
+        sparta_fraction: float | None = None,
+    ):
+        self.options = dict(
+            sync_every=sync_every,
+            outer_optimizer=outer_optimizer,
+            fragments=fragments,
+            fragment_delay=fragment_delay,
+            communication_dtype=communication_dtype,
+        )
+        self.sparta_fraction = sparta_fraction
+        self.diloco: DiLoCo | None = None
+        self.sparta: Sparta | None = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        from . import _internals
+
+        trainer = _internals.find_trainer()
+        wrapped = getattr(trainer, "model_wrapped", None)
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.register_comm_hook(None, _local_gradients)
+        model, optimizer = kwargs["model"], kwargs["optimizer"]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the real one
+        if self.sparta_fraction is not None:
+            self.sparta = Sparta(model, inner, fraction=self.sparta_fraction)
+        self.diloco = DiLoCo(model, inner, **self.options)  # type: ignore[arg-type]
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and (folder / STATE_FILE).is_file():
+            saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            self.diloco.load_state_dict(saved["diloco"])
+            if self.sparta is not None and saved.get("sparta") is not None:
+                self.sparta.load_state_dict(saved["sparta"])
+
+    def global_state(self) -> dict[str, Tensor] | None:
+        return self.diloco.global_state() if self.diloco is not None else None
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.diloco is None:
+            return
+        saved = {"diloco": self.diloco.state_dict(), "sparta": self.sparta.state_dict() if self.sparta else None}
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if args.process_index == 0 and folder.is_dir():
+            atomic_write(folder / STATE_FILE, lambda tmp: torch.save(saved, tmp))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        for syncer in (self.diloco, self.sparta):
+            if syncer is not None:
+                syncer.close()
