@@ -146,7 +146,7 @@ def main() -> None:
             for name, values in per_seed.items()
         ]
 
-        overhead_steps = max(options.steps // 2, 60)
+        overhead_steps = options.steps if options.quick else max(options.steps // 2, 60)
         configurations = {
             "no callback": lambda: None,
             "callback, previews off": lambda: CheckpointAveragerCallback(preview=False),

@@ -43,7 +43,7 @@ def test_plain_loop_example(tmp_path):
         ("anneal.py", ["--tasks", "digits", "--seeds", "2", "--steps", "60", "--evals", "3"]),
         ("distributed.py", ["--params", "3e5", "--repeats", "1"]),
         ("aggregate.py", ["--seeds", "1"]),
-        ("hf_trainer.py", ["--quick", "--steps", "40"]),
+        ("hf_trainer.py", ["--quick", "--steps", "16"]),
         ("distributed_merges.py", ["--quick", "--steps", "20", "--variants", "ddp,diloco-10,streaming-4,sparta-0.5%"]),
     ],
 )
@@ -58,6 +58,6 @@ def test_distillation_example_with_lightning(tmp_path):
 
 
 def test_hugging_face_trainer_example(tmp_path):
-    out = run(tmp_path, str(ROOT / "examples" / "hf_trainer.py"), "--steps", "60", "--out", str(tmp_path / "hf"))
-    assert re.search(r"eval_merged_loss at step 60: \d", out), out[-2000:]
+    out = run(tmp_path, str(ROOT / "examples" / "hf_trainer.py"), "--steps", "24", "--out", str(tmp_path / "hf"))
+    assert re.search(r"eval_merged_loss at step 24: \d", out), out[-2000:]
     assert "reloaded from" in out and (tmp_path / "hf" / "merged" / "config.json").is_file()

@@ -124,7 +124,7 @@ def test_the_merged_folder_loads_with_from_pretrained_and_gives_the_same_logits(
     assert json.loads(metadata["coefficients"]) == pytest.approx([1 / 3] * 3)
 
 
-@pytest.mark.parametrize("storage, metric", [("cpu", None), ("disk", None), ("disk", "merged_loss")])
+@pytest.mark.parametrize("storage, metric", [("cpu", None), ("disk", "merged_loss")])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, storage, metric):
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
