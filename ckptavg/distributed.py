@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -136,20 +137,7 @@ class DiLoCo:
         process_group: Any = None,
         communication_dtype: torch.dtype | None = None,
     ):
-        check_int(sync_every, "sync_every", minimum=1)
-        check_int(fragments, "fragments", minimum=1)
-        check_int(fragment_delay, "fragment_delay")
-        if sync_every % fragments:
-            raise ValueError(f"sync_every={sync_every} must be a multiple of fragments={fragments}")
-        if fragment_delay >= sync_every // fragments and fragments > 1 or fragment_delay >= sync_every:
-            raise ValueError(
-                f"fragment_delay={fragment_delay} must be smaller than sync_every / fragments = {sync_every // fragments}: "
-                "a fragment's all-reduce must land before the next fragment's starts"
-            )
-        if communication_dtype is not None and not (
-            isinstance(communication_dtype, torch.dtype) and communication_dtype.is_floating_point
-        ):
-            raise ValueError(f"communication_dtype must be a floating dtype, got {communication_dtype!r}")
+        _check_diloco(sync_every, fragments, fragment_delay, communication_dtype)
         self.rank, self.world = _group_size(process_group, "DiLoCo")
         self.model, self.group = model, process_group
         self.sync_every, self.fragment_delay = sync_every, fragment_delay
@@ -344,8 +332,7 @@ class Sparta:
         seed: int = 0,
         process_group: Any = None,
     ):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        _check_fraction(fraction)
         check_int(every, "every", minimum=1)
         check_int(seed, "seed")
         self.rank, self.world = _group_size(process_group, "Sparta")
@@ -406,6 +393,91 @@ class Sparta:
 
     def close(self) -> None:
         self._hook.remove()
+
+
+def _check_diloco(sync_every: int, fragments: int, fragment_delay: int, communication_dtype: Any) -> None:
+    check_int(sync_every, "sync_every", minimum=1)
+    check_int(fragments, "fragments", minimum=1)
+    check_int(fragment_delay, "fragment_delay")
+    if sync_every % fragments:
+        raise ValueError(f"sync_every={sync_every} must be a multiple of fragments={fragments}")
+    if fragment_delay >= sync_every // fragments and fragments > 1 or fragment_delay >= sync_every:
+        raise ValueError(
+            f"fragment_delay={fragment_delay} must be smaller than sync_every / fragments = {sync_every // fragments}: "
+            "a fragment's all-reduce must land before the next fragment's starts"
+        )
+    if communication_dtype is not None and not (
+        isinstance(communication_dtype, torch.dtype) and communication_dtype.is_floating_point
+    ):
+        raise ValueError(f"communication_dtype must be a floating dtype, got {communication_dtype!r}")
+
+
+def _check_fraction(fraction: Any) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """DiLoCo (and optionally SPARTA) as a framework adapter takes it: checked on construction,
+    started on a model and its optimizer once the processes exist."""
+
+    sync_every: int = 50
+    """Inner steps between two syncs of each fragment (DiLoCo's H)."""
+    outer_optimizer: OuterFactory | None = None
+    """A factory called with the global weights' tensors (default: :data:`DEFAULT_OUTER`)."""
+    fragments: int = 1
+    """Streaming DiLoCo's fragments (1: plain DiLoCo)."""
+    fragment_delay: int = 0
+    """Inner steps a fragment's all-reduce overlaps with training."""
+    communication_dtype: torch.dtype | None = None
+    """The pseudo-gradients' dtype on the wire (``torch.bfloat16`` halves the bytes)."""
+    sparta_fraction: float | None = None
+    """SPARTA's share of the elements averaged after every step (``None``: no SPARTA)."""
+
+    def __post_init__(self) -> None:
+        _check_diloco(self.sync_every, self.fragments, self.fragment_delay, self.communication_dtype)
+        if self.sparta_fraction is not None:
+            _check_fraction(self.sparta_fraction)
+
+    def start(self, model: nn.Module, optimizer: torch.optim.Optimizer, process_group: Any = None) -> ReplicaMerging:
+        sparta = None
+        if self.sparta_fraction is not None:
+            sparta = Sparta(model, optimizer, fraction=self.sparta_fraction, process_group=process_group)
+        diloco = DiLoCo(
+            model, optimizer, sync_every=self.sync_every, outer_optimizer=self.outer_optimizer,
+            fragments=self.fragments, fragment_delay=self.fragment_delay, process_group=process_group,
+            communication_dtype=self.communication_dtype,
+        )  # fmt: skip
+        return ReplicaMerging(diloco, sparta)
+
+
+@dataclass
+class ReplicaMerging:
+    """A started :class:`DiLoCoConfig`: DiLoCo and SPARTA hooked on one optimizer."""
+
+    diloco: DiLoCo
+    sparta: Sparta | None = None
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.diloco.bytes_sent + (self.sparta.bytes_sent if self.sparta is not None else 0)
+
+    def global_state(self) -> dict[str, Tensor]:
+        return self.diloco.global_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"diloco": self.diloco.state_dict(), "sparta": self.sparta.state_dict() if self.sparta else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.diloco.load_state_dict(state["diloco"])
+        if self.sparta is not None and state.get("sparta") is not None:
+            self.sparta.load_state_dict(state["sparta"])
+
+    def close(self) -> None:
+        self.diloco.close()
+        if self.sparta is not None:
+            self.sparta.close()
 
 
 def _split(parameters: list[Tensor], fragments: int) -> list[list[int]]:

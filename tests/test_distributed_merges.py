@@ -148,3 +148,14 @@ def test_the_trainer_with_diloco_trains_replicas_apart_and_merges_them_every_syn
     numel = a[5].numel()
     assert ranks[0]["bytes"] == 4 * numel * 4  # four syncs of every float32 parameter
     assert ranks[0]["steps"] == [15, 20] and torch.equal(ranks[0]["final"], ranks[1]["final"])
+
+
+def test_the_adapters_refuse_a_bad_configuration_at_construction():
+    from ckptavg.hf import DiLoCoCallback
+    from ckptavg.lightning import DiLoCoStrategy
+
+    for adapter in (DiLoCoStrategy, DiLoCoCallback):
+        with pytest.raises(ValueError, match="sync_every=10 must be a multiple of fragments=3"):
+            adapter(sync_every=10, fragments=3)
+        with pytest.raises(ValueError, match="fraction must be in"):
+            adapter(sync_every=10, sparta_fraction=2.0)

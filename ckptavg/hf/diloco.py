@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..distributed import DiLoCo, OuterFactory, Sparta
+from ..distributed import DiLoCo, DiLoCoConfig, OuterFactory, ReplicaMerging
 from ..files import atomic_write
 
 STATE_FILE = "ckptavg_diloco.pt"
@@ -47,16 +47,14 @@ class DiLoCoCallback(TrainerCallback):
         communication_dtype: torch.dtype | None = None,
         sparta_fraction: float | None = None,
     ):
-        self.options = dict(
-            sync_every=sync_every,
-            outer_optimizer=outer_optimizer,
-            fragments=fragments,
-            fragment_delay=fragment_delay,
-            communication_dtype=communication_dtype,
-        )
-        self.sparta_fraction = sparta_fraction
-        self.diloco: DiLoCo | None = None
-        self.sparta: Sparta | None = None
+        self.config = DiLoCoConfig(
+            sync_every, outer_optimizer, fragments, fragment_delay, communication_dtype, sparta_fraction
+        )  # every error here, before the Trainer starts
+        self.merging: ReplicaMerging | None = None
+
+    @property
+    def diloco(self) -> DiLoCo | None:
+        return self.merging.diloco if self.merging is not None else None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -69,23 +67,18 @@ class DiLoCoCallback(TrainerCallback):
             wrapped.register_comm_hook(None, _local_gradients)
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the real one
-        if self.sparta_fraction is not None:
-            self.sparta = Sparta(model, inner, fraction=self.sparta_fraction)
-        self.diloco = DiLoCo(model, inner, **self.options)  # type: ignore[arg-type]
+        self.merging = self.config.start(model, inner)
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and (folder / STATE_FILE).is_file():
-            saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-            self.diloco.load_state_dict(saved["diloco"])
-            if self.sparta is not None and saved.get("sparta") is not None:
-                self.sparta.load_state_dict(saved["sparta"])
+            self.merging.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
 
     def global_state(self) -> dict[str, Tensor] | None:
-        return self.diloco.global_state() if self.diloco is not None else None
+        return self.merging.global_state() if self.merging is not None else None
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.diloco is None:
+        if self.merging is None:
             return
-        saved = {"diloco": self.diloco.state_dict(), "sparta": self.sparta.state_dict() if self.sparta else None}
+        saved = self.merging.state_dict()
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if args.process_index == 0 and folder.is_dir():
             atomic_write(folder / STATE_FILE, lambda tmp: torch.save(saved, tmp))
@@ -93,6 +86,5 @@ class DiLoCoCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        for syncer in (self.diloco, self.sparta):
-            if syncer is not None:
-                syncer.close()
+        if self.merging is not None:
+            self.merging.close()

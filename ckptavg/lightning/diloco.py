@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
-from ..distributed import DiLoCo, OuterFactory, Sparta
+from ..distributed import DiLoCo, DiLoCoConfig, OuterFactory, ReplicaMerging
 
 STATE_KEY = "ckptavg_diloco"
 
@@ -51,19 +51,17 @@ class DiLoCoStrategy(DDPStrategy):
         sparta_fraction: float | None = None,
         **kwargs: Any,
     ):
+        self.config = DiLoCoConfig(
+            sync_every, outer_optimizer, fragments, fragment_delay, communication_dtype, sparta_fraction
+        )  # every error here, before any process starts
         super().__init__(**kwargs)
-        self.diloco_options = dict(
-            sync_every=sync_every,
-            outer_optimizer=outer_optimizer,
-            fragments=fragments,
-            fragment_delay=fragment_delay,
-            communication_dtype=communication_dtype,
-        )
-        self.sparta_fraction = sparta_fraction
-        self.diloco: DiLoCo | None = None
-        self.bytes_sent = 0  # what DiLoCo handed to the collectives in the last fit
-        self.sparta: Sparta | None = None
+        self.merging: ReplicaMerging | None = None
+        self.bytes_sent = 0  # what DiLoCo and SPARTA handed to the collectives in the last fit
         self._restored: dict[str, Any] | None = None
+
+    @property
+    def diloco(self) -> DiLoCo | None:
+        return self.merging.diloco if self.merging is not None else None
 
     def configure_ddp(self) -> None:
         """No ``DistributedDataParallel`` wrapper: the replicas do not all-reduce gradients."""
@@ -79,30 +77,23 @@ class DiLoCoStrategy(DDPStrategy):
         module, optimizer = self.lightning_module, self.optimizers[0]
         assert module is not None
         self.bytes_sent = 0
-        if self.sparta_fraction is not None:
-            self.sparta = Sparta(module, optimizer, fraction=self.sparta_fraction)
-        self.diloco = DiLoCo(module, optimizer, **self.diloco_options)  # type: ignore[arg-type]
+        self.merging = self.config.start(module, optimizer)
         if self._restored is not None:
-            self.diloco.load_state_dict(self._restored["diloco"])
-            if self.sparta is not None and self._restored.get("sparta") is not None:
-                self.sparta.load_state_dict(self._restored["sparta"])
+            self.merging.load_state_dict(self._restored)
             self._restored = None
 
     def global_state(self) -> dict[str, Tensor]:
         """The module's state dict with every parameter replaced by DiLoCo's global (merged) weights
         (see :meth:`ckptavg.distributed.DiLoCo.global_state`)."""
-        if self.diloco is None:
+        if self.merging is None:
             module = self.lightning_module
             assert module is not None
             return dict(module.state_dict())
-        return self.diloco.global_state()
+        return self.merging.global_state()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self.diloco is not None:
-            checkpoint[STATE_KEY] = {
-                "diloco": self.diloco.state_dict(),
-                "sparta": self.sparta.state_dict() if self.sparta is not None else None,
-            }
+        if self.merging is not None:
+            checkpoint[STATE_KEY] = self.merging.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -111,9 +102,8 @@ class DiLoCoStrategy(DDPStrategy):
         return checkpoint
 
     def teardown(self) -> None:
-        for syncer in (self.diloco, self.sparta):
-            if syncer is not None:
-                syncer.close()
-                self.bytes_sent += syncer.bytes_sent
-        self.diloco = self.sparta = None
+        if self.merging is not None:
+            self.bytes_sent = self.merging.bytes_sent
+            self.merging.close()
+            self.merging = None
         super().teardown()
