@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -86,3 +88,16 @@ def restore_module_tensors(saved: list[_Saved]) -> None:
     for owner, where, name, tensor, value in saved:
         (vars(owner) if where == "__dict__" else getattr(owner, where))[name] = tensor
         tensor.copy_(value)
+
+
+@contextmanager
+def untouched(module: torch.nn.Module) -> Iterator[None]:
+    """Inside: run anything on ``module`` (a forward, a loss); afterwards the RNG streams, every
+    tensor the module holds and its torchmetrics states are as they were."""
+    saved_rng, saved_metrics, saved_tensors = rng_state(), metric_states(module), module_tensors(module)
+    try:
+        yield
+    finally:
+        set_rng_state(saved_rng)
+        restore_metric_states(saved_metrics)
+        restore_module_tensors(saved_tensors)

@@ -16,20 +16,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
 
-from ..isolation import (
-    metric_states,
-    module_tensors,
-    restore_metric_states,
-    restore_module_tensors,
-    rng_state,
-    set_rng_state,
-)
+from ..isolation import rng_state, set_rng_state, untouched
 from ..training import warn_if_untested
 
 TESTED_VERSIONS = ((4, 46), (5, 24))  # the oldest and newest transformers versions the adapter was run with
@@ -114,15 +108,9 @@ class TrainerTap:
         trainer = self.trainer
 
         def evaluate() -> float:
-            saved = rng_state(), metric_states(model), module_tensors(model)
-            try:
-                with torch.enable_grad(), trainer.compute_loss_context_manager():
-                    loss = trainer.compute_loss(trainer.model_wrapped, trainer._prepare_inputs(inputs))
-                return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
-            finally:
-                set_rng_state(saved[0])
-                restore_metric_states(saved[1])
-                restore_module_tensors(saved[2])
+            with untouched(model), torch.enable_grad(), trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(trainer.model_wrapped, trainer._prepare_inputs(inputs))
+            return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
 
         return evaluate
 
@@ -172,3 +160,10 @@ def save_model_into(trainer: transformers.Trainer, folder: str) -> None:
     """Write the model's weights into a checkpoint folder the way the Trainer's own checkpoint
     does (and never push them to the Hub, as a user's ``save_model`` call would)."""
     trainer.save_model(folder, _internal_call=True)
+
+
+def checkpoint_folder(args: Any, step: int) -> Path:
+    """Where the Trainer saves its checkpoint of ``step``: ``<output_dir>/checkpoint-<step>``."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"

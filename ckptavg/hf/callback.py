@@ -195,9 +195,7 @@ class CheckpointAveragerCallback(TrainerCallback):
         resumed = self._tap.resumed_from if self._tap is not None else None
         if resumed is None and state.global_step > 0:
             # Attached after the Trainer loaded the checkpoint (add_callback): its usual folder.
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            guess = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            guess = _internals.checkpoint_folder(args, state.global_step)
             resumed = str(guess) if guess.is_dir() else None
         if resumed and (Path(resumed) / RAW_FILE).is_file():
             # The checkpoint's model files hold the merge its monitored metric measured: training
@@ -287,10 +285,8 @@ class CheckpointAveragerCallback(TrainerCallback):
     # -- checkpoints --------------------------------------------------------------------------------
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         saved = self.session.state_dict()  # every rank: a spread window is gathered on rank 0
-        folder = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = _internals.checkpoint_folder(args, state.global_step)
         if not folder.is_dir():
             return
         if self._is_main():

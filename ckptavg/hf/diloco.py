@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..distributed import DiLoCo, DiLoCoConfig, OuterFactory, ReplicaMerging
 from ..files import atomic_write
+from . import _internals
 
 STATE_FILE = "ckptavg_diloco.pt"
 
@@ -59,8 +59,6 @@ class DiLoCoCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        from . import _internals
-
         trainer = _internals.find_trainer()
         wrapped = getattr(trainer, "model_wrapped", None)
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
@@ -68,7 +66,7 @@ class DiLoCoCallback(TrainerCallback):
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the real one
         self.merging = self.config.start(model, inner)
-        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        folder = _internals.checkpoint_folder(args, state.global_step)
         if state.global_step > 0 and (folder / STATE_FILE).is_file():
             self.merging.load_state_dict(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
 
@@ -79,7 +77,7 @@ class DiLoCoCallback(TrainerCallback):
         if self.merging is None:
             return
         saved = self.merging.state_dict()
-        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        folder = _internals.checkpoint_folder(args, state.global_step)
         if args.process_index == 0 and folder.is_dir():
             atomic_write(folder / STATE_FILE, lambda tmp: torch.save(saved, tmp))
 

@@ -28,11 +28,10 @@ from lightning.pytorch.trainer.states import RunningStage
 
 from ..isolation import (
     metric_states,
-    module_tensors,
     restore_metric_states,
-    restore_module_tensors,
     rng_state,
     set_rng_state,
+    untouched,
 )
 from ..training import warn_if_untested
 
@@ -179,18 +178,15 @@ def batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Cal
         return None
 
     def evaluate() -> float:
-        saved_rng, saved_metrics, saved_tensors = rng_state(), metric_states(pl_module), module_tensors(pl_module)
-        pl_module.log = pl_module.log_dict = _ignore  # type: ignore[method-assign]  # instance attributes shadow the methods
-        try:
-            with torch.enable_grad():
-                output = pl_module.training_step(batch, batch_idx)
-                loss = output.get("loss") if isinstance(output, Mapping) else output
-                return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
-        finally:
-            del pl_module.log, pl_module.log_dict
-            set_rng_state(saved_rng)
-            restore_metric_states(saved_metrics)
-            restore_module_tensors(saved_tensors)
+        with untouched(pl_module):
+            pl_module.log = pl_module.log_dict = _ignore  # type: ignore[method-assign]  # instance attributes shadow the methods
+            try:
+                with torch.enable_grad():
+                    output = pl_module.training_step(batch, batch_idx)
+                    loss = output.get("loss") if isinstance(output, Mapping) else output
+                    return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else math.nan
+            finally:
+                del pl_module.log, pl_module.log_dict
 
     return evaluate
 
