@@ -49,7 +49,7 @@ from .files import (
     snapshot_header,
     tensor_bytes,
 )
-from .kernels import stream_elementwise, stream_merge
+from .kernels import all_finite, stream_elementwise, stream_merge
 from .layout import Entry, Layout, dtype_code, is_averaged
 from .methods import DEFAULT_ALPHA, coefficients, method_names
 from .methods.elementwise import check_elementwise, elementwise_names, is_elementwise
@@ -235,7 +235,7 @@ def merged_chunks(
     kernel (:func:`ckptavg.kernels.weighted_sum_`: fp32 accumulation, fp64 for fp64); integer
     tensors from the newest input with a non-zero weight, as in the window."""
     for entry, lo, hi, values in stream_merge(file_order(layout), sources, weights):
-        if is_averaged(entry.dtype) and not torch.isfinite(values).all():
+        if is_averaged(entry.dtype) and not all_finite(values):
             raise UsageError(
                 f"tensor {entry.name!r}: the merge is not finite (NaN or Inf in an input, or weights that overflow)"
             )
@@ -442,7 +442,7 @@ def elementwise_chunks(
 ) -> Iterator[memoryview]:
     """An element-wise merge's bytes in file order, one tensor at a time (``dtype``: cast floats)."""
     for entry, values in stream_elementwise(file_order(layout), base, sources, method, weights, options):
-        if is_averaged(entry.dtype) and not torch.isfinite(values).all():
+        if is_averaged(entry.dtype) and not all_finite(values):
             raise UsageError(f"tensor {entry.name!r}: the {method} merge is not finite (NaN or Inf in an input?)")
         if dtype is not None and is_averaged(entry.dtype):
             values = values.to(dtype)
@@ -788,7 +788,7 @@ def verify_path(path: Path, key: str | None = None) -> list[str]:
         except Exception as err:  # a shard cut short, a bad offset
             problems.append(f"{source.path}: tensor {name!r} cannot be read: {err}")
             continue
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             problems.append(f"{source.path}: tensor {name!r} holds NaN or Inf")
     return problems
 

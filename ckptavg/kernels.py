@@ -89,6 +89,13 @@ def merge_blocks(
     return merged
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf, checked block by block: ``torch.isfinite`` on a whole
+    tensor makes full-size temporaries (an ``abs`` copy and two masks), half again the tensor."""
+    flat = tensor.reshape(-1)
+    return all(bool(block.isfinite().all()) for block in flat.split(BLOCK_NUMEL))
+
+
 def stream_merge(
     entries: Iterable[Entry], sources: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
 ) -> Iterator[tuple[Entry, int, int, Tensor]]:

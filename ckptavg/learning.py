@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import check_int
+from .kernels import all_finite
 
 if TYPE_CHECKING:
     from .window import CheckpointWindow
@@ -243,7 +244,7 @@ def np_merge(
                 raise ValueError(
                     f"np_merge: states[{index}][{name!r}] has shape {tuple(state[name].shape)}, the model {tuple(target.shape)}"
                 )
-            if state[name].is_floating_point() and not torch.isfinite(state[name]).all():
+            if state[name].is_floating_point() and not all_finite(state[name]):
                 raise ValueError(f"np_merge: states[{index}][{name!r}] holds NaN or Inf")
     batches = check_batches(batches, "np_merge")
     merged = {name: t.detach().to(targets[name].device) for name, t in states[0].items()}

@@ -43,6 +43,7 @@ from torch import nn
 
 from .errors import check_int
 from .files import CkptavgWarning
+from .kernels import all_finite
 from .layout import local_tensor, state_tensors
 from .methods import DEFAULT_ALPHA, Method, coefficients
 from .sharding import all_ranks_max, all_ranks_mean, distributed_rank
@@ -638,4 +639,4 @@ class SpikeGuard:
 def _weights_finite(model: nn.Module) -> bool:
     """Whether every floating tensor this process holds of ``model`` is finite."""
     tensors = [local_tensor(t).detach() for t in state_tensors(model).values() if t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(all_finite(t) for t in tensors)

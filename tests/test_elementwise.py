@@ -13,7 +13,9 @@ from safetensors import safe_open
 
 from ckptavg import MergeSpec, merge_state_dicts
 from ckptavg.cli import main as cli
+from ckptavg.methods import elementwise
 from ckptavg.methods.elementwise import apply_elementwise
+from ckptavg.methods.task_vectors import magnitude_thresholds
 
 
 def _models(n=3, shape=(6, 5), seed=0):
@@ -68,6 +70,48 @@ def test_task_arithmetic_and_ties_against_the_papers(weights):
     for density in (1.0, 0.5, 0.1):
         got = apply_elementwise("ties", "w", base, models, weights, {"density": density, "lambda": 0.9})
         assert torch.allclose(got.double(), ref_ties(b64, m64, weights, density, 0.9), atol=1e-6), density
+
+
+def test_the_magnitude_threshold_is_the_exact_kth_largest_over_any_chunking():
+    g = torch.Generator().manual_seed(3)
+    values = torch.cat(
+        [torch.randn(997, generator=g), torch.zeros(40), torch.full((30,), -0.5), torch.tensor([1e-40, -3e38])]
+    )
+    other = values.flip(0) * 3
+    for density in (1e-4, 0.01, 0.3, 0.5, 0.97, 0.9999, 1.0):
+        k = max(1, int(density * values.numel()))
+        expected = [float(t.abs().sort(descending=True).values[k - 1]) for t in (values, other)]
+        for size in (1, 64, 5000):
+            chunks = lambda size=size: zip(values.split(size), other.split(size), strict=True)  # noqa: E731
+            assert magnitude_thresholds(chunks, values.numel(), density) == expected, (density, size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_merges_match_one_chunk_bit_for_bit_and_leave_the_inputs_alone(monkeypatch, dtype):
+    base, models = _models(shape=(37, 29))
+    base, models = base.to(dtype), [m.to(dtype) for m in models]
+    before = [t.clone() for t in (base, *models)]
+    cases = {
+        "task_arithmetic": {"lambda": 0.7},
+        "ties": {"density": 0.3, "lambda": 0.9},
+        "dare_ties": {"density": 0.5, "seed": 1},
+        "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    }
+    whole = {m: apply_elementwise(m, "w", base, models, [0.5, -0.3, 1.2], o) for m, o in cases.items()}
+    monkeypatch.setattr(elementwise, "BLOCK_NUMEL", 100)  # 11 chunks, the last one short
+    for method, options in cases.items():
+        chunked = apply_elementwise(method, "w", base, models, [0.5, -0.3, 1.2], options)
+        assert chunked.dtype == dtype and torch.equal(chunked, whole[method]), method
+    if dtype == torch.float32:
+        ties = ref_ties(base.double(), [m.double() for m in models], [0.5, -0.3, 1.2], 0.3, 0.9)
+        assert torch.allclose(whole["ties"].double(), ties, atol=1e-6)
+    else:  # computed in float32, rounded once
+        upcast = apply_elementwise(
+            "ties", "w", base.float(), [m.float() for m in models], [0.5, -0.3, 1.2], cases["ties"]
+        )
+        assert torch.equal(whole["ties"], upcast.to(dtype))
+    for original, now in zip(before, (base, *models), strict=True):
+        assert torch.equal(original, now)
 
 
 def test_dare_drops_at_the_given_rate_rescales_and_repeats_its_bits_for_a_seed():

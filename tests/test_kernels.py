@@ -1,10 +1,12 @@
 """ckptavg.kernels: the one streaming weighted-sum kernel, against a float64 reference."""
 
+import math
+
 import pytest
 import torch
 
-from ckptavg.kernels import merge_blocks, weighted_sum_
-from ckptavg.layout import Layout
+from ckptavg.kernels import all_finite, merge_blocks, weighted_sum_
+from ckptavg.layout import BLOCK_NUMEL, Layout
 
 
 @pytest.mark.parametrize("row_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -49,3 +51,13 @@ def test_merge_blocks_streams_every_block_and_copies_integers_from_the_newest():
         for k, t in merged.items()
         if k != "w"
     )
+
+
+def test_all_finite_finds_nan_and_inf_in_any_block_of_any_float_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        tensor = torch.zeros(3, BLOCK_NUMEL // 2 + 5, dtype=dtype)  # two blocks and a piece
+        assert all_finite(tensor)
+        for bad in (math.nan, math.inf, -math.inf):
+            tensor[-1, -1] = bad
+            assert not all_finite(tensor)
+            tensor[-1, -1] = 0

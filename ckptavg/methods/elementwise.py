@@ -8,9 +8,10 @@ Each is one function registered with :func:`elementwise_method`::
     @elementwise_method("ties", base=True)
     def ties(ctx: TensorContext, *, density: float = 1.0, lambda_: float = 1.0) -> Tensor: ...
 
-It receives one tensor at a time (:class:`TensorContext`), already in its accumulation dtype
-(float32, float64 for float64): the base's (``None`` for methods without one), the inputs', one
-weight per input, and the tensor's name; it returns the merged tensor. Its keyword-only parameters are its options, checked like a
+It receives one tensor at a time (:class:`TensorContext`): the base's (``None`` for methods
+without one), the inputs', one weight per input, and the tensor's name, in the accumulation dtype
+(float32, float64 for float64) or chunk by chunk (``ctx.chunkwise``: bounded memory for methods
+that are element-wise all the way); it returns the merged tensor. Its keyword-only parameters are its options, checked like a
 coefficient method's. An option may also be given per tensor, as mergekit's configs allow: a list
 of ``{"filter": "<substring of the tensor name>", "value": v}`` with a last ``{"value": v}`` for
 the rest. ``lambda`` is spelled ``lambda_`` in the signature (a Python keyword) and ``lambda``
@@ -19,15 +20,17 @@ by users.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..layout import BLOCK_NUMEL
 from .registry import _check_type
 
 ElementwiseFunction = Callable[..., Tensor]
@@ -35,12 +38,47 @@ ElementwiseFunction = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class TensorContext:
-    """One tensor of every input, in the accumulation dtype, and its name (for per-tensor seeds)."""
+    """One tensor of every input (as stored: never changed in place) and its name (for per-tensor
+    options and seeds). ``base`` and ``tensors`` give them in the accumulation dtype, converted on
+    first use; a method that streams :meth:`chunks` instead holds no full-size converted copy."""
 
     name: str
-    base: Tensor | None
-    tensors: list[Tensor]
+    stored_base: Tensor | None
+    stored_tensors: list[Tensor]
     weights: list[float]
+    work: torch.dtype  # float32, or float64 for float64 inputs
+
+    @functools.cached_property
+    def base(self) -> Tensor | None:
+        return None if self.stored_base is None else self.stored_base.to(self.work)
+
+    @functools.cached_property
+    def tensors(self) -> list[Tensor]:
+        return [t.to(self.work) for t in self.stored_tensors]
+
+    def chunks(self, *others: Sequence[Tensor]) -> Iterator[tuple[slice, Tensor | None, list[Tensor]]]:
+        """``(where, base, inputs)`` over matching flat chunks of the base and the inputs (or of
+        ``others``, full-size tensors of the same shape), each a fresh copy in the accumulation
+        dtype that the caller may change in place."""
+        sources = list(others[0]) if others else self.stored_tensors
+        flat = [t.reshape(-1) for t in sources]
+        base = None if self.stored_base is None else self.stored_base.reshape(-1)
+        for start in range(0, flat[0].numel(), BLOCK_NUMEL):
+            where = slice(start, start + BLOCK_NUMEL)
+            yield (
+                where,
+                None if base is None else base[where].to(self.work, copy=True),
+                [t[where].to(self.work, copy=True) for t in flat],
+            )
+
+    def chunkwise(self, merge: Callable[[Tensor | None, list[Tensor]], Tensor], *others: Sequence[Tensor]) -> Tensor:
+        """The merged tensor, in the inputs' dtype, from ``merge(base_chunk, input_chunks)`` applied
+        chunk by chunk (memory: the output and one chunk's temporaries)."""
+        out = torch.empty_like(self.stored_tensors[0], memory_format=torch.contiguous_format)
+        flat_out = out.view(-1)
+        for where, base, inputs in self.chunks(*others):
+            flat_out[where] = merge(base, inputs)
+        return out
 
 
 @dataclass(frozen=True)
@@ -166,9 +204,7 @@ def apply_elementwise(
     dtype = tensors[0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
     kwargs = {p.name: value for p, value in ((method.options[k], v) for k, v in resolve(options, tensor).items())}
-    ctx = TensorContext(
-        tensor, None if base is None else base.to(work), [t.to(work) for t in tensors], [float(w) for w in weights]
-    )
+    ctx = TensorContext(tensor, base, list(tensors), [float(w) for w in weights], work)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. torch's advice on bernoulli's dtypes
         merged = method.function(ctx, **kwargs)
