@@ -86,13 +86,15 @@ class Task:
     accuracy: bool = False
 
 
-def gpt_task() -> Task:
-    context = 128
+def gpt_task(layers: int = 4, context: int = 128, held_out_batches: int = 6) -> Task:
     train, val_bytes, files = stdlib_bytes()
-    held_out = [(b[:, :-1], b[:, 1:]) for b in validation_batches(val_bytes, count=6, batch_size=32, context=context)]
+    held_out = [
+        (b[:, :-1], b[:, 1:])
+        for b in validation_batches(val_bytes, count=held_out_batches, batch_size=32, context=context)
+    ]
     return Task(
-        name=f"ByteGPT on the stdlib ({len(files)} files, {train.numel() / 1e6:.1f} MB)",
-        make_model=lambda: ByteGPT(context=context),
+        name=f"ByteGPT ({layers} layers, context {context}) on the stdlib ({len(files)} files, {train.numel() / 1e6:.1f} MB)",
+        make_model=lambda: ByteGPT(layers=layers, context=context),
         train_batch=lambda step, seed: (lambda b: (b[:, :-1], b[:, 1:]))(batch_at(train, step, 16, context, seed)),
         loss_fn=sequence_loss,
         report=held_out[0::2],  # interleaved halves: both span every validation file
@@ -208,10 +210,12 @@ class Run:
     task: Task
     cfg: Config
     schedule_free: bool = False
+    peak_lr: float | None = None  # default: the task's
     model: nn.Module = field(init=False)
     step: int = 0
 
     def __post_init__(self) -> None:
+        self.peak_lr = self.peak_lr or self.task.peak_lr
         torch.manual_seed(self.cfg.seed)
         self.model = self.task.make_model()
         self.optimizer = self._optimizer(self.model)
@@ -222,12 +226,12 @@ class Run:
 
             return schedulefree.AdamWScheduleFree(
                 model.parameters(),
-                lr=self.task.peak_lr,
+                lr=self.peak_lr,
                 betas=(0.9, 0.95),
                 weight_decay=0.1,
                 warmup_steps=self.cfg.warmup,
             )
-        return torch.optim.AdamW(model.parameters(), lr=self.task.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+        return torch.optim.AdamW(model.parameters(), lr=self.peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def branch(self) -> Run:
         other = copy.copy(self)
@@ -256,14 +260,15 @@ class Run:
             if every is not None:
                 every(self)
 
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module | None = None, batches: list[Batch] | None = None) -> dict[str, float]:
+        """``measure`` on the report half (or ``batches``); schedule-free at its averaged point."""
         model = model or self.model
         was_training = model.training
         model.eval()
         if self.schedule_free and model is self.model:
             self.optimizer.eval()  # type: ignore[attr-defined]  # schedule-free: evaluate at the averaged point
         try:
-            return measure(self.task, model)
+            return measure(self.task, model, batches)
         finally:
             if self.schedule_free and model is self.model:
                 self.optimizer.train()  # type: ignore[attr-defined]
