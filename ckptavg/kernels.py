@@ -53,7 +53,8 @@ def merge_blocks(
     out: Mapping[str, Tensor] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> dict[str, Tensor]:
-    """Apply one coefficient vector (already bound into ``rows``) to every block of the layout.
+    """Apply one coefficient vector (already bound into ``rows``) to every block of the layout;
+    raise :class:`NonFiniteBlock` at the first floating block that comes out NaN or Inf.
 
     Writes into ``out`` (contiguous CPU tensors matching the layout) or, by default, into fresh
     independent tensors (no shared storage, so the result can be saved with safetensors
@@ -78,11 +79,15 @@ def merge_blocks(
             if dtype == acc_dtype and len(block.pieces) == 1:
                 # One tensor, same dtype: accumulate straight into the result, no copy after.
                 piece = block.pieces[0]
-                weighted_sum_(
+                result = weighted_sum_(
                     flat_out[piece.name][piece.start : piece.start + piece.length], rows(dtype, block.lo, block.hi)
                 )
+                if not is_finite_block(result):
+                    raise NonFiniteBlock(dtype, block)
             else:
                 result = weighted_sum_(acc[: block.hi - block.lo], rows(dtype, block.lo, block.hi), scratch)
+                if not is_finite_block(result):
+                    raise NonFiniteBlock(dtype, block)
                 scatter_block(block, result, flat_out)
             if progress is not None:
                 progress(block.hi - block.lo)
@@ -218,39 +223,51 @@ def _side_stream(device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def copy_checked(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> PendingCopy:
-    """Copy ``tensors`` into the flat ``buffers`` and check that every value is finite.
+def copy_snapshot(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> PendingCopy:
+    """Copy ``tensors`` into the flat ``buffers``.
 
-    Host tensors: the finiteness check is fused into the copy: each block is summed right after
-    it is copied, while it is still in cache (a separate pass over the model would cost half a
-    copy again). A finite sum proves every element finite; a non-finite sum (NaN/Inf, or an
-    overflow of huge but finite values) is confirmed element-wise on that block only.
+    Host tensors: a plain copy, one fused ``_foreach_copy_`` over the tensors. Whether the values
+    are finite is checked where it matters, when a merge reads them: :func:`merge_blocks` checks
+    every output block while it is in cache, and the window drops a snapshot that made one
+    non-finite. (Checking here cost a second pass over every block of every snapshot.)
 
-    CUDA tensors: see :func:`_copy_from_cuda`: asynchronous, on a side stream.
+    CUDA tensors: see :func:`_copy_from_cuda`: asynchronous, on a side stream, and checked on
+    the device, which costs the host nothing.
     """
     sources = {name: flat_local(t) for name, t in tensors.items()}
     if sources and all(s.is_cuda for s in sources.values()):
         return _copy_from_cuda(layout, sources, buffers)
-    sums: list[tuple[torch.dtype, Block, Tensor]] = []
-    for dtype, blocks in layout.blocks.items():
-        flat = buffers[dtype]
-        for block in blocks:
-            dst, src = block_views(block, flat, 0, sources)
-            torch._foreach_copy_(dst, src)  # blocking for any device-to-host pair
-            if is_averaged(dtype):
-                sums.append((dtype, block, flat[block.lo : block.hi].sum()))
-    if not sums:
-        return PendingCopy(None)
-    finite = torch.stack([s.float() for _, _, s in sums]).isfinite()
-    if bool(finite.all()):
-        return PendingCopy(None)
-    for (dtype, block, _), ok in zip(sums, finite.tolist(), strict=True):
-        if ok:
-            continue
-        for piece in block.pieces:
-            if not bool(buffers[dtype][piece.offset : piece.offset + piece.length].isfinite().all()):
-                return PendingCopy(piece.name)
-    return PendingCopy(None)  # the sums overflowed, but every value is finite
+    views = layout.views(buffers)
+    names = [name for name in views if views[name].numel()]
+    if names:  # a rank of a spread window may hold no slice
+        torch._foreach_copy_([views[n].view(-1) for n in names], [sources[n] for n in names])
+    return PendingCopy(None)
+
+
+class NonFiniteBlock(Exception):
+    """A merge's output block holds NaN or Inf (raised by :func:`merge_blocks`, before the block
+    is written anywhere else; the window then finds the snapshots responsible)."""
+
+    def __init__(self, dtype: torch.dtype, block: Block):
+        super().__init__(f"the merge of a {dtype} block is not finite")
+        self.dtype, self.block = dtype, block
+
+
+def non_finite_tensor(block: Block, values: Tensor) -> str | None:
+    """The name of a tensor whose piece of ``block`` holds NaN or Inf in ``values`` (one stored
+    row of the block), or ``None``."""
+    for piece in block.pieces:
+        start = piece.offset - block.lo
+        if not bool(values[start : start + piece.length].isfinite().all()):
+            return piece.name
+    return None
+
+
+def is_finite_block(values: Tensor) -> bool:
+    """Whether a block just computed (still in cache) is finite: a finite sum proves every element
+    finite; a non-finite one (NaN/Inf, or an overflow of huge but finite values) is confirmed
+    element by element."""
+    return bool(values.sum().isfinite()) or bool(values.isfinite().all())
 
 
 def _copy_from_cuda(

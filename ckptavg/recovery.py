@@ -408,6 +408,7 @@ class SpikeGuard:
         self.stretch: list[float] = []  # the losses of the current abnormal stretch
         self.recovered_since_restore = True  # a normal level has been seen since the last restore
         self.last_loss = math.nan
+        self.last_loss_finite = True  # none observed yet; a NaN loss is never healthy, also after giving up
         self.reason = ""
         self.limit = math.inf
         self.events: list[RecoveryEvent] = []
@@ -419,7 +420,7 @@ class SpikeGuard:
     def healthy(self) -> bool:
         """False while the loss is abnormal (its level, or the last loss alone): no snapshot should
         be taken then."""
-        return self.onset is None and not self.last_loss > self.limit
+        return self.onset is None and self.last_loss_finite and not self.last_loss > self.limit
 
     @property
     def restores(self) -> list[RecoveryEvent]:
@@ -447,7 +448,7 @@ class SpikeGuard:
         group = self.window.process_group
         loss, grad = all_ranks_mean([loss, math.nan if grad_norm is None else grad_norm], group)
         grad_norm = None if grad_norm is None else grad
-        self.last_loss = loss
+        self.last_loss, self.last_loss_finite = loss, math.isfinite(loss)
         if step <= self.paused_until:
             self.limit = math.inf
             self.loss_level.push(step, loss)

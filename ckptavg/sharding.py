@@ -75,6 +75,15 @@ def all_ranks_max(value: int, group: Any = None) -> int:
     return int(flag.item())
 
 
+def all_ranks_max_each(values: list[int], group: Any = None) -> list[int]:
+    """The largest of each of ``values`` over the ranks of ``group`` (``values`` in one process)."""
+    if distributed_rank(group)[1] == 1:
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return [int(f) for f in flags.tolist()]
+
+
 def all_ranks_mean(values: list[float], group: Any = None) -> list[float]:
     """The mean of each of ``values`` over the ranks of ``group`` (``values`` in one process); a
     non-finite value on any rank makes that mean non-finite."""

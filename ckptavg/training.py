@@ -149,6 +149,13 @@ class AveragerConfig:
     """Where the disk window and the merged model go (default: ``ckptavg`` in the run's log folder)."""
     preview: bool = True
     """Evaluate the merge at every validation and log its metrics beside the raw ones."""
+    preview_every: int = 1
+    """Preview at every this many validations (the first included); the ones between log no merged
+    metrics. A checkpoint or early stopping that monitors a merged metric needs 1."""
+    preview_batches: int | float | None = None
+    """The validation batches each preview (the main merge's and each candidate's) evaluates: a
+    count, a fraction in (0, 1], or ``None`` for all. The raw metrics always use every batch; the
+    merged ones are then measured on the first batches only (the fit-start message says so)."""
     merge_at_end: bool = True
     """When training ends, the model holds the merge and the merged model is written."""
     recover: bool | RecoveryPolicy | dict[str, Any] = True
@@ -184,6 +191,8 @@ class AveragerConfig:
         if self.every_n_steps is not None and self.every_n_epochs is not None:
             raise ValueError("give every_n_steps or every_n_epochs, not both")
         check_int(self.start_step, "start_step")
+        check_int(self.preview_every, "preview_every", minimum=1)
+        check_preview_batches(self.preview_batches)
         if self.merge_options is not None and not isinstance(self.merge_options, Mapping):
             raise ValueError(f"merge_options must be a mapping of option names to values, got {self.merge_options!r}")
         if "alpha" in (self.merge_options or {}):
@@ -219,6 +228,25 @@ class AveragerConfig:
     @property
     def ema_alpha(self) -> float:
         return self.alpha if self.decay is None else 1.0 - float(self.decay)
+
+
+def check_preview_batches(value: Any) -> None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        return
+    raise ValueError(
+        f"preview_batches must be a number of batches (an int >= 1), a fraction in (0, 1] or None, got {value!r}"
+    )
+
+
+def limited_batches(total: float, limit: int | float | None) -> float:
+    """How many of ``total`` validation batches a preview evaluates (``inf``: unknown length)."""
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        return total if math.isinf(total) else max(1, int(total * limit))
+    return min(total, limit)
 
 
 def _log_info(message: str) -> None:
@@ -267,6 +295,7 @@ class TrainingSession:
         self.final = self.main  # the merge the end of the run holds (select= may choose another)
         self.selection: dict[str, Any] | None = None  # with select=: what was picked, and every score
         self.final_metrics: dict[str, dict[str, float]] = {}
+        self._validations, self._last_validation_step = 0, -1  # validations seen in this run (see preview_due)
         self.last_correlation: dict[str, Any] | None = None
         self.last_validation: tuple[int, tuple[int, ...], dict[str, float], dict[str, dict[str, float]]] | None = None
         self._window: CheckpointWindow | None = None
@@ -401,12 +430,9 @@ class TrainingSession:
     def begin(self, model: nn.Module, step: int, *, checkpoints_carry_window: bool = False) -> None:
         """The start of training at ``step``: forget an earlier run's per-step state, check the cost
         and the folder of a new window, or that a resumed window fits ``model``."""
-        self.final, self.selection = self.main, None
-        if self.candidates and self.config.preview:
-            self.info(
-                f"{self.name}: each validation also previews {len(self.candidates)} candidate merge(s) "
-                f"({', '.join(self.candidates)}): {len(self.candidates) + 1} extra validation runs"
-            )
+        self.final, self.selection, self._validations, self._last_validation_step = self.main, None, 0, -1
+        if self.config.preview:
+            self.info(f"{self.name}: {self.preview_cost()}")
         if not self.has_snapshots:
             self.check_cost(model, checkpoints_carry_window)
         self._last_watched_step = step
@@ -589,6 +615,36 @@ class TrainingSession:
     def previews(self) -> list[tuple[NamedMerge, str]]:
         """Each merge a validation previews, with the prefix of its metrics (the main merge first)."""
         return [(self.main, MERGED_PREFIX)] + [(c, f"{MERGED_PREFIX}{n}/") for n, c in self.candidates.items()]
+
+    def preview_cost(self) -> str:
+        """What the previews cost, in validation runs, as the fit-start message says it."""
+        config, runs = self.config, len(self.candidates) + 1
+        every = "each validation" if config.preview_every == 1 else f"every {config.preview_every} validations"
+        named = (
+            f" (the merge and {len(self.candidates)} candidate(s): {', '.join(self.candidates)})"
+            if self.candidates
+            else ""
+        )
+        batches = config.preview_batches
+        on = (
+            "all its batches"
+            if batches is None
+            else f"the first {batches:.0%} of its batches"
+            if isinstance(batches, float)
+            else f"its first {batches} batch(es)"
+        )
+        partial = (
+            "" if batches is None else "; the merged metrics are measured on those batches only, the raw ones on all"
+        )
+        return f"{every} also runs {runs} validation(s){named} on {on}{partial}"
+
+    def preview_due(self, step: int) -> bool:
+        """Whether the validation at ``step`` previews: every ``preview_every``-th one, counted from
+        the first of the run (several calls at one step, one per eval dataset, count once)."""
+        if self._last_validation_step != step:
+            self._last_validation_step = step
+            self._validations += 1
+        return self.config.preview and (self._validations - 1) % self.config.preview_every == 0
 
     def merge_is_current(self, step: int) -> bool:
         """Before the first snapshot, or with one taken at this very step, every merge is the current

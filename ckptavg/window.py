@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -16,12 +17,13 @@ from torch import Tensor, nn
 from .diagnostics import Correlation, correlation_of
 from .errors import check_int
 from .files import CkptavgWarning
-from .kernels import PendingCopy
+from .kernels import NonFiniteBlock, PendingCopy, all_finite
 from .layout import Layout, dtype_code, local_tensor, state_tensors
-from .methods import DEFAULT_ALPHA, Evaluate, Method, coefficients
+from .methods import DEFAULT_ALPHA, Evaluate, MergeSpec, Method, coefficients
 from .sharding import (
     Spread,
     all_ranks_max,
+    all_ranks_max_each,
     distributed_rank,
     is_dtensor,
     replicated_placements,
@@ -41,6 +43,8 @@ from .storage import (
 
 StateSource = nn.Module | Mapping[str, Tensor]
 Storage = Literal["cpu", "disk"]
+
+_T = TypeVar("_T")
 
 STATE_FORMAT = "ckptavg.CheckpointWindow"
 STATE_VERSION = 1
@@ -126,6 +130,8 @@ class CheckpointWindow:
         self._spread: Spread | None = None
         self._sharding: dict[str, Any] | None = None
         self._in_flight: PendingCopy | None = None
+        self._finite_steps: set[int] = set()  # snapshots a finite merge has read: proven finite
+        self._ranks_merge_together = False  # a multi-process window whose ranks hold different parts
 
     @classmethod
     def open(
@@ -233,6 +239,7 @@ class CheckpointWindow:
         created = store is None
         if store is None:
             store = self._store = self._new_store(self._plan(source, tensors), tensors)
+            self._finite_steps = set()
         else:
             full = self.full_layout
             assert full is not None
@@ -265,6 +272,7 @@ class CheckpointWindow:
         began to diverge (:class:`ckptavg.SpikeGuard` does this when it restores). In a
         multi-process window every rank calls it with the same step; no communication."""
         self.flush()
+        self._finite_steps = {s for s in self._finite_steps if s < step}
         if self._store is not None:
             self._store.discard_from(step)
 
@@ -306,6 +314,7 @@ class CheckpointWindow:
         this rank stores."""
         rank, world = distributed_rank(self.process_group)
         self._sharding = {"kind": kind, "rank": rank, "world_size": world, "placements": placements}
+        self._ranks_merge_together = kind != "replicated" or spread
         if not spread:
             return full
         self._spread = Spread(full, rank, world, self.process_group)
@@ -317,10 +326,13 @@ class CheckpointWindow:
         the same rank and world size; a rank folder opened directly is a window of its slices."""
         self._sharding = dict(sharding) if sharding is not None else None
         self._spread = None
-        if in_run and sharding is not None and sharding.get("kind") == "spread":
+        self._ranks_merge_together = False  # a rank folder opened on its own merges alone
+        if in_run and sharding is not None and sharding.get("kind") != "replicated":
             rank, world = distributed_rank(self.process_group)
             if (rank, world) == (sharding["rank"], sharding["world_size"]):
-                self._spread = Spread(Layout.from_json(sharding["full_layout"]), rank, world, self.process_group)
+                self._ranks_merge_together = True
+                if sharding.get("kind") == "spread":
+                    self._spread = Spread(Layout.from_json(sharding["full_layout"]), rank, world, self.process_group)
 
     def _files_dirpath(self) -> Path:
         assert self.dirpath is not None
@@ -455,35 +467,124 @@ class CheckpointWindow:
         (scaled to sum to 1); ``before`` merges only older snapshots. The result is fresh CPU tensors, or is written into ``out`` (for example
         the result of an earlier merge) to reuse its memory.
         """
-        return self._merge_with(self.weights(method, alpha, before=before, **options), out)
+        return self._merge_with(self._chooser(method, alpha, before, options), out)
 
-    def _merge_with(self, weights: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """:meth:`merge` with a coefficient vector already chosen (one per held snapshot)."""
+    def _chooser(
+        self, method: Method, alpha: float, before: int | None, options: Mapping[str, Any]
+    ) -> Callable[[], list[float]]:
+        """The coefficient vector of a merge over the snapshots held when it is called (checked now;
+        a merge that drops a non-finite snapshot asks again): a method's, recomputed; explicit
+        weights, each kept with its snapshot and scaled back to their sum."""
+        first = self.weights(method, alpha, before=before, **options)
+        if isinstance(method, str | MergeSpec):
+            pending = [first]
+            return lambda: pending.pop() if pending else self.weights(method, alpha, before=before, **options)
+        by_step = dict(zip(self.steps, first, strict=True))
+        total = math.fsum(first)
+
+        def kept() -> list[float]:
+            weights = [by_step.get(s, 0.0) for s in self.steps]
+            left = math.fsum(weights)
+            return [w * total / left for w in weights] if abs(left) > 1e-12 else [0.0] * len(weights)
+
+        pending_list = [first]
+        return lambda: pending_list.pop() if pending_list else kept()
+
+    def _merge_with(
+        self, choose: Callable[[], list[float]], out: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """:meth:`merge` with the coefficients given by ``choose`` (see :meth:`_chooser`)."""
         assert self._store is not None and self.full_layout is not None
         if out is not None:
             self.full_layout.check(out, what="out")
             for name, t in out.items():
                 if t.device.type != "cpu" or not t.is_contiguous():
                     raise ValueError(f"out[{name!r}] must be a contiguous CPU tensor")
-        if self._spread is None:
-            merged = self._store.merge(weights, out)
-        else:
+
+        def attempt(weights: list[float]) -> dict[str, Tensor]:
+            if self._spread is None:
+                return self._merge_local(weights, out)
             gathered = self._spread.full_views(self._gathered(weights))
             if out is None:
-                merged = {name: t.to("cpu", copy=True) for name, t in gathered.items()}
-            else:
-                copy_into(out, gathered)
-                merged = dict(out)
+                return {name: t.to("cpu", copy=True) for name, t in gathered.items()}
+            copy_into(out, gathered)
+            return dict(out)
+
+        merged, weights = self._finite_merge(choose, attempt)
         if out is None and any(w < 0 for w in weights):
             _check_finite(merged, weights)
         return merged
+
+    def _merge_local(self, weights: list[float], out: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """This process's stored part, merged; :class:`_NonFinite` names the snapshots that made it
+        NaN or Inf (in a multi-process window, as every rank found them: a collective)."""
+        assert self._store is not None
+        found: dict[int, str] = {}
+        merged: dict[str, Tensor] = {}
+        try:
+            merged = self._store.merge(weights, out) if out is None or out else {}  # {}: a rank holding no slice
+        except NonFiniteBlock as err:
+            found = self._store.non_finite(weights, err.dtype, err.block)
+            if not found:  # every row finite: the sum itself overflowed (an extrapolation)
+                found = {OVERFLOW: err.block.pieces[0].name}
+        if self._ranks_merge_together:  # each rank merged its own part: all drop the same snapshots
+            found = _agreed_culprits(found, len(weights), self.process_group)
+        if found:
+            raise _NonFinite(found)
+        return merged
+
+    def _finite_merge(
+        self, choose: Callable[[], list[float]], attempt: Callable[[list[float]], _T]
+    ) -> tuple[_T, list[float]]:
+        """``attempt(choose())``; when the merge meets NaN or Inf, drop the snapshots that hold it
+        (a warning names their steps) and merge again with the coefficients ``choose`` gives over
+        the snapshots left. Returns the result and the coefficients it used."""
+        weights = choose()
+        while True:
+            try:
+                result = attempt(weights)
+            except _NonFinite as err:
+                dropped = self._drop_non_finite(weights, err.found)
+                try:
+                    weights = choose()
+                except ValueError:  # an empty window, or none left before=
+                    weights = []
+                if not any(w != 0.0 for w in weights):
+                    raise ValueError(
+                        f"snapshots of this merge hold NaN or Inf: {dropped}; they were dropped from the window and no "
+                        "finite snapshot with a non-zero coefficient is left; nothing was written"
+                    ) from None
+                warnings.warn(
+                    f"snapshots hold NaN or Inf: {dropped}; dropped from the window, merging the {len(self)} left",
+                    CkptavgWarning,
+                    stacklevel=5,
+                )
+                continue
+            self._finite_steps.update(s for s, w in zip(self.steps, weights, strict=True) if w != 0.0)
+            return result, weights
+
+    def _drop_non_finite(self, weights: list[float], found: Mapping[int, str]) -> str:
+        """Drop the snapshots a merge found NaN or Inf in; describe them (steps and tensors)."""
+        assert self._store is not None
+        if OVERFLOW in found:
+            name = found[OVERFLOW]
+            where = f"{self._store.layout.entries[name].dtype} in tensor {name!r}" if name != OTHER_RANK else name
+            raise ValueError(
+                f"the merge with weights {weights} overflows {where} (an extrapolation past the dtype's range); nothing "
+                "was written. Use weights closer to a convex combination"
+            )
+        steps = self.steps
+        bad = sorted(found)
+        self._store.drop(bad)
+        return ", ".join(
+            f"step {steps[i]} ({found[i] if found[i] == OTHER_RANK else 'tensor ' + repr(found[i])})" for i in bad
+        )
 
     def _gathered(self, weights: list[float]) -> dict[torch.dtype, Tensor]:
         """Spread window: merge this rank's slices, then gather every rank's (collective)."""
         assert self._spread is not None and self._store is not None
         flats, views = self._spread.local_outputs()
-        if views:
-            self._store.merge(weights, out=views)
+        self._merge_local(weights, views)  # every rank, even one holding no slice: the NaN verdict is agreed
         return self._spread.gather(flats)
 
     def load_into(
@@ -499,23 +600,33 @@ class CheckpointWindow:
 
         Checked before anything is written: on a mismatch or an unreadable snapshot the model is
         left as it was."""
-        weights = self.weights(method, alpha, before=before, **options)
-        self._load_with(self._targets(model), weights)
+        choose = self._chooser(method, alpha, before, options)
+        self._load_with(self._targets(model), choose)
 
-    def _load_with(self, targets: Mapping[str, Tensor], weights: list[float]) -> None:
-        """:meth:`load_into` the model tensors ``targets`` with a coefficient vector already chosen."""
+    def _load_with(self, targets: Mapping[str, Tensor], choose: Callable[[], list[float]]) -> None:
+        """:meth:`load_into` the model tensors ``targets`` with the coefficients ``choose`` gives."""
         store = self._store
         assert store is not None  # _targets raised otherwise
-        extrapolating = any(w < 0 for w in weights)  # a convex combination of finite values stays finite
-        if self._spread is not None:
-            merged = self._spread.full_views(self._gathered(weights))
-        elif isinstance(store, CpuRing) and _writable_in_place(targets, store.layout) and not extrapolating:
-            store.merge(weights, out=targets)  # cannot fail past this point: no I/O
+
+        def attempt(weights: list[float]) -> dict[str, Tensor] | None:
+            if self._spread is not None:
+                return self._spread.full_views(self._gathered(weights))
+            in_place = (
+                isinstance(store, CpuRing)
+                and _writable_in_place(targets, store.layout)
+                and not any(w < 0 for w in weights)  # a convex combination of finite values stays finite
+                and all(s in self._finite_steps for s, w in zip(self.steps, weights, strict=True) if w != 0.0)
+            )  # a snapshot no merge has read yet may hold NaN: merge it where the model cannot see it
+            if in_place:
+                self._merge_local(weights, targets)  # proven finite: cannot fail past this point, no I/O
+                return None
+            return self._merge_local(weights, store.scratch())  # idle host memory: no allocation, no page faults
+
+        merged, weights = self._finite_merge(choose, attempt)
+        if merged is None:
             _forget_autocast_casts()
             return
-        else:
-            merged = store.merge(weights, out=store.scratch())  # idle host memory: no allocation, no page faults
-        if extrapolating:
+        if any(w < 0 for w in weights):
             _check_finite(merged, weights)
         copy_into(targets, merged)
 
@@ -547,13 +658,13 @@ class CheckpointWindow:
     ) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the merged weights; afterwards, bit for bit, its own,
         also when the block (or the merge) raises."""
-        weights = self.weights(method, alpha, before=before, **options)  # argument errors before any copy; chosen once
+        choose = self._chooser(method, alpha, before, options)  # argument errors before any copy
         targets = self._targets(model)
         backup = self._backup_buffers(targets)
         try:
             copy_into(backup, targets)
             try:
-                self._load_with(targets, weights)
+                self._load_with(targets, choose)
                 yield model
             finally:
                 copy_into(targets, backup)
@@ -662,6 +773,7 @@ class CheckpointWindow:
                 "ckptavg.consolidate)"
             )
         layout = _checked_state_layout(state)  # the whole state is checked before anything changes or is allocated
+        self._finite_steps = set()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -812,11 +924,31 @@ def _check_finite(merged: Mapping[str, Tensor], weights: list[float]) -> None:
     """An extrapolation (a negative weight) can leave a dtype's range: refuse it, naming the tensor,
     before it reaches a model."""
     for name, tensor in merged.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(
                 f"the merge with weights {weights} overflows {tensor.dtype} in tensor {name!r} (an extrapolation past the "
                 "dtype's range); nothing was written. Use weights closer to a convex combination"
             )
+
+
+OVERFLOW = -1  # in a _NonFinite's findings: no snapshot holds NaN or Inf, the weighted sum overflowed
+
+
+class _NonFinite(Exception):
+    """A merge met NaN or Inf: ``found`` maps each responsible snapshot (by index) to a tensor
+    name, or :data:`OVERFLOW` to the tensor whose sum overflowed."""
+
+    def __init__(self, found: dict[int, str]):
+        super().__init__(f"non-finite snapshots: {found}")
+        self.found = found
+
+
+def _agreed_culprits(found: dict[int, str], held: int, group: Any) -> dict[int, str]:
+    """Every rank's findings on a merge of its part (collective): all ranks drop the same snapshots."""
+    flags = [int(i in found) for i in range(held)] + [int(OVERFLOW in found)]
+    agreed = all_ranks_max_each(flags, group)
+    keys = list(range(held)) + [OVERFLOW]
+    return {key: found.get(key, OTHER_RANK) for key, flag in zip(keys, agreed, strict=True) if flag}
 
 
 def _agreed(bad: str | None, group: Any) -> str | None:

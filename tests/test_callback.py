@@ -790,3 +790,38 @@ def test_the_callback_takes_any_registered_method_with_its_options(tmp_path):
         CheckpointAverager(merge="decay", merge_options={"shap": "cosine"})
     with pytest.raises(ValueError, match="unknown merge method 'median'"):
         CheckpointAverager(merge="median")
+
+
+def test_previews_every_other_validation_on_half_the_batches(tmp_path, caplog):
+    train, val = data()
+    averager = CheckpointAverager(window=4, every_n_steps=5, storage="cpu", preview_every=2, preview_batches=0.5)
+    seen: dict[int, tuple[float, float] | None] = {}
+
+    class Probe(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            if "merged/val_loss" not in trainer.callback_metrics:
+                seen[trainer.global_step] = None
+                return
+            with averager.window.swapped(pl_module, "sma"):
+                reference = val_loss_of(pl_module, list(val)[:2])  # 2 of the 4 validation batches
+            seen[trainer.global_step] = (float(trainer.callback_metrics["merged/val_loss"]), reference)
+
+    caplog.set_level("INFO", logger="ckptavg")
+    trainer(tmp_path, [averager, Probe()], max_steps=64, val_check_interval=16).fit(Regression(), train, val)
+    assert [s for s, v in seen.items() if v is not None] == [16, 48] and [s for s, v in seen.items() if v is None] == [
+        32,
+        64,
+    ]
+    for logged, reference in (v for v in seen.values() if v is not None):
+        assert logged == pytest.approx(reference, rel=1e-6)
+    assert "every 2 validations also runs 1 validation(s) on the first 50% of its batches" in caplog.text
+
+
+def test_monitoring_merged_metrics_needs_a_preview_at_every_validation(tmp_path):
+    train, val = data()
+    averager = CheckpointAverager(window=4, every_n_steps=5, preview_every=2)
+    watcher = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="merged/val_loss")
+    with pytest.raises(ValueError, match=r"preview_every=2\): ModelCheckpoint\(monitor='merged/val_loss'\)"):
+        trainer(tmp_path, [averager, watcher], max_steps=10, enable_checkpointing=True).fit(Regression(), train, val)

@@ -69,9 +69,11 @@ def test_ddp_spread_window_equals_the_full_one_bit_for_bit(tmp_path):
         assert_equal_states(rank["loaded"], {k.removeprefix("module."): v for k, v in full["ema_full"].items()})
         assert rank["after_swap_equal"]
         assert_equal_states(*rank["odd_dtypes"])
-        # A NaN in rank 1's half: both ranks refuse the snapshot, and say why.
-        assert rank["nan_accepted"] is False and rank["steps_after_nan"] == [3, 4, 5]
-        assert any("NaN" in m for m in rank["nan_warning"])
+        # A NaN in rank 1's half: both ranks drop the snapshot at the next merge, and say why.
+        assert rank["nan_accepted"] is True and rank["steps_with_nan"] == [4, 5, 6]
+        assert rank["steps_after_nan"] == [3, 4, 5]
+        assert_equal_states(rank["after_nan"], full["ema_full"])
+        assert any("NaN" in m and "step 6" in m for m in rank["nan_warning"])
     assert "module.3.bias" in ranks[1]["nan_warning"][0]
     assert "another rank" in ranks[0]["nan_warning"][0]
     assert_equal_states(ranks[0]["ema_spread"], ranks[1]["ema_spread"])

@@ -258,3 +258,64 @@ def test_a_callback_added_after_the_trainer_was_built_resumes_too(tmp_path):
     assert late.window.steps == [25, 30, 35, 40]
     for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_previews_every_other_evaluation_on_the_first_batches_and_say_what_they_cost(tmp_path):
+    averager = CheckpointAveragerCallback(window=4, every_n_steps=5, storage="cpu", preview_every=2, preview_batches=1)
+    _, val = datasets()
+    first = type(val).__new__(type(val))
+    first.ids = val.ids[:16]  # one evaluation batch (per_device_eval_batch_size=16)
+    checked = {}
+
+    class Probe(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            if "eval_merged_loss" in metrics:
+                merged = averager.window.merged_model(model)
+                checked[state.global_step] = (metrics["eval_merged_loss"], mean_loss(merged, first))
+
+    run = trainer(tmp_path, [averager, Probe()], eval_steps=10)
+    with _infos() as infos:
+        run.train()
+    assert sorted(_logged(run, "eval_loss")) == [10, 20, 30, 40]  # the raw metrics: every evaluation, every batch
+    assert sorted(_logged(run, "eval_merged_loss")) == sorted(checked) == [10, 30]
+    for logged, reference in checked.values():
+        assert logged == pytest.approx(reference, rel=1e-6)
+    assert any("every 2 validations also runs 1 validation(s) on its first 1 batch(es)" in m for m in infos)
+
+
+def test_judging_by_merged_metrics_needs_a_preview_at_every_evaluation(tmp_path):
+    averager = CheckpointAveragerCallback(window=4, every_n_steps=5, storage="cpu", preview_every=3)
+    run = trainer(
+        tmp_path,
+        [averager, EarlyStoppingCallback(2)],
+        metric_for_best_model="merged_loss",
+        load_best_model_at_end=True,
+        save_strategy="steps",
+        save_steps=20,
+    )
+    with pytest.raises(
+        ValueError, match=r"preview_every=3.*metric_for_best_model='merged_loss', EarlyStoppingCallback"
+    ):
+        run.train()
+
+
+def _infos():
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def capture():
+        messages = []
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())
+        logger = logging.getLogger("ckptavg")
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            yield messages
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    return capture()

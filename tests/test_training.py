@@ -116,6 +116,10 @@ def test_config_errors_are_the_averagers():
         ({"select": "val_loss"}, "give candidates"),
         ({"storage": "gpu"}, "storage must be"),
         ({"alpha": 0.3, "decay": 0.9}, "give alpha or decay"),
+        ({"preview_every": 0}, "preview_every must be a positive integer"),
+        ({"preview_batches": 0}, "preview_batches must be a number of batches"),
+        ({"preview_batches": 1.5}, "preview_batches must be a number of batches"),
+        ({"preview_batches": True}, "preview_batches must be a number of batches"),
     ):
         with pytest.raises(ValueError, match=message):
             AveragerConfig(**kwargs)

@@ -143,7 +143,7 @@ def test_snapshot_accepts_a_model_and_defaults_the_step(tiny_net):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_snapshot_is_rejected_and_window_unchanged(make_window, tiny_net, bad):
+def test_a_non_finite_snapshot_is_dropped_by_the_first_merge_that_reads_it(make_window, tiny_net, bad):
     states = perturbed_states(tiny_net, 5)
     win = make_window(window=4)
     for step, s in enumerate(states[:4]):
@@ -151,27 +151,75 @@ def test_non_finite_snapshot_is_rejected_and_window_unchanged(make_window, tiny_
     before = win.merge("sma")
     poisoned = copy.deepcopy(states[4])
     poisoned["fc2.weight"][1, 2] = bad
-    with pytest.warns(RuntimeWarning, match=r"step 9 rejected: tensor 'fc2.weight' holds NaN or Inf"):
-        assert win.snapshot(poisoned, step=9) is False
-    assert win.steps == [0, 1, 2, 3]
-    after = win.merge("sma")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert win.snapshot(poisoned, step=9)  # a plain copy: nothing is checked here
+    assert win.steps == [1, 2, 3, 9]
+    with pytest.warns(RuntimeWarning, match=r"step 9 \(tensor 'fc2.weight'\); dropped from the window"):
+        after = win.merge("sma")
+    if win.storage == "cpu":  # the snapshot step 9 evicted comes back: its row was still intact
+        assert win.steps == [0, 1, 2, 3]
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    else:  # its file was deleted when step 9 was written
+        assert win.steps == [1, 2, 3]
+        assert_close_to_reference(after, reference_merge(states[1:4], "sma"))
     assert win.snapshot(states[4], step=10)  # and the window still works
+    assert all(torch.isfinite(t).all() for t in win.merge("ema").values() if t.is_floating_point())
     win.close()
 
 
-def test_rejection_warning_is_a_user_warning_too():
-    win = CheckpointWindow(window=2)
-    with pytest.warns(UserWarning, match="rejected"):
-        assert not win.snapshot({"w": torch.tensor([float("inf")])}, step=3)
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_every_way_to_merge_drops_non_finite_snapshots_and_never_shows_them(tmp_path, tiny_net, storage):
+    states = perturbed_states(tiny_net, 4)
+    poisoned = copy.deepcopy(states[3])
+    poisoned["fc1.bias"][0] = float("nan")
+
+    def fresh():
+        win = CheckpointWindow(
+            window=5,
+            storage=storage,
+            dirpath=tmp_path / f"w{len(list(tmp_path.iterdir()))}" if storage == "disk" else None,
+        )
+        for step, s in enumerate([*states[:3], poisoned]):
+            win.snapshot(s, step=step)
+        return win
+
+    expected = reference_merge(states[:3], "wma")
+    model = copy.deepcopy(tiny_net)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    uses = {
+        "merge": lambda w: w.merge("wma"),
+        "load_into": lambda w: (w.load_into(model, "wma"), model.state_dict())[1],
+        "swapped": lambda w: _inside_swap(w, model),
+        "merge out=": lambda w: w.merge("wma", out={k: torch.empty_like(v) for k, v in states[0].items()}),
+    }
+    for name, use in uses.items():
+        win = fresh()
+        with pytest.warns(RuntimeWarning, match=r"step 3 \(tensor 'fc1.bias'\)"):
+            merged = use(win)
+        assert win.steps == [0, 1, 2], name
+        assert_close_to_reference(merged, expected)
+        win.close()
+    assert all(
+        torch.equal(own[k], v) or k.startswith("fc") or k.startswith("bn") for k, v in model.state_dict().items()
+    )
 
 
-def test_rejected_first_snapshot_leaves_an_empty_window():
-    win = CheckpointWindow(window=2)
-    with pytest.warns(RuntimeWarning):
-        assert not win.snapshot({"w": torch.tensor([float("nan")])})
-    assert len(win) == 0
-    assert win.snapshot({"other": torch.ones(2)}, step=0)  # layout not fixed by the rejected one
+def _inside_swap(win, model):
+    with win.swapped(model, "wma"):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_merge_of_only_non_finite_snapshots_is_refused_and_changes_no_model(tiny_net):
+    win = CheckpointWindow(window=3)
+    state = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    state["fc2.weight"][0, 0] = float("inf")
+    win.snapshot(state, step=1)
+    model = copy.deepcopy(tiny_net)
+    with pytest.raises(ValueError, match=r"step 1 \(tensor 'fc2.weight'\).*no finite snapshot"):
+        win.load_into(model, "sma")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_net.state_dict().values(), strict=True)
+    )
+    assert win.steps == []
 
 
 def test_huge_finite_values_are_not_rejected():
@@ -180,6 +228,8 @@ def test_huge_finite_values_are_not_rejected():
     win = CheckpointWindow(window=2)
     assert win.snapshot({"w": big}, step=0)
     assert win.snapshot({"w": big.half().float().clamp(max=6e4)}, step=1)
+    assert torch.equal(win.merge([1.0, 0.0])["w"], big)
+    assert win.steps == [0, 1]
 
 
 @pytest.mark.parametrize(
@@ -439,7 +489,7 @@ def test_cuda_snapshots_are_asynchronous_pinned_and_exact(make_window):
     with torch.no_grad():
         model.fc1.weight[0, 0] = float("nan")
     assert win.snapshot(model, step=5)  # accepted for copying: the check completes later
-    with pytest.warns(UserWarning, match="step 5 rejected: tensor 'fc1.weight'"):
+    with pytest.warns(UserWarning, match="step 5 rejected: tensor 'fc1.weight'"):  # CUDA: checked on the device
         merged = win.merge("sma")
         win.flush()
     assert win.steps == [2, 3, 4]

@@ -24,7 +24,7 @@ import transformers
 from torch import nn
 
 from ..isolation import rng_state, set_rng_state, untouched
-from ..training import warn_if_untested
+from ..training import limited_batches, warn_if_untested
 
 TESTED_VERSIONS = ((4, 46), (5, 24))  # the oldest and newest transformers versions the adapter was run with
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
@@ -114,11 +114,14 @@ class TrainerTap:
 
         return evaluate
 
-    def evaluate_quietly(self, eval_dataset: Any, ignore_keys: list[str] | None, prefix: str) -> dict[str, float]:
+    def evaluate_quietly(
+        self, eval_dataset: Any, ignore_keys: list[str] | None, prefix: str, batches: int | float | None = None
+    ) -> dict[str, float]:
         """The Trainer's own evaluation loop (its collator, ``compute_metrics``, batch size and
-        distributed gathering) on ``eval_dataset``, with metric keys ``<prefix>_<name>``; no
-        callback sees it, nothing is logged, and the RNG and the modules' train/eval modes are
-        restored. Speed metrics are dropped."""
+        distributed gathering) on ``eval_dataset`` (its first ``batches``: a count or a fraction;
+        ``None``: all), with metric keys ``<prefix>_<name>``; no callback sees it, nothing is
+        logged, and the RNG and the modules' train/eval modes are restored. Speed metrics are
+        dropped."""
         trainer = self.trainer
         handler = trainer.callback_handler
         model = trainer.model
@@ -127,7 +130,13 @@ class TrainerTap:
         saved_modes = {name: m.training for name, m in model.named_modules()}
         handler.callbacks = []
         try:
-            dataloader = trainer.get_eval_dataloader(eval_dataset)
+            dataset = eval_dataset
+            if batches is not None:
+                named = eval_dataset if eval_dataset is not None else trainer.eval_dataset
+                named = trainer.eval_dataset[named] if isinstance(named, str) else named  # type: ignore[index]
+                if hasattr(named, "__len__") and not isinstance(named, dict):
+                    dataset = first_batches(named, batches, trainer.args.eval_batch_size * trainer.args.world_size)
+            dataloader = trainer.get_eval_dataloader(dataset)
             output = trainer.evaluation_loop(
                 dataloader,
                 description="ckptavg preview",
@@ -145,6 +154,16 @@ class TrainerTap:
             for k, v in (output.metrics or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(_SPEED_SUFFIXES)
         }
+
+
+def first_batches(dataset: Any, batches: int | float, batch_size: int) -> Any:
+    """The examples of the first ``batches`` evaluation batches (a count or a fraction) of a
+    dataset with a length: ``datasets.Dataset.select`` keeps its column handling, others a ``Subset``."""
+    total = math.ceil(len(dataset) / batch_size)
+    examples = min(len(dataset), int(limited_batches(total, batches)) * batch_size)
+    if hasattr(dataset, "select"):
+        return dataset.select(range(examples))
+    return torch.utils.data.Subset(dataset, range(examples))
 
 
 def move_first(trainer: transformers.Trainer, callback: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import transformers
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import CkptavgWarning
 from ..files import add_safetensors_metadata, atomic_folder, atomic_write
@@ -62,6 +62,11 @@ class CheckpointAveragerCallback(TrainerCallback):
             metrics as ``eval_merged_<name>`` (``eval_merged_<dataset>_<name>`` for a dict of
             eval datasets): logged to every ``report_to`` integration, and usable as
             ``metric_for_best_model="merged_loss"`` and by ``EarlyStoppingCallback``.
+        preview_every: preview at every this many evaluations (the first included); the ones
+            between log no merged metrics, so nothing may judge by them (refused at the start).
+        preview_batches: the evaluation batches each preview (and each candidate) evaluates: a
+            count, a fraction in (0, 1], or ``None`` for all. The raw metrics keep every batch;
+            the merged ones are then on the first batches only (said at the start).
         merge_at_end: when training ends, ``trainer.model`` holds the merge (unless
             ``load_best_model_at_end`` loaded a best checkpoint, which it keeps), and
             ``merged/`` holds it as a ``from_pretrained`` folder.
@@ -101,6 +106,8 @@ class CheckpointAveragerCallback(TrainerCallback):
         storage: Literal["auto", "cpu", "disk"] = "auto",
         dirpath: str | os.PathLike[str] | None = None,
         preview: bool = True,
+        preview_every: int = 1,
+        preview_batches: int | float | None = None,
         merge_at_end: bool = True,
         recover: bool | RecoveryPolicy | dict[str, Any] = True,
         spread: bool = True,
@@ -115,7 +122,8 @@ class CheckpointAveragerCallback(TrainerCallback):
     ):
         self.config = AveragerConfig(
             window=window, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, start_step=start_step,
-            merge=merge, alpha=alpha, storage=storage, dirpath=dirpath, preview=preview, merge_at_end=merge_at_end,
+            merge=merge, alpha=alpha, storage=storage, dirpath=dirpath, preview=preview, preview_every=preview_every,
+            preview_batches=preview_batches, merge_at_end=merge_at_end,
             recover=recover, spread=spread, decay=decay, keep=keep, monitor=_raw_name(monitor), mode=mode,
             merge_options=merge_options, candidates=candidates, select=_raw_name(select),
             log_correlation=log_correlation,
@@ -181,6 +189,7 @@ class CheckpointAveragerCallback(TrainerCallback):
         self._attach()
         trainer, model = self.trainer, kwargs["model"]
         _internals.move_first(trainer, self)
+        self._check_judged_on_previews(args)
         saves = args.save_strategy != "no"
         output = Path(str(args.output_dir)).absolute()
         world = args.world_size
@@ -210,6 +219,22 @@ class CheckpointAveragerCallback(TrainerCallback):
         self.session.plan(float(state.max_steps) if state.max_steps > 0 else float("inf"), epochs, state.global_step)
         self.session.begin(model, state.global_step, checkpoints_carry_window=saves)
         self._training, self._names_checked, self._evaluated = True, trainer.eval_dataset is None, None
+
+    def _check_judged_on_previews(self, args: TrainingArguments) -> None:
+        """A best checkpoint or early stopping judged on a merged metric reads it at every
+        evaluation: refused with ``preview_every > 1``, before the first step."""
+        if self.config.preview_every == 1 or not (args.metric_for_best_model or "").removeprefix("eval_").startswith(
+            "merged"
+        ):
+            return
+        judges = ["metric_for_best_model=" + repr(args.metric_for_best_model)] + [
+            type(cb).__name__ for cb in self.trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)
+        ]
+        raise ValueError(
+            f"CheckpointAveragerCallback(preview_every={self.config.preview_every}): {', '.join(judges)} reads the "
+            "merged metrics at every evaluation, and they are logged at every preview only; use preview_every=1 "
+            "(preview_batches makes each preview cheaper) or judge by a raw metric"
+        )
 
     # -- the steps ----------------------------------------------------------------------------------
 
@@ -265,7 +290,7 @@ class CheckpointAveragerCallback(TrainerCallback):
             self._evaluated = (step, {}, {})
         _, all_raw, measured = self._evaluated
         all_raw.update(raw)
-        if self.config.preview:
+        if self.session.preview_due(step):
             model = kwargs["model"]
             current = self.session.merge_is_current(step)
             for merge, _ in self.session.previews():
@@ -274,7 +299,9 @@ class CheckpointAveragerCallback(TrainerCallback):
                     values = {merged_prefix + k[len(prefix) :]: v for k, v in raw.items()}
                 else:
                     with self.session.window.swapped(model, merge.weights(self.session.window)):
-                        values = self._tap.evaluate_quietly(dataset, ignore_keys, merged_prefix)
+                        values = self._tap.evaluate_quietly(
+                            dataset, ignore_keys, merged_prefix, self.config.preview_batches
+                        )
                 metrics.update(values)  # early stopping and the best-model bookkeeping read this dict
                 self.trainer.log(dict(values))  # every report_to integration
                 measured.setdefault(merge.name, {}).update(

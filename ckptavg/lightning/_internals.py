@@ -33,17 +33,19 @@ from ..isolation import (
     set_rng_state,
     untouched,
 )
-from ..training import warn_if_untested
+from ..training import limited_batches, warn_if_untested
 
 TESTED_VERSIONS = ((2, 4), (2, 6))  # the oldest and newest Lightning minor versions the suite has run on
 _METRIC_DICTS = ("_callback_metrics", "_logged_metrics", "_progress_bar_metrics")
 
 
 @contextmanager
-def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
+def isolated_validation(trainer: pl.Trainer, batches: int | float | None = None) -> Iterator[Any]:
     """Inside: the fit loop's validation loop may be run again (``loop.run()``, yielded) without
-    other callbacks or loggers seeing it. Afterwards every piece of state it touched is restored.
-    Read the run's metrics with :func:`collected_metrics` before leaving the block."""
+    other callbacks or loggers seeing it, on the first ``batches`` of each dataloader (a count or
+    a fraction; ``None``: as many as the run's own validation). Afterwards every piece of state it
+    touched is restored. Read the run's metrics with :func:`collected_metrics` before leaving the
+    block."""
     loop = trainer.fit_loop.epoch_loop.val_loop
     connector = trainer._logger_connector
     module = trainer.lightning_module
@@ -71,6 +73,8 @@ def isolated_validation(trainer: pl.Trainer) -> Iterator[Any]:
     muted = [_mute(bar) for bar in trainer.callbacks]  # type: ignore[attr-defined]
     trainer.loggers = []
     trainer.state.stage = RunningStage.VALIDATING
+    if batches is not None:  # the loop keeps its data set up while fitting: only the limits change
+        loop._max_batches = [limited_batches(n, batches) for n in loop._max_batches]
     try:
         for metric, _ in saved_metric_states:
             metric.reset()  # the nested run measures its own weights only (the raw run's updates are still held)
@@ -146,6 +150,15 @@ def publish(trainer: pl.Trainer, metrics: Mapping[str, Mapping[str, Any]]) -> No
     connector._progress_bar_metrics.update(metrics.get("pbar", {}))
     if metrics.get("log"):
         connector.log_metrics(dict(metrics["log"]))
+
+
+def unpublish(trainer: pl.Trainer, prefixes: tuple[str, ...]) -> None:
+    """Remove the metrics named with these prefixes from ``trainer.callback_metrics`` and the
+    progress bar: a validation without a preview must not show the last preview's numbers."""
+    connector = trainer._logger_connector
+    for metrics in (connector._callback_metrics, connector._progress_bar_metrics):
+        for key in [k for k in metrics if k.startswith(prefixes)]:
+            del metrics[key]
 
 
 def has_validation_step(trainer: pl.Trainer) -> bool:

@@ -75,6 +75,11 @@ class CheckpointAverager(Callback):
             every validation metric again as ``merged/<name>`` (before the first snapshot the
             merge is the current model: the raw numbers are reused), so that ``merged/<name>``
             can be monitored by ModelCheckpoint and EarlyStopping.
+        preview_every: preview at every this many validations (the first included); the ones
+            between log no ``merged/`` metrics, so nothing may monitor them (refused at fit start).
+        preview_batches: the validation batches each preview (and each candidate) evaluates: a
+            count, a fraction in (0, 1], or ``None`` for all. The raw metrics keep every batch;
+            the ``merged/`` ones are then on the first batches only (said at fit start).
         merge_at_end: when training ends, load the merged weights into the module and write them
             to ``dirpath/merged.safetensors`` (the trainer's own checkpoints keep the raw weights,
             so training can be resumed).
@@ -152,6 +157,8 @@ class CheckpointAverager(Callback):
         storage: Literal["auto", "cpu", "disk"] = "auto",
         dirpath: str | os.PathLike[str] | None = None,
         preview: bool = True,
+        preview_every: int = 1,
+        preview_batches: int | float | None = None,
         merge_at_end: bool = True,
         recover: bool | RecoveryPolicy | dict[str, Any] = True,
         spread: bool = True,
@@ -168,7 +175,8 @@ class CheckpointAverager(Callback):
     ):
         self.config = AveragerConfig(
             window=window, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, start_step=start_step,
-            merge=merge, alpha=alpha, storage=storage, dirpath=dirpath, preview=preview, merge_at_end=merge_at_end,
+            merge=merge, alpha=alpha, storage=storage, dirpath=dirpath, preview=preview, preview_every=preview_every,
+            preview_batches=preview_batches, merge_at_end=merge_at_end,
             recover=recover, spread=spread, decay=decay, keep=keep, monitor=monitor, mode=mode,
             export_module=export_module, merge_options=merge_options, candidates=candidates, select=select,
             log_correlation=log_correlation, preview_ensemble=preview_ensemble,
@@ -265,6 +273,17 @@ class CheckpointAverager(Callback):
         self._checkpoint_merge = self._checkpoint_holds(trainer)
         self._names_checked = not _internals.has_validation_step(trainer)
         self._check_no_clash(trainer)
+        watching = [
+            f"{type(cb).__name__}(monitor={cb.monitor!r})"
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX)
+        ]
+        if watching and self.config.preview_every > 1:
+            raise ValueError(
+                f"CheckpointAverager(preview_every={self.config.preview_every}): {', '.join(watching)} reads the merged "
+                "metrics at every validation, and they are logged at every preview only; use preview_every=1 "
+                "(preview_batches makes each preview cheaper) or monitor a raw metric"
+            )
         # Callbacks that monitor merged/<metric> read it in their own on_validation_end: this
         # callback must publish it first, whatever the list order.
         _internals.move_before(
@@ -466,7 +485,7 @@ class CheckpointAverager(Callback):
             return
         raw = {k: scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith(MERGED_PREFIX)}
         measured: dict[str, dict[str, float]] = {}
-        if self.preview:
+        if self.session.preview_due(trainer.global_step):
             # Published at every validation, so that monitoring merged/<metric> never finds it missing.
             # Every rank must take the same decision: the preview runs collective operations.
             same = trainer.strategy.reduce_boolean_decision(
@@ -474,7 +493,7 @@ class CheckpointAverager(Callback):
             )
             current = _internals.last_validation_metrics(trainer) if same else None
             for spec, prefix in self.session.previews():
-                collected = current or self._evaluate(trainer, pl_module, spec)
+                collected = current or self._evaluate(trainer, pl_module, spec, self.config.preview_batches)
                 self._publish(trainer, collected, prefix, progress_bar=spec is self.session.main)
                 measured[spec.name] = self._scalars(collected)
             raw = {k: v for k, v in raw.items() if k in measured[self.session.main.name]}
@@ -482,6 +501,8 @@ class CheckpointAverager(Callback):
                 ensemble_metrics = current or self._evaluate_ensemble(trainer, pl_module)
                 if ensemble_metrics is not None:
                     self._publish(trainer, ensemble_metrics, ENSEMBLE_PREFIX, progress_bar=False)
+        elif self.preview:
+            _internals.unpublish(trainer, (MERGED_PREFIX, ENSEMBLE_PREFIX))
         self.session.record_validation(trainer.global_step, raw, measured)
 
     def _evaluate_ensemble(
@@ -521,11 +542,15 @@ class CheckpointAverager(Callback):
         return collected
 
     def _evaluate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merge: NamedMerge | None
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        merge: NamedMerge | None,
+        batches: int | float | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Run validation once more, on ``merge`` swapped in (``None``: the module's current
-        weights), and return what it logged."""
-        with _internals.isolated_validation(trainer) as loop:
+        """Run validation once more (on its first ``batches``: a count or a fraction; ``None``: all),
+        on ``merge`` swapped in (``None``: the module's current weights), and return what it logged."""
+        with _internals.isolated_validation(trainer, batches) as loop:
             if merge is not None:
                 with self.window.swapped(pl_module, merge.weights(self.window)):
                     loop.run()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..kernels import PendingCopy, copy_checked, merge_blocks
+from ..kernels import PendingCopy, copy_snapshot, merge_blocks, non_finite_tensor
 from ..layout import Block, Layout, dtype_code, dtype_from_code
 from .protocol import warn_rejected
 
@@ -31,6 +31,7 @@ class CpuRing:
         self._steps: list[int] = []
         self._spare = 0
         self._pending: tuple[int, int, PendingCopy] | None = None  # (row, step, copy in flight)
+        self._evicted: tuple[int, int] | None = None  # (row, step) of the snapshot the newest one evicted
 
     @property
     def steps(self) -> list[int]:
@@ -42,11 +43,12 @@ class CpuRing:
         return len(self.steps)
 
     def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
-        """Copy a snapshot into the spare row (see :func:`copy_checked`). Nothing joins the window
+        """Copy a snapshot into the spare row (see :func:`copy_snapshot`). Nothing joins the window
         until :meth:`commit`. Waits only if the previous copy still fills the spare row."""
         self.settle()
+        self._evicted = None  # its row may be the spare now
         self._spare = next(s for s in range(self.capacity + 1) if s not in self._slots)
-        return copy_checked(self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()})
+        return copy_snapshot(self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()})
 
     def commit(self, step: int, copy: PendingCopy | None = None) -> None:
         """Add the staged snapshot to the window (evicting the oldest when full); with a copy still
@@ -71,12 +73,15 @@ class CpuRing:
     def _commit(self, slot: int, step: int) -> None:
         self._slots.append(slot)
         self._steps.append(step)
+        self._evicted = None
         if len(self._slots) > self.capacity:
+            self._evicted = (self._slots[0], self._steps[0])  # intact until the next snapshot reuses its row
             del self._slots[0], self._steps[0]
 
     def discard_from(self, step: int) -> None:
         """Drop the snapshots taken at or after ``step`` (always the newest)."""
         self.settle()
+        self._evicted = None
         while self._steps and self._steps[-1] >= step:
             del self._slots[-1], self._steps[-1]
 
@@ -107,9 +112,12 @@ class CpuRing:
 
     def scratch(self) -> dict[str, Tensor]:
         """A merge output to copy elsewhere at once, with no allocation: views of an unused row
-        (the spare), valid until the next snapshot."""
+        (the spare), valid until the next snapshot; fresh buffers while the spare row still holds
+        the snapshot the newest one evicted."""
         self.settle()
         spare = next(slot for slot in range(self.capacity + 1) if slot not in self._slots)
+        if self._evicted is not None and spare == self._evicted[0]:
+            return self.layout.views(self.layout.new_buffers())  # keep the evicted row intact (see drop)
         return self.layout.views({d: ring[spare] for d, ring in self._ring.items()})
 
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -124,6 +132,28 @@ class CpuRing:
             return self._ring[dtype][live[-1][0], lo:hi]  # the newest snapshot merged, not one excluded by before=
 
         return merge_blocks(self.layout, rows, newest, out)
+
+    def non_finite(self, coefficients: list[float], dtype: torch.dtype, block: Block) -> dict[int, str]:
+        self.settle()
+        ring = self._ring[dtype]
+        found = {}
+        for index, (slot, c) in enumerate(zip(self._slots, coefficients, strict=True)):
+            name = non_finite_tensor(block, ring[slot, block.lo : block.hi]) if c != 0.0 else None
+            if name is not None:
+                found[index] = name
+        return found
+
+    def drop(self, indices: list[int]) -> None:
+        """Remove these snapshots; when the newest snapshot evicted one whose row is still intact,
+        that one comes back (a snapshot dropped as non-finite costs the window nothing)."""
+        self.settle()
+        for index in sorted(indices, reverse=True):
+            del self._slots[index], self._steps[index]
+        if self._evicted is not None and len(self._slots) < self.capacity:
+            slot, step = self._evicted
+            self._slots.insert(0, slot)
+            self._steps.insert(0, step)
+        self._evicted = None
 
     def flush(self) -> None:
         self.settle()

@@ -29,7 +29,7 @@ from ..files import (
     snapshot_metadata,
     write_snapshot,
 )
-from ..kernels import PendingCopy, copy_checked, merge_blocks
+from ..kernels import PendingCopy, copy_snapshot, merge_blocks, non_finite_tensor
 from ..layout import Block, Layout
 from .manifest import (
     _SNAPSHOT_FILE,
@@ -324,13 +324,13 @@ class DiskStore:
             self._lock.acquire()  # writing again after close(): the folder must still be ours alone
 
     def stage(self, tensors: Mapping[str, Tensor]) -> PendingCopy:
-        """Copy a snapshot into the staging buffer (see :func:`copy_checked`). Nothing is written
+        """Copy a snapshot into the staging buffer (see :func:`copy_snapshot`). Nothing is written
         until :meth:`commit`. Waits only if the previous write still uses the buffer."""
         self._check_writable("take a snapshot")
         self.flush()
         if self._staging is None:
             self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
-        return copy_checked(self.layout, tensors, self._staging)
+        return copy_snapshot(self.layout, tensors, self._staging)
 
     def commit(self, step: int, copy: PendingCopy | None = None) -> None:
         """Write the staged snapshot in the background (see :meth:`flush`); with a copy still in
@@ -519,6 +519,29 @@ class DiskStore:
         finally:
             if bar is not None:
                 bar.close()
+
+    def non_finite(self, coefficients: list[float], dtype: torch.dtype, block: Block) -> dict[int, str]:
+        self.flush()
+        records = list(self._records)
+        row = torch.empty(block.hi - block.lo, dtype=dtype)
+        found = {}
+        with self._reading(records) as read:
+            for index, c in enumerate(coefficients):
+                name = non_finite_tensor(block, read(index, dtype, block.lo, block.hi, row)) if c != 0.0 else None
+                if name is not None:
+                    found[index] = name
+        return found
+
+    def drop(self, indices: list[int]) -> None:
+        """Drop snapshots from the window: the manifest first, then their files (a reader only drops
+        them from its own view)."""
+        self.flush()
+        kept = [r for i, r in enumerate(self._records) if i not in set(indices)]
+        if self.readonly:
+            self._records = kept
+            return
+        self._check_writable("drop snapshots")
+        self._replace_records(kept)
 
     def _quarantine(self, name: str) -> None:
         """Drop a bad file from the window, keeping it as ``*.corrupt`` for inspection (a reader

@@ -64,7 +64,8 @@ def main() -> None:
     results["before_full"] = full.merge("sma", before=5)
     results["disk"] = disk.merge("wma")
 
-    # A NaN on rank 1's half only: both ranks refuse the snapshot, so their windows stay aligned.
+    # A NaN on rank 1's half only: the snapshot is a plain copy; the next merge finds it on rank 1
+    # and both ranks drop it, so their windows stay aligned (and get step 3 back: its row is intact).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
@@ -73,6 +74,8 @@ def main() -> None:
                 net[3].bias.fill_(float("nan"))
             results["nan_accepted"] = spread.snapshot(model, step=6)
             net[3].bias.copy_(saved)
+        results["steps_with_nan"] = spread.steps
+        results["after_nan"] = spread.merge("ema")
     results["nan_warning"] = [str(w.message) for w in caught]
     results["steps_after_nan"] = spread.steps
 
