@@ -223,8 +223,14 @@ def _side_stream(device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def copy_snapshot(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mapping[torch.dtype, Tensor]) -> PendingCopy:
-    """Copy ``tensors`` into the flat ``buffers``.
+def copy_snapshot(
+    layout: Layout,
+    tensors: Mapping[str, Tensor],
+    buffers: Mapping[torch.dtype, Tensor],
+    views: Mapping[str, Tensor] | None = None,
+) -> PendingCopy:
+    """Copy ``tensors`` into the flat ``buffers`` (``views``: ``layout.views(buffers)``, which a
+    store keeps per buffer: building them costs more than copying a small tensor).
 
     Host tensors: a plain copy, one fused ``_foreach_copy_`` over the tensors. Whether the values
     are finite is checked where it matters, when a merge reads them: :func:`merge_blocks` checks
@@ -234,13 +240,13 @@ def copy_snapshot(layout: Layout, tensors: Mapping[str, Tensor], buffers: Mappin
     CUDA tensors: see :func:`_copy_from_cuda`: asynchronous, on a side stream, and checked on
     the device, which costs the host nothing.
     """
-    sources = {name: flat_local(t) for name, t in tensors.items()}
-    if sources and all(s.is_cuda for s in sources.values()):
-        return _copy_from_cuda(layout, sources, buffers)
-    views = layout.views(buffers)
-    names = [name for name in views if views[name].numel()]
+    local = {name: local_tensor(t) for name, t in tensors.items()}  # no_grad: no detach needed
+    if local and all(t.is_cuda for t in local.values()):
+        return _copy_from_cuda(layout, {n: t.reshape(-1) for n, t in local.items()}, buffers)
+    views = views if views is not None else layout.views(buffers)
+    names = [name for name, view in views.items() if view.numel()]
     if names:  # a rank of a spread window may hold no slice
-        torch._foreach_copy_([views[n].view(-1) for n in names], [sources[n] for n in names])
+        torch._foreach_copy_([views[n] for n in names], [local[n] for n in names])
     return PendingCopy(None)
 
 

@@ -32,6 +32,7 @@ class CpuRing:
         self._spare = 0
         self._pending: tuple[int, int, PendingCopy] | None = None  # (row, step, copy in flight)
         self._evicted: tuple[int, int] | None = None  # (row, step) of the snapshot the newest one evicted
+        self._views: dict[int, dict[str, Tensor]] = {}  # per row: each tensor's view of it, built once
 
     @property
     def steps(self) -> list[int]:
@@ -48,7 +49,11 @@ class CpuRing:
         self.settle()
         self._evicted = None  # its row may be the spare now
         self._spare = next(s for s in range(self.capacity + 1) if s not in self._slots)
-        return copy_snapshot(self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()})
+        if self._spare not in self._views:
+            self._views[self._spare] = self.layout.views({d: ring[self._spare] for d, ring in self._ring.items()})
+        return copy_snapshot(
+            self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()}, self._views[self._spare]
+        )
 
     def commit(self, step: int, copy: PendingCopy | None = None) -> None:
         """Add the staged snapshot to the window (evicting the oldest when full); with a copy still

@@ -97,6 +97,7 @@ class DiskStore:
         self._records: list[dict[str, Any]] = []  # committed snapshots, oldest -> newest
         self._verified: set[tuple[str, torch.dtype]] = set()  # (file, group) whose checksum held
         self._staging: dict[torch.dtype, Tensor] | None = None
+        self._staging_views: dict[str, Tensor] = {}
         self._pending: tuple[Future[dict[str, Any] | str], int] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = FolderLock(self.dirpath)
@@ -328,9 +329,8 @@ class DiskStore:
         until :meth:`commit`. Waits only if the previous write still uses the buffer."""
         self._check_writable("take a snapshot")
         self.flush()
-        if self._staging is None:
-            self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
-        return copy_snapshot(self.layout, tensors, self._staging)
+        staging, views = self._staging_buffers()
+        return copy_snapshot(self.layout, tensors, staging, views)
 
     def commit(self, step: int, copy: PendingCopy | None = None) -> None:
         """Write the staged snapshot in the background (see :meth:`flush`); with a copy still in
@@ -486,9 +486,14 @@ class DiskStore:
         """A merge output to copy elsewhere at once, with no allocation after the first: views of
         the staging buffer (idle once written), valid until the next snapshot."""
         self.flush()
+        return dict(self._staging_buffers()[1])
+
+    def _staging_buffers(self) -> tuple[dict[torch.dtype, Tensor], dict[str, Tensor]]:
+        """The staging buffer (allocated at first use) and each tensor's view of it (built once)."""
         if self._staging is None:
             self._staging = self.layout.new_buffers(pin_memory=self._pin_memory)
-        return self.layout.views(self._staging)
+            self._staging_views = self.layout.views(self._staging)
+        return self._staging, self._staging_views
 
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.flush()
