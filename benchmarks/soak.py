@@ -68,10 +68,13 @@ def soak(storage: str, snapshots: int, check_every: int, root: Path) -> dict[str
     window = CheckpointWindow(window=WINDOW, storage=storage, dirpath=dirpath)  # type: ignore[arg-type]
     held: dict[int, dict[str, torch.Tensor]] = {}  # what each held step's snapshot was, for the reference
     samples: dict[str, list[tuple[int, float]]] = {k: [] for k in ("rss MiB", "fds", "threads", "files", "folder MiB")}
-    merges = checked = dropped = restores = reopens = 0
+    merges = checked = restores = reopens = 0
     worst = 0.0
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(1)
+    caught = warnings.catch_warnings(record=True)
+    drops = caught.__enter__()  # every merge, preview and restore may be the one that finds a NaN snapshot
+    warnings.simplefilter("always", CkptavgWarning)
     for step in range(1, snapshots + 1):
         with torch.no_grad():
             for p in net.parameters():
@@ -87,10 +90,7 @@ def soak(storage: str, snapshots: int, check_every: int, root: Path) -> dict[str
         for old in [s for s in held if s < step - 4 * WINDOW]:
             del held[old]  # a cpu window may take back the snapshot a NaN one evicted: keep a few more
         if step % MERGE_EVERY == 0:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", CkptavgWarning)
-                merged = window.merge("ema")
-            dropped += sum("NaN or Inf" in str(w.message) for w in caught)
+            merged = window.merge("ema")
             merges += 1
             assert all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()), step
             if merges % check_every == 0:
@@ -128,6 +128,8 @@ def soak(storage: str, snapshots: int, check_every: int, root: Path) -> dict[str
             for key, value in values.items():
                 samples[key].append((step, float(value)))
     window.close()
+    caught.__exit__(None, None, None)
+    dropped = sum("NaN or Inf" in str(w.message) for w in drops)
     seconds = time.perf_counter() - started
     row: dict[str, Any] = {
         "storage": storage,

@@ -603,8 +603,12 @@ class CheckpointWindow:
         choose = self._chooser(method, alpha, before, options)
         self._load_with(self._targets(model), choose)
 
-    def _load_with(self, targets: Mapping[str, Tensor], choose: Callable[[], list[float]]) -> None:
-        """:meth:`load_into` the model tensors ``targets`` with the coefficients ``choose`` gives."""
+    def _load_with(
+        self, targets: Mapping[str, Tensor], choose: Callable[[], list[float]], backed_up: bool = False
+    ) -> None:
+        """:meth:`load_into` the model tensors ``targets`` with the coefficients ``choose`` gives
+        (``backed_up``: ``swapped`` puts them back whatever happens, so a merge that fails half way
+        may write into them)."""
         store = self._store
         assert store is not None  # _targets raised otherwise
 
@@ -615,8 +619,11 @@ class CheckpointWindow:
                 isinstance(store, CpuRing)
                 and _writable_in_place(targets, store.layout)
                 and not any(w < 0 for w in weights)  # a convex combination of finite values stays finite
-                and all(s in self._finite_steps for s, w in zip(self.steps, weights, strict=True) if w != 0.0)
-            )  # a snapshot no merge has read yet may hold NaN: merge it where the model cannot see it
+                and (
+                    backed_up
+                    or all(s in self._finite_steps for s, w in zip(self.steps, weights, strict=True) if w != 0.0)
+                )
+            )  # a snapshot no merge has read yet may hold NaN: load_into merges it where the model cannot see it
             if in_place:
                 self._merge_local(weights, targets)  # proven finite: cannot fail past this point, no I/O
                 return None
@@ -664,7 +671,7 @@ class CheckpointWindow:
         try:
             copy_into(backup, targets)
             try:
-                self._load_with(targets, choose)
+                self._load_with(targets, choose, backed_up=True)
                 yield model
             finally:
                 copy_into(targets, backup)
