@@ -33,7 +33,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +68,14 @@ class NamedMerge:
 
     def weights(self, window: CheckpointWindow) -> list[float]:
         return window.weights(self.method, self.alpha, **self.options)
+
+    def swapped(self, window: CheckpointWindow, model: nn.Module) -> AbstractContextManager[nn.Module]:
+        """``window.swapped`` with this merge (by method: a merge that drops a NaN snapshot
+        recomputes its coefficients over the snapshots left)."""
+        return window.swapped(model, self.method, self.alpha, **self.options)
+
+    def load_into(self, window: CheckpointWindow, model: nn.Module) -> None:
+        window.load_into(model, self.method, self.alpha, **self.options)
 
     @staticmethod
     def checked(name: str, method: Any, alpha: float, options: Mapping[str, Any], what: str) -> NamedMerge:
@@ -303,6 +311,7 @@ class TrainingSession:
         self._pending_state: dict[str, Any] | None = None
         self._loss_sum: Tensor | None = None  # losses of the micro-batches of the current step
         self._loss_count = 0
+        self._unwatched_loss: Tensor | None = None  # recover=False: the last step's loss, never synced per step
         self._grad_norm: float | None = None
         self._scaled_lrs: list[tuple[dict[str, Any], float]] = []
         self._last_watched_step = 0
@@ -436,7 +445,7 @@ class TrainingSession:
         if not self.has_snapshots:
             self.check_cost(model, checkpoints_carry_window)
         self._last_watched_step = step
-        self._loss_sum, self._loss_count = None, 0
+        self._loss_sum, self._loss_count, self._unwatched_loss = None, 0, None
         self.restored_at, self.last_validation = -1, None  # an earlier run's, if this session ran before
         if self._window is not None and self._window.steps and self._window.steps[-1] > step:
             # A new run with the same session: its snapshots belong to another run.
@@ -532,6 +541,8 @@ class TrainingSession:
         the session just restored, or the step was seen already. Returns whether one was taken."""
         if self.guard is not None and (not self.guard.healthy or step == self.restored_at):
             return False
+        if self.guard is None and self._unwatched_loss is not None and not bool(self._unwatched_loss.isfinite()):
+            return False  # weights that gave a NaN loss would only evict good snapshots
         steps = self.window.steps
         if steps and step <= steps[-1]:
             return False  # the same optimizer step seen again (gradient accumulation, or a resumed run)
@@ -589,8 +600,13 @@ class TrainingSession:
         run only to check that a restore helps). Returns the recovery events of this step, which
         the session has warned about and logged. Every rank must call it at the same steps."""
         guard = self.guard
-        if guard is None or step == self._last_watched_step or self._loss_count == 0:
+        if step == self._last_watched_step or self._loss_count == 0:
             return []  # still accumulating gradients: no optimizer step yet
+        if guard is None:  # no host sync per step: snapshot() reads this loss only when it snapshots
+            assert self._loss_sum is not None
+            self._unwatched_loss = self._loss_sum / self._loss_count
+            self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
+            return []
         assert self._loss_sum is not None
         mean_loss = float(self._loss_sum) / self._loss_count  # one host sync per optimizer step
         self._loss_sum, self._loss_count, self._last_watched_step = None, 0, step
@@ -700,7 +716,7 @@ class TrainingSession:
         merged_metrics = measured.get(self.final.name, {})
         keep_raw = bool(agree(self._judge(raw, merged_metrics, monitored)))  # ranks must agree: collectives follow
         if keep_raw:
-            with self.window.swapped(model, self.final.weights(self.window)):
+            with self.final.swapped(self.window, model):
                 export(self.final)
         else:
             self.hold_merged(model, export)
@@ -716,7 +732,7 @@ class TrainingSession:
 
     def hold_merged(self, model: nn.Module, export: Callable[[NamedMerge], Path | None]) -> None:
         """Load the final merge into ``model`` (on every rank) and export it."""
-        self.window.load_into(model, self.final.weights(self.window))  # spread windows gather; shards stay local
+        self.final.load_into(self.window, model)  # spread windows gather; shards stay local
         if (self.window.sharding or {}).get("kind") == "replicated":
             broadcast_module(model)  # every rank ends with rank 0's merged weights, bit for bit
         export(self.final)

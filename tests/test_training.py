@@ -142,3 +142,15 @@ def test_an_untested_framework_version_is_said_once():
         warnings.simplefilter("error")
         training.warn_if_untested("somelib", "3.0.1", ((2, 4), (2, 6)), "MyAdapter")  # once per process
         training.warn_if_untested("otherlib", "2.5.0", ((2, 4), (2, 6)), "MyAdapter")  # inside the range
+
+
+def test_without_recovery_no_snapshot_is_taken_of_weights_whose_loss_is_nan():
+    # recover=False: the session reads a step's loss only when it snapshots (no per-step sync), and
+    # a NaN run never fills the window with NaN snapshots that would evict the good ones.
+    session = TrainingSession(
+        AveragerConfig(window=4, every_n_steps=5, storage="cpu", recover=False), info=lambda m: None
+    )
+    model = _run(session, steps=60, spike_at=43)
+    assert not all(math.isfinite(float(p.detach().sum())) for p in model.parameters())  # nothing restored
+    assert session.window.steps == [25, 30, 35, 40]  # the NaN of step 43 poisoned every later step
+    assert all(torch.isfinite(t).all() for t in session.window.merge("sma").values())

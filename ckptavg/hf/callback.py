@@ -298,7 +298,7 @@ class CheckpointAveragerCallback(TrainerCallback):
                 if current:
                     values = {merged_prefix + k[len(prefix) :]: v for k, v in raw.items()}
                 else:
-                    with self.session.window.swapped(model, merge.weights(self.session.window)):
+                    with merge.swapped(self.session.window, model):
                         values = self._tap.evaluate_quietly(
                             dataset, ignore_keys, merged_prefix, self.config.preview_batches
                         )
@@ -327,7 +327,7 @@ class CheckpointAveragerCallback(TrainerCallback):
             model = kwargs["model"]
             if self._is_main():
                 atomic_write(folder / RAW_FILE, lambda tmp: save_model(_unwrapped(self.trainer, model), str(tmp)))
-            with self.session.window.swapped(model, merge.weights(self.session.window)):
+            with merge.swapped(self.session.window, model):
                 _internals.save_model_into(self.trainer, str(folder))
 
     def _checkpoint_holds(self, args: TrainingArguments) -> NamedMerge | None:
@@ -383,7 +383,7 @@ class CheckpointAveragerCallback(TrainerCallback):
                 metrics.update(tap.evaluate_quietly(dataset, None, prefix))
             else:
                 assert trainer.model is not None
-                with self.session.window.swapped(trainer.model, merge.weights(self.session.window)):
+                with merge.swapped(self.session.window, trainer.model):
                     metrics.update(tap.evaluate_quietly(dataset, None, prefix))
         return metrics
 

@@ -362,7 +362,7 @@ class CheckpointAverager(Callback):
         spec = self._checkpoint_merge
         if spec is None or not self.session.has_snapshots or RAW_STATE_KEY in checkpoint:
             return
-        with self.window.swapped(pl_module, spec.weights(self.window)):
+        with spec.swapped(self.window, pl_module):
             merged = {k: v.detach().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
         checkpoint[RAW_STATE_KEY], checkpoint["state_dict"] = checkpoint["state_dict"], merged
         checkpoint[HOLDS_KEY] = {"merge": spec.name, "steps": self.window.steps}
@@ -552,7 +552,7 @@ class CheckpointAverager(Callback):
         on ``merge`` swapped in (``None``: the module's current weights), and return what it logged."""
         with _internals.isolated_validation(trainer, batches) as loop:
             if merge is not None:
-                with self.window.swapped(pl_module, merge.weights(self.window)):
+                with merge.swapped(self.window, pl_module):
                     loop.run()
             else:
                 loop.run()
