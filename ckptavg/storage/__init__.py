@@ -2,8 +2,9 @@
 (:mod:`.cpu`) or safetensors files on disk (:mod:`.disk`, in the folder format of
 :mod:`.manifest`).
 
-Both tiers copy an incoming snapshot into a host buffer first (checking it for NaN/Inf on the
-way) and only then commit it, so a rejected or failed snapshot never disturbs stored ones. Both
+Both tiers copy an incoming snapshot into a host buffer first and only then commit it, so a failed
+snapshot never disturbs stored ones; a merge that finds NaN or Inf names the snapshots that hold it
+(``non_finite``) and the window drops them (``drop``). Both
 answer a merge the same way: they feed rows of blocks, with their coefficients, to the one kernel
 in :mod:`ckptavg.kernels`.
 """
