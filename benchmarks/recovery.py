@@ -298,7 +298,7 @@ def train(task: Task, seed: int, trouble: Trouble | None = None, at: int = 0, re
                 base = guard.loss_level.reference()
                 result.closest = max(result.closest, (guard.loss_level.level() - base) / max(guard.limit - base, 1e-12))
         if step % task.every == 0:
-            if not recover or guard.healthy:
+            if guard.healthy if recover else math.isfinite(value):  # as the session does without recovery
                 window.snapshot(model, step=step)
             else:
                 result.skipped_snapshots += 1
