@@ -32,6 +32,9 @@ and anneal_coefficients.png (each method's coefficient vector over the window).
 
     python benchmarks/anneal.py --seeds 3 --jobs 2   # gpt and digits, 1000 steps, about 50 minutes on 2 cores
     python benchmarks/anneal.py --quick              # 300 steps, 1 seed, a few minutes
+
+The same question at three run lengths, against planned decays whose peak learning rates are each
+tuned: ``benchmarks/anneal_lengths.py`` (which reuses this file's tasks and training loop).
 """
 
 from __future__ import annotations
