@@ -254,6 +254,7 @@ def plot(rows: list[dict[str, Any]], tasks: list[str]) -> Path:
 
     shown = ("constant", "WSD", "D2Z", "cosine", "schedule-free", "callback, no arguments", "SMA last 20% (8)",
              "SMA last 40% (8)", "post-hoc EMA 0.05", "select (validation)")  # fmt: skip
+    colors = dict(zip(shown, plt.get_cmap("tab10").colors, strict=True))  # one color per variant, every panel
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
     for task, pair in zip(tasks, axes, strict=True):
         task_lengths = [BASE_STEPS[task] * k for k in LENGTHS]
@@ -264,7 +265,7 @@ def plot(rows: list[dict[str, Any]], tasks: list[str]) -> Path:
                 means = [row[f"{k}x vs {baseline} %"] for k in LENGTHS]
                 stds = [row[f"{k}x vs {baseline} std"] for k in LENGTHS]
                 merge = row["variant"] not in (*SCHEDULES, "WSD")
-                ax.errorbar(task_lengths, means, yerr=stds, marker="o", capsize=3, lw=1.4,
+                ax.errorbar(task_lengths, means, yerr=stds, marker="o", capsize=3, lw=1.4, color=colors[row["variant"]],
                             ls="-" if merge else "--", label=row["variant"])  # fmt: skip
             ax.axhline(0, color="black", lw=0.8)
             ax.set_xscale("log", base=2)
@@ -274,7 +275,10 @@ def plot(rows: list[dict[str, Any]], tasks: list[str]) -> Path:
                 ylabel=f"test loss vs {baseline} (%)",
                 title=f"{task}: vs {baseline}",
             )
-            ax.set_ylim(-4, 8)
+            if task == "gpt":
+                ax.set_ylim(-12, 12)
+            else:  # losses near zero: ratios of hundreds of percent, on a symmetric log scale
+                ax.set_yscale("symlog", linthresh=10)
             ax.grid(alpha=0.3)
         pair[1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -308,7 +312,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (one torch thread each)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every task's base length")
     parser.add_argument("--quick", action="store_true", help="1 seed, lengths scaled by 0.2, the grid's ends only")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from results/anneal_lengths.json")
     args = parser.parse_args()
+    if args.plot_only:
+        import json
+
+        saved = json.loads((RESULTS / "anneal_lengths.json").read_text())
+        for task, lengths in saved["lengths"].items():
+            BASE_STEPS[task] = lengths["1x"]
+        print(f"figure: {plot(saved['rows'], list(saved['lengths']))}")
+        return
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     scale, seeds = (0.2, 1) if args.quick else (args.scale, args.seeds)
     for task in tasks:

@@ -53,7 +53,7 @@ from .window import CheckpointWindow
 MERGED_PREFIX = "merged/"
 ENSEMBLE_PREFIX = "ensemble/"
 MERGED_FILENAME = "merged.safetensors"
-RUN_FRACTION_DIVISOR = 10  # the default window spans the last tenth of the run (see benchmarks/anneal.py)
+RUN_FRACTION_DIVISOR = 10  # the default window spans the last tenth of the run (benchmarks/anneal_lengths.py)
 
 
 @dataclass(frozen=True)
