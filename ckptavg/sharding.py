@@ -68,11 +68,7 @@ def collective_device(group: Any = None) -> torch.device:
 
 def all_ranks_max(value: int, group: Any = None) -> int:
     """The largest ``value`` over the ranks of ``group`` (``value`` itself in one process)."""
-    if distributed_rank(group)[1] == 1:
-        return value
-    flag = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag.item())
+    return all_ranks_max_each([value], group)[0]
 
 
 def all_ranks_max_each(values: list[int], group: Any = None) -> list[int]:

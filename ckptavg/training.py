@@ -642,17 +642,26 @@ class TrainingSession:
             else ""
         )
         batches = config.preview_batches
+        if batches is None:
+            return f"{every} also runs {runs} validation(s){named} on all its batches"
         on = (
-            "all its batches"
-            if batches is None
-            else f"the first {batches:.0%} of its batches"
+            f"the first {batches:.0%} of its batches"
             if isinstance(batches, float)
             else f"its first {batches} batch(es)"
         )
-        partial = (
-            "" if batches is None else "; the merged metrics are measured on those batches only, the raw ones on all"
-        )
-        return f"{every} also runs {runs} validation(s){named} on {on}{partial}"
+        partial = "the merged metrics are measured on those batches only, the raw ones on all"
+        return f"{every} also runs {runs} validation(s){named} on {on}; {partial}"
+
+    def check_judges_see_previews(self, judges: Sequence[str]) -> None:
+        """Refuse, before the first step, ``judges`` (checkpoints, early stopping) that read a merged
+        metric at every validation when previews come only at every ``preview_every``-th."""
+        every = self.config.preview_every
+        if judges and every > 1:
+            raise ValueError(
+                f"{self.name}(preview_every={every}): {', '.join(judges)} reads the merged metrics at every "
+                "validation, and they are logged at every preview only; use preview_every=1 (preview_batches makes "
+                "each preview cheaper) or judge by a raw metric"
+            )
 
     def preview_due(self, step: int) -> bool:
         """Whether the validation at ``step`` previews: every ``preview_every``-th one, counted from

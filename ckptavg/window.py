@@ -476,19 +476,18 @@ class CheckpointWindow:
         a merge that drops a non-finite snapshot asks again): a method's, recomputed; explicit
         weights, each kept with its snapshot and scaled back to their sum."""
         first = self.weights(method, alpha, before=before, **options)
-        if isinstance(method, str | MergeSpec):
-            pending = [first]
-            return lambda: pending.pop() if pending else self.weights(method, alpha, before=before, **options)
         by_step = dict(zip(self.steps, first, strict=True))
         total = math.fsum(first)
 
-        def kept() -> list[float]:
+        def again() -> list[float]:
+            if isinstance(method, str | MergeSpec):
+                return self.weights(method, alpha, before=before, **options)
             weights = [by_step.get(s, 0.0) for s in self.steps]
             left = math.fsum(weights)
             return [w * total / left for w in weights] if abs(left) > 1e-12 else [0.0] * len(weights)
 
-        pending_list = [first]
-        return lambda: pending_list.pop() if pending_list else kept()
+        pending = [first]
+        return lambda: pending.pop() if pending else again()
 
     def _merge_with(
         self, choose: Callable[[], list[float]], out: Mapping[str, Tensor] | None = None
@@ -569,10 +568,7 @@ class CheckpointWindow:
         if OVERFLOW in found:
             name = found[OVERFLOW]
             where = f"{self._store.layout.entries[name].dtype} in tensor {name!r}" if name != OTHER_RANK else name
-            raise ValueError(
-                f"the merge with weights {weights} overflows {where} (an extrapolation past the dtype's range); nothing "
-                "was written. Use weights closer to a convex combination"
-            )
+            raise _overflow(weights, where)
         steps = self.steps
         bad = sorted(found)
         self._store.drop(bad)
@@ -932,10 +928,14 @@ def _check_finite(merged: Mapping[str, Tensor], weights: list[float]) -> None:
     before it reaches a model."""
     for name, tensor in merged.items():
         if tensor.is_floating_point() and not all_finite(tensor):
-            raise ValueError(
-                f"the merge with weights {weights} overflows {tensor.dtype} in tensor {name!r} (an extrapolation past the "
-                "dtype's range); nothing was written. Use weights closer to a convex combination"
-            )
+            raise _overflow(weights, f"{tensor.dtype} in tensor {name!r}")
+
+
+def _overflow(weights: list[float], where: str) -> ValueError:
+    return ValueError(
+        f"the merge with weights {weights} overflows {where} (an extrapolation past the dtype's range); nothing was "
+        "written. Use weights closer to a convex combination"
+    )
 
 
 OVERFLOW = -1  # in a _NonFinite's findings: no snapshot holds NaN or Inf, the weighted sum overflowed

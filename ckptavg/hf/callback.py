@@ -189,7 +189,15 @@ class CheckpointAveragerCallback(TrainerCallback):
         self._attach()
         trainer, model = self.trainer, kwargs["model"]
         _internals.move_first(trainer, self)
-        self._check_judged_on_previews(args)
+        if (args.metric_for_best_model or "").removeprefix("eval_").startswith("merged"):
+            self.session.check_judges_see_previews(
+                [f"metric_for_best_model={args.metric_for_best_model!r}"]
+                + [
+                    type(cb).__name__
+                    for cb in trainer.callback_handler.callbacks
+                    if isinstance(cb, EarlyStoppingCallback)
+                ]
+            )
         saves = args.save_strategy != "no"
         output = Path(str(args.output_dir)).absolute()
         world = args.world_size
@@ -219,22 +227,6 @@ class CheckpointAveragerCallback(TrainerCallback):
         self.session.plan(float(state.max_steps) if state.max_steps > 0 else float("inf"), epochs, state.global_step)
         self.session.begin(model, state.global_step, checkpoints_carry_window=saves)
         self._training, self._names_checked, self._evaluated = True, trainer.eval_dataset is None, None
-
-    def _check_judged_on_previews(self, args: TrainingArguments) -> None:
-        """A best checkpoint or early stopping judged on a merged metric reads it at every
-        evaluation: refused with ``preview_every > 1``, before the first step."""
-        if self.config.preview_every == 1 or not (args.metric_for_best_model or "").removeprefix("eval_").startswith(
-            "merged"
-        ):
-            return
-        judges = ["metric_for_best_model=" + repr(args.metric_for_best_model)] + [
-            type(cb).__name__ for cb in self.trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)
-        ]
-        raise ValueError(
-            f"CheckpointAveragerCallback(preview_every={self.config.preview_every}): {', '.join(judges)} reads the "
-            "merged metrics at every evaluation, and they are logged at every preview only; use preview_every=1 "
-            "(preview_batches makes each preview cheaper) or judge by a raw metric"
-        )
 
     # -- the steps ----------------------------------------------------------------------------------
 

@@ -273,17 +273,13 @@ class CheckpointAverager(Callback):
         self._checkpoint_merge = self._checkpoint_holds(trainer)
         self._names_checked = not _internals.has_validation_step(trainer)
         self._check_no_clash(trainer)
-        watching = [
-            f"{type(cb).__name__}(monitor={cb.monitor!r})"
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX)
-        ]
-        if watching and self.config.preview_every > 1:
-            raise ValueError(
-                f"CheckpointAverager(preview_every={self.config.preview_every}): {', '.join(watching)} reads the merged "
-                "metrics at every validation, and they are logged at every preview only; use preview_every=1 "
-                "(preview_batches makes each preview cheaper) or monitor a raw metric"
-            )
+        self.session.check_judges_see_previews(
+            [
+                f"{type(cb).__name__}(monitor={cb.monitor!r})"
+                for cb in trainer.callbacks  # type: ignore[attr-defined]
+                if str(getattr(cb, "monitor", None) or "").startswith(MERGED_PREFIX)
+            ]
+        )
         # Callbacks that monitor merged/<metric> read it in their own on_validation_end: this
         # callback must publish it first, whatever the list order.
         _internals.move_before(

@@ -49,11 +49,15 @@ class CpuRing:
         self.settle()
         self._evicted = None  # its row may be the spare now
         self._spare = next(s for s in range(self.capacity + 1) if s not in self._slots)
-        if self._spare not in self._views:
-            self._views[self._spare] = self.layout.views({d: ring[self._spare] for d, ring in self._ring.items()})
-        return copy_snapshot(
-            self.layout, tensors, {d: ring[self._spare] for d, ring in self._ring.items()}, self._views[self._spare]
-        )
+        row = {d: ring[self._spare] for d, ring in self._ring.items()}
+        return copy_snapshot(self.layout, tensors, row, self._row_views(self._spare))
+
+    def _row_views(self, slot: int) -> dict[str, Tensor]:
+        """Each tensor's view of a ring row, built once per row (it costs more than copying a small
+        tensor); callers get their own dict of the same views."""
+        if slot not in self._views:
+            self._views[slot] = self.layout.views({d: ring[slot] for d, ring in self._ring.items()})
+        return dict(self._views[slot])
 
     def commit(self, step: int, copy: PendingCopy | None = None) -> None:
         """Add the staged snapshot to the window (evicting the oldest when full); with a copy still
@@ -123,7 +127,7 @@ class CpuRing:
         spare = next(slot for slot in range(self.capacity + 1) if slot not in self._slots)
         if self._evicted is not None and spare == self._evicted[0]:
             return self.layout.views(self.layout.new_buffers())  # keep the evicted row intact (see drop)
-        return self.layout.views({d: ring[spare] for d, ring in self._ring.items()})
+        return self._row_views(spare)
 
     def merge(self, coefficients: list[float], out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         self.settle()

@@ -541,7 +541,8 @@ class DiskStore:
         """Drop snapshots from the window: the manifest first, then their files (a reader only drops
         them from its own view)."""
         self.flush()
-        kept = [r for i, r in enumerate(self._records) if i not in set(indices)]
+        dropped = set(indices)
+        kept = [r for i, r in enumerate(self._records) if i not in dropped]
         if self.readonly:
             self._records = kept
             return
